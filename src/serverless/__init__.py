@@ -1,0 +1,60 @@
+"""simple-serverless: run a list-in/list-out function in parallel on HTTP workers.
+
+@serverless.parallel
+def geolocate(zipcodes):
+    return [get_address(zipcode) for zipcode in zipcodes]
+"""
+
+from ._api import (
+    ParallelFunction,
+    Pipeline,
+    SequentialFunction,
+    WorkerRoute,
+    init,
+    parallel,
+    sequential,
+)
+from ._config import Options
+from ._dispatch import ChunkStats
+from ._exceptions import (
+    ConfigurationError,
+    ProtocolError,
+    RemoteError,
+    RemoteTraceback,
+    RequestRejected,
+    SerializationError,
+    ServerlessError,
+    WorkerError,
+    WorkerTimeout,
+    WorkerUnavailable,
+)
+from ._pool import shutdown
+from ._stats import PipelineRun, StepStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChunkStats",
+    "ConfigurationError",
+    "Options",
+    "ParallelFunction",
+    "Pipeline",
+    "PipelineRun",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteTraceback",
+    "RequestRejected",
+    "SequentialFunction",
+    "SerializationError",
+    "ServerlessError",
+    "StepStats",
+    "WorkerError",
+    "WorkerRoute",
+    "WorkerTimeout",
+    "WorkerUnavailable",
+    "__version__",
+    "init",
+    "parallel",
+    "sequential",
+    "shutdown",
+]

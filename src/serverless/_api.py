@@ -1,0 +1,389 @@
+"""The public API: @parallel, @sequential, Pipeline and init."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from . import _registry
+from ._asgi import ASGIApp, ASGIEndpoint
+from ._chunking import Chunk, chunk_iterable, chunk_sequence
+from ._config import DEFAULT_STREAM_CHUNK, Options, configure
+from ._dispatch import CallSpec, dispatcher
+from ._exceptions import ConfigurationError
+from ._protocol import MAX_BODY, TOLERANCE, Keyring
+from ._stats import PipelineRun, StepStats
+from ._targets import resolve
+from ._worker import Endpoint
+from ._wsgi import WSGIApp, WSGIEndpoint
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_NOT_ITEMS = (str, bytes, bytearray, dict)
+
+
+class _Step(Generic[P, R]):
+    """What @parallel and @sequential share: the wrapped function and its last statistics."""
+
+    kind = ""
+    __name__: str
+
+    def __init__(self, func: Callable[P, R]) -> None:
+        self._func, self._binding = _unwrap(func)
+        functools.update_wrapper(self, self._func)
+        self.stats: StepStats | None = None
+
+    # The seed's main.py reads these from the step after pipeline.run(); they describe the
+    # last run in any thread. PipelineRun.steps holds per-run statistics.
+    @property
+    def duration(self) -> float:
+        return self.stats.duration if self.stats else 0.0
+
+    @property
+    def workers(self) -> int:
+        return self.stats.workers if self.stats else 0
+
+    @property
+    def count(self) -> int:
+        return self.stats.count if self.stats else 0
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        if self._binding == "static":
+            return self
+        if self._binding == "class":
+            return _Bound(self, _registry.BIND_CLASS, owner)
+        if instance is None:
+            return self
+        if isinstance(instance, type) and owner is type(instance):  # classmethod(parallel(f))
+            return _Bound(self, _registry.BIND_CLASS, instance)
+        return _Bound(self, _registry.BIND_INSTANCE, instance)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.with_stats(*args, **kwargs)[0]
+
+    def with_stats(self, *args: Any, **kwargs: Any) -> tuple[R, StepStats]:
+        """Call the step and also return the statistics of this very call."""
+        bind, receiver, args = self._split(args)
+        return self._run(bind, receiver, args, kwargs)
+
+    def _split(self, args: tuple[Any, ...]) -> tuple[str, Any, tuple[Any, ...]]:
+        """Recognise an explicit receiver, as in `Cls.method(obj, items)`."""
+        if self._binding == "auto" and len(args) >= 2 and "." in self._func.__qualname__:
+            owner_path = self._func.__qualname__.rsplit(".", 1)[0]
+            first = args[0]
+            if isinstance(first, type) and first.__qualname__ == owner_path:
+                return _registry.BIND_CLASS, first, args[1:]
+            if any(c.__qualname__ == owner_path for c in type(first).__mro__):
+                return _registry.BIND_INSTANCE, first, args[1:]
+        return _registry.BIND_NONE, None, args
+
+    def _run(
+        self, bind: str, receiver: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[R, StepStats]:
+        raise NotImplementedError
+
+    def _record(self, stats: StepStats) -> None:
+        self.stats = stats
+
+
+class _Bound:
+    """A step bound to an instance or class, as a method call makes it."""
+
+    def __init__(self, step: _Step[Any, Any], bind: str, receiver: Any) -> None:
+        self._step, self._bind, self._receiver = step, bind, receiver
+        functools.update_wrapper(self, step._func)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.with_stats(*args, **kwargs)[0]
+
+    def with_stats(self, *args: Any, **kwargs: Any) -> tuple[Any, StepStats]:
+        return self._step._run(self._bind, self._receiver, args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._step, name)
+
+
+class ParallelFunction(_Step[P, R]):
+    """A function whose list argument is split into chunks run by workers in parallel."""
+
+    kind = "parallel"
+
+    def __init__(self, func: Callable[P, R], options: Options) -> None:
+        super().__init__(func)
+        self.options = options
+        self.entry = _registry.register(self._func)
+
+    def _run(
+        self, bind: str, receiver: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[R, StepStats]:
+        spec, chunks, count = self._prepare(bind, args, kwargs)
+        started = time.perf_counter()
+        if count == 0:
+            return self._finish([], [], 0, started, "none")
+        target = resolve(self.options.url)
+        mapped = dispatcher().run(dispatcher().map(spec, target, chunks))
+        return self._finish(mapped.results, mapped.chunks, count, started, target.kind)
+
+    def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[list[Any]]:
+        """Start the call and return a concurrent.futures.Future of its result list."""
+        bind, _, args = self._split(args)
+        spec, chunks, count = self._prepare(bind, args, kwargs)
+        target = resolve(self.options.url)  # here, in the caller's request context
+        future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
+        started = time.perf_counter()
+
+        async def go() -> list[Any]:
+            mapped = await dispatcher().map(spec, target, chunks)
+            self._finish(mapped.results, mapped.chunks, count, started, target.kind)
+            return mapped.results
+
+        if count == 0:
+            future.set_result([])
+            return future
+        return dispatcher().submit(go())
+
+    async def aio(self, *args: Any, **kwargs: Any) -> list[Any]:
+        """The async form: `await fn.aio(items)` from any event loop."""
+        bind, _, args = self._split(args)
+        spec, chunks, count = self._prepare(bind, args, kwargs)
+        if count == 0:
+            return []
+        target = resolve(self.options.url)
+        started = time.perf_counter()
+        mapped = await dispatcher().arun(dispatcher().map(spec, target, chunks))
+        self._finish(mapped.results, mapped.chunks, count, started, target.kind)
+        return mapped.results
+
+    def _prepare(
+        self, bind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[CallSpec, Iterator[Chunk], int | None]:
+        items = _items_argument(self.__name__, args)
+        opts = self.options
+        spec = CallSpec(
+            function=self.entry.name,
+            bind=bind,
+            args=list(args[1:]),
+            kwargs=dict(kwargs),
+            workers=opts.workers,
+            timeout=opts.timeout,
+            retries=opts.retries,
+        )
+        if isinstance(items, Sequence):
+            return spec, chunk_sequence(items, opts.workers, opts.chunk_size), len(items)
+        return spec, chunk_iterable(items, opts.chunk_size or DEFAULT_STREAM_CHUNK), None
+
+    def _finish(
+        self, results: list[Any], chunks: list[Any], count: int | None, started: float, kind: str
+    ) -> tuple[R, StepStats]:
+        stats = StepStats(
+            name=self.__name__,
+            kind=self.kind,
+            duration=time.perf_counter() - started,
+            workers=min(len(chunks), self.options.workers),
+            count=count if count is not None else sum(c.size for c in chunks),
+            count_out=len(results),
+            compute_s=sum(c.compute_s for c in chunks),
+            retries=sum(c.attempts - 1 for c in chunks),
+            target=kind,
+            chunks=chunks,
+        )
+        self._record(stats)
+        return results, stats  # type: ignore[return-value]
+
+
+class SequentialFunction(_Step[P, R]):
+    """A step that runs in the caller, timed like a parallel one."""
+
+    kind = "sequential"
+
+    def _run(
+        self, bind: str, receiver: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[R, StepStats]:
+        items = _items_argument(self.__name__, args)
+        fn: Callable[..., Any] = self._func
+        if bind:
+            fn = fn.__get__(receiver, receiver if bind == _registry.BIND_CLASS else type(receiver))
+        started = time.perf_counter()
+        result = fn(*args, **kwargs)
+        duration = time.perf_counter() - started
+        stats = StepStats(
+            name=self.__name__,
+            kind=self.kind,
+            duration=duration,
+            workers=1,
+            count=len(items) if isinstance(items, Sequence) else 0,
+            count_out=len(result) if isinstance(result, Sequence) else 0,
+            compute_s=duration,
+            target="caller",
+        )
+        self._record(stats)
+        return result, stats
+
+
+def _unwrap(func: Any) -> tuple[Callable[..., Any], str]:
+    if isinstance(func, staticmethod):
+        return func.__func__, "static"
+    if isinstance(func, classmethod):
+        return func.__func__, "class"
+    if isinstance(func, _Step):
+        raise ConfigurationError(f"{func.__name__} is already decorated")
+    if not callable(func):
+        raise TypeError(f"@serverless.parallel/sequential decorate functions, not {func!r}")
+    return func, "auto"
+
+
+def _items_argument(name: str, args: tuple[Any, ...]) -> Iterable[Any]:
+    if not args:
+        raise TypeError(f"{name}() needs the list of items to process as first argument")
+    items = args[0]
+    if isinstance(items, _NOT_ITEMS) or not isinstance(items, Iterable):
+        raise TypeError(
+            f"the first argument of {name}() must be a list or iterable of items, "
+            f"not {type(items).__name__}"
+        )
+    return items
+
+
+# -- decorators ------------------------------------------------------------------------------
+
+
+@overload
+def parallel(func: Callable[P, R], /) -> ParallelFunction[P, R]: ...
+@overload
+def parallel(
+    *,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    timeout: float | None = None,
+    retries: int | None = None,
+    url: str | None = None,
+) -> Callable[[Callable[P, R]], ParallelFunction[P, R]]: ...
+def parallel(
+    func: Callable[P, R] | None = None,
+    /,
+    *,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    timeout: float | None = None,
+    retries: int | None = None,
+    url: str | None = None,
+) -> ParallelFunction[P, R] | Callable[[Callable[P, R]], ParallelFunction[P, R]]:
+    """Run the function on chunks of its first argument, in parallel, on HTTP workers.
+
+    Use bare (`@serverless.parallel`) or with options (see `serverless.Options`).
+    """
+    options = Options().merged(
+        workers=workers, chunk_size=chunk_size, timeout=timeout, retries=retries, url=url
+    )
+    if func is not None:
+        return ParallelFunction(func, options)
+    return lambda f: ParallelFunction(f, options)
+
+
+def sequential(func: Callable[P, R]) -> SequentialFunction[P, R]:
+    """Run the function in the caller, recording the same statistics as a parallel step."""
+    return SequentialFunction(func)
+
+
+class Pipeline:
+    """Steps run one after the other, each on the previous step's result."""
+
+    def __init__(self, *steps: Any) -> None:
+        for step in steps:
+            if not isinstance(step, _Step | _Bound):
+                raise TypeError(
+                    f"Pipeline steps must be decorated with @serverless.parallel or "
+                    f"@serverless.sequential: {getattr(step, '__name__', step)!r} is not"
+                )
+        if not steps:
+            raise TypeError("a Pipeline needs at least one step")
+        self.steps = steps
+        self.last_run: PipelineRun | None = None
+
+    def run(self, data: Iterable[Any]) -> Any:
+        """Run every step and return the last one's result (statistics in `last_run`)."""
+        return self.execute(data).result
+
+    def execute(self, data: Iterable[Any]) -> PipelineRun:
+        """Run every step; the returned PipelineRun holds this run's own statistics."""
+        started = time.perf_counter()
+        stats = []
+        for step in self.steps:
+            data, step_stats = step.with_stats(data)
+            stats.append(step_stats)
+        run = PipelineRun(result=data, steps=stats, duration=time.perf_counter() - started)
+        self.last_run = run
+        return run
+
+
+# -- the worker route --------------------------------------------------------------------------
+
+
+class WorkerRoute:
+    """The worker endpoint returned by init(), ready to mount in a WSGI or ASGI app.
+
+    app.wsgi_app = route.wsgi(app.wsgi_app)        # Flask
+    application = route.wsgi(get_wsgi_application())  # Django, in wsgi.py
+    app.add_middleware(route.asgi)                  # FastAPI / Starlette
+    """
+
+    def __init__(self, endpoint: Endpoint, threads: int) -> None:
+        self.endpoint = endpoint
+        self.threads = threads
+
+    @property
+    def route(self) -> str:
+        return self.endpoint.route
+
+    def wsgi(self, app: WSGIApp | None = None) -> WSGIEndpoint:
+        """A WSGI app serving the route; wraps `app` for every other path, if given."""
+        return WSGIEndpoint(self.endpoint, app)
+
+    def asgi(self, app: ASGIApp | None = None) -> ASGIEndpoint:
+        """An ASGI app serving the route; wraps `app` for every other path, if given."""
+        return ASGIEndpoint(self.endpoint, app, threads=self.threads)
+
+
+def init(
+    route: str = "/serverless",
+    secret: str | Sequence[str] | None = None,
+    url: str | None = None,
+    *,
+    max_body: int = MAX_BODY,
+    tolerance: float = TOLERANCE,
+    threads: int = 64,
+    local_processes: int | None = None,
+    local_threads: int | None = None,
+) -> WorkerRoute:
+    """Configure this process as caller and return the worker route to mount.
+
+    route: the path of the worker route (also signed, so both sides must agree).
+    secret: the HMAC secret, or several during a key rotation (all sign, all verify);
+        defaults to $SERVERLESS_SECRET.
+    url: send chunks to this URL (a load balancer in front of workers) instead of calling
+        back into the current request's app or using the local pool; or $SERVERLESS_URL.
+    threads: threads of the ASGI adapter for sync functions (WSGI uses the server's).
+    """
+    if not isinstance(route, str) or not route.startswith("/"):
+        raise ConfigurationError(f"route must be a path starting with '/', not {route!r}")
+    secret = secret or os.environ.get("SERVERLESS_SECRET")
+    if not secret:
+        raise ConfigurationError("serverless.init() needs a secret (or set SERVERLESS_SECRET)")
+    keyring = Keyring(secret)
+    changes: dict[str, Any] = {
+        "route": route,
+        "keyring": keyring,
+        "url": url,
+        "max_body": max_body,
+        "local_processes": local_processes,
+    }
+    if local_threads is not None:
+        changes["local_threads"] = local_threads
+    configure(**changes)
+    endpoint = Endpoint(route, keyring, max_body=max_body, tolerance=tolerance)
+    return WorkerRoute(endpoint, threads)

@@ -1,0 +1,87 @@
+"""Configuration as small typed objects: per-function options and process-wide settings."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ._exceptions import ConfigurationError
+from ._protocol import MAX_BODY, Keyring
+
+DEFAULT_WORKERS = 100  # as in the seed
+DEFAULT_STREAM_CHUNK = 32  # chunk size for inputs of unknown length
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options of one @parallel function.
+
+    workers: the most chunks in flight at once; a list is split into at most this many
+        chunks, whose sizes differ by at most one, unless chunk_size is given.
+    chunk_size: items per request (fixed), instead of splitting by `workers`.
+    timeout: seconds one chunk may take, retries included per attempt.
+    retries: further attempts for a chunk after a transient failure (connection lost,
+        502/503/504, timeout); a user exception is never retried.
+    url: send chunks here instead of the process-wide target.
+    """
+
+    workers: int = DEFAULT_WORKERS
+    chunk_size: int | None = None
+    timeout: float = 300.0
+    retries: int = 2
+    url: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("workers", self.workers)
+        if self.chunk_size is not None:
+            _positive_int("chunk_size", self.chunk_size)
+        if not isinstance(self.timeout, int | float) or not self.timeout > 0:
+            raise ConfigurationError(f"timeout must be a positive number, not {self.timeout!r}")
+        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
+            raise ConfigurationError(f"retries must be an int >= 0, not {self.retries!r}")
+
+    def merged(self, **changes: Any) -> Options:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"{name} must be a positive int, not {value!r}")
+
+
+@dataclass
+class Settings:
+    """Process-wide settings, set by serverless.init() or the environment."""
+
+    route: str = "/serverless"
+    keyring: Keyring | None = None
+    url: str | None = None
+    max_body: int = MAX_BODY
+    local_processes: int | None = None
+    local_threads: int = 128
+
+    def caller_keyring(self) -> Keyring | None:
+        if self.keyring is not None:
+            return self.keyring
+        secret = os.environ.get("SERVERLESS_SECRET")
+        return Keyring(secret) if secret else None
+
+    def target_url(self) -> str | None:
+        return self.url or os.environ.get("SERVERLESS_URL") or None
+
+
+_lock = threading.Lock()
+_settings = Settings()
+
+
+def settings() -> Settings:
+    return _settings
+
+
+def configure(**changes: Any) -> Settings:
+    global _settings
+    with _lock:
+        _settings = replace(_settings, **changes)
+        return _settings

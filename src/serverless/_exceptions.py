@@ -1,0 +1,115 @@
+"""The one exception tree of simple-serverless.
+
+    ServerlessError
+    ├── ConfigurationError (also ValueError)   bad options, missing secret, bad route
+    ├── SerializationError (also TypeError)    a value that the wire format cannot carry
+    ├── RemoteError                            the user's function raised on a worker
+    └── WorkerError                            no usable answer from a worker (has .url, .status)
+        ├── RequestRejected                    the worker refused the request (4xx): not retried
+        ├── WorkerUnavailable                  connection lost, 502/503/504: retried
+        ├── WorkerTimeout (also TimeoutError)  a chunk took longer than its timeout: retried
+        └── ProtocolError                      the answer was not wire protocol v1
+
+Misuse of the API (a first argument that is not iterable, a Pipeline step that was not
+decorated) raises plain TypeError, as Python itself would.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteTraceback",
+    "RequestRejected",
+    "SerializationError",
+    "ServerlessError",
+    "WorkerError",
+    "WorkerTimeout",
+    "WorkerUnavailable",
+]
+
+
+class ServerlessError(Exception):
+    """Base class of every error raised by simple-serverless."""
+
+
+class ConfigurationError(ServerlessError, ValueError):
+    """The library was configured or called with options that cannot work."""
+
+
+class SerializationError(ServerlessError, TypeError):
+    """A chunk, an argument or a result cannot be encoded in the wire format."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the worker's traceback text; hangs off RemoteError as its __cause__."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+class RemoteError(ServerlessError):
+    """The user's function raised an exception on a worker.
+
+    `type_name`, `message` and `traceback` describe the remote exception; `index` is the
+    position in the call's input of the item being processed when it raised (None when the
+    function was not iterating its input at that moment), `item` a short repr of that item.
+    """
+
+    def __init__(
+        self,
+        function: str,
+        type_name: str,
+        message: str,
+        traceback: str,
+        *,
+        index: int | None = None,
+        item: str | None = None,
+        worker: str = "",
+    ) -> None:
+        where = f" at item {index} ({item})" if index is not None else ""
+        super().__init__(f"{function} raised {type_name}: {message}{where} on worker {worker}")
+        self.function = function
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+        self.index = index
+        self.item = item
+        self.worker = worker
+        self.__cause__ = RemoteTraceback(traceback)
+
+
+class WorkerError(ServerlessError):
+    """No usable answer came back for a chunk. `status` is None when no HTTP answer came."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, url: str, status: int | None = None) -> None:
+        super().__init__(f"{message} (url={url}, status={status})")
+        self.url = url
+        self.status = status
+
+
+class RequestRejected(WorkerError):
+    """The worker refused the request (bad signature, unknown function, too large...)."""
+
+
+class WorkerUnavailable(WorkerError):
+    """The connection failed or the worker answered 502/503/504: another try may succeed."""
+
+    retryable = True
+
+
+class WorkerTimeout(WorkerError, TimeoutError):
+    """A chunk did not complete within its timeout."""
+
+    retryable = True
+
+
+class ProtocolError(WorkerError):
+    """The worker's answer is not wire protocol v1 (wrong route, or not our endpoint)."""

@@ -1,0 +1,170 @@
+"""Wire protocol v1: envelopes, encoding and HMAC signatures. Pure functions, no I/O.
+
+docs/protocol.md is the normative description; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from ._exceptions import ConfigurationError, SerializationError
+
+VERSION = 1
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+MAX_BODY = 32 * 1024 * 1024  # the App Engine and Cloud Run request limit
+TOLERANCE = 300.0  # seconds a timestamp may differ from the worker's clock
+
+H_VERSION = "serverless-version"
+H_FUNCTION = "serverless-function"
+H_TIMESTAMP = "serverless-timestamp"
+H_REQUEST_ID = "serverless-request-id"
+H_SIGNATURE = "serverless-signature"
+
+
+class Call(msgspec.Struct, forbid_unknown_fields=False):
+    """The request envelope: one chunk of one function call."""
+
+    v: int
+    fn: str
+    id: str
+    index: int
+    items: list[Any]
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    bind: str = ""  # "", "instance" (a fresh instance of the class) or "class"
+
+
+class ErrorInfo(msgspec.Struct, forbid_unknown_fields=False):
+    """A structured error. kind: rejected | user | result | internal."""
+
+    kind: str
+    type: str
+    message: str
+    traceback: str = ""
+    index: int | None = None
+    item: str | None = None
+    retryable: bool = False
+
+
+class Reply(msgspec.Struct, forbid_unknown_fields=False):
+    """The response envelope: results, or an error, plus worker-side timings."""
+
+    v: int
+    worker: str = ""
+    results: list[Any] | None = None
+    error: ErrorInfo | None = None
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+
+
+_msgpack_encoder = msgspec.msgpack.Encoder()
+_json_encoder = msgspec.json.Encoder()
+_call_msgpack = msgspec.msgpack.Decoder(Call)
+_call_json = msgspec.json.Decoder(Call)
+_reply_msgpack = msgspec.msgpack.Decoder(Reply)
+_reply_json = msgspec.json.Decoder(Reply)
+
+
+def media_type(content_type: str | None) -> str | None:
+    """The wire format named by a Content-Type header, or None if it is not one of ours."""
+    base = (content_type or "").split(";", 1)[0].strip().lower()
+    if base in (MSGPACK, "application/x-msgpack", "application/vnd.msgpack"):
+        return MSGPACK
+    if base == JSON:
+        return JSON
+    return None
+
+
+def encode(obj: Any, fmt: str = MSGPACK) -> bytes:
+    """Encode an envelope; SerializationError names what cannot be carried."""
+    try:
+        if fmt == JSON:
+            return _json_encoder.encode(obj)
+        return _msgpack_encoder.encode(obj)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SerializationError(f"cannot encode for the wire: {exc}") from exc
+
+
+def decode_call(body: bytes, fmt: str) -> Call:
+    return _call_json.decode(body) if fmt == JSON else _call_msgpack.decode(body)
+
+
+def decode_reply(body: bytes, fmt: str) -> Reply:
+    return _reply_json.decode(body) if fmt == JSON else _reply_msgpack.decode(body)
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(16)
+
+
+def key_id(secret: str) -> str:
+    """A public fingerprint of a secret, so a worker knows which key a signature uses."""
+    return hashlib.sha256(b"serverless-key-id:" + secret.encode()).hexdigest()[:12]
+
+
+def string_to_sign(
+    method: str, path: str, function: str, timestamp: str, request_id: str, body: bytes
+) -> bytes:
+    digest = hashlib.sha256(body).hexdigest()
+    fields = (f"v{VERSION}", method.upper(), path, function, timestamp, request_id, digest)
+    return "\n".join(fields).encode()
+
+
+class Keyring:
+    """Secrets known to this process: all verify, all sign (so a rolling rotation works)."""
+
+    def __init__(self, secrets_: str | Sequence[str]) -> None:
+        items = [secrets_] if isinstance(secrets_, str) else list(secrets_)
+        if not items or any(not isinstance(s, str) or len(s) < 16 for s in items):
+            raise ConfigurationError("each secret must be a string of at least 16 characters")
+        self._keys = {key_id(s): s.encode() for s in items}
+
+    @property
+    def key_ids(self) -> list[str]:
+        return list(self._keys)
+
+    def sign(self, message: bytes) -> str:
+        """The Serverless-Signature header value: `kid=hex` for every key, comma-separated."""
+        return ", ".join(
+            f"{kid}={hmac.new(key, message, hashlib.sha256).hexdigest()}"
+            for kid, key in self._keys.items()
+        )
+
+    def verify(self, message: bytes, header: str) -> bool | None:
+        """True if a signature checks out, False if none does, None if no key id is known."""
+        known = False
+        for part in header.split(","):
+            kid, sep, sig = part.strip().partition("=")
+            key = self._keys.get(kid)
+            if not sep or key is None:
+                continue
+            known = True
+            expected = hmac.new(key, message, hashlib.sha256).hexdigest()
+            if hmac.compare_digest(expected.encode(), sig.strip().encode("ascii", "replace")):
+                return True
+        return False if known else None
+
+
+def signed_headers(
+    keyring: Keyring, path: str, function: str, request_id: str, body: bytes, fmt: str = MSGPACK
+) -> dict[str, str]:
+    """Headers for one POST of `body`, whose envelope carries `request_id`."""
+    timestamp = f"{time.time():.3f}"
+    message = string_to_sign("POST", path, function, timestamp, request_id, body)
+    return {
+        "Content-Type": fmt,
+        "Accept": fmt,
+        "Serverless-Version": str(VERSION),
+        "Serverless-Function": function,
+        "Serverless-Timestamp": timestamp,
+        "Serverless-Request-Id": request_id,
+        "Serverless-Signature": keyring.sign(message),
+    }

@@ -1,0 +1,102 @@
+"""The registry of functions a worker may run: only those the decorators registered.
+
+A worker never looks up an arbitrary module attribute named on the wire: a name resolves only
+if importing the function's module ran `@serverless.parallel` on it in this process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._exceptions import ConfigurationError
+
+# multiprocessing's spawn start method imports the parent's main script as "__mp_main__".
+_MAIN_ALIASES = {"__mp_main__": "__main__"}
+
+BIND_NONE = ""
+BIND_INSTANCE = "instance"
+BIND_CLASS = "class"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str  # "module:qualname", the name on the wire
+    module: str
+    qualname: str
+    func: Callable[..., Any]  # the undecorated function
+    is_async: bool
+
+    @property
+    def owner_path(self) -> list[str]:
+        """The class path the function was defined in, or [] for a module-level function."""
+        return self.qualname.split(".")[:-1]
+
+    def owner(self) -> type:
+        """The class the function was defined in, found through its own module."""
+        target: Any = module_object(self.module)
+        for part in self.owner_path:
+            target = getattr(target, part)
+        if not isinstance(target, type):
+            raise ConfigurationError(f"{self.name} is not defined in a class")
+        return target
+
+    def bound(self, bind: str) -> Callable[..., Any]:
+        """The callable to run for a chunk: a fresh instance per call, as the seed does."""
+        if bind == BIND_NONE:
+            return self.func
+        owner = self.owner()
+        receiver: Any = owner() if bind == BIND_INSTANCE else owner
+        return self.func.__get__(receiver, owner)  # type: ignore[no-any-return]
+
+
+_lock = threading.Lock()
+_entries: dict[str, Entry] = {}
+
+
+def module_name(module: str) -> str:
+    return _MAIN_ALIASES.get(module, module)
+
+
+def module_object(module: str) -> Any:
+    if module == "__main__":
+        return sys.modules.get("__mp_main__") or sys.modules["__main__"]
+    return sys.modules.get(module) or importlib.import_module(module)
+
+
+def register(func: Callable[..., Any]) -> Entry:
+    """Register `func` under its module and qualified name; the worker finds it by that."""
+    qualname = getattr(func, "__qualname__", "")
+    module = module_name(getattr(func, "__module__", "") or "")
+    if not qualname or not module:
+        raise ConfigurationError(f"{func!r} has no module or qualified name to register")
+    if "<locals>" in qualname:
+        raise ConfigurationError(
+            f"{module}.{qualname} is defined inside a function: workers cannot import it. "
+            "Define it at module level or in a module-level class."
+        )
+    entry = Entry(
+        name=f"{module}:{qualname}",
+        module=module,
+        qualname=qualname,
+        func=func,
+        is_async=inspect.iscoroutinefunction(func),
+    )
+    with _lock:
+        _entries[entry.name] = entry
+    return entry
+
+
+def lookup(name: str) -> Entry | None:
+    return _entries.get(name)
+
+
+def modules() -> list[str]:
+    """Modules that registered functions (the local pool imports them in its workers)."""
+    with _lock:
+        return sorted({e.module for e in _entries.values()})

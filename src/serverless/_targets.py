@@ -1,0 +1,33 @@
+"""Choosing where chunks go: a URL, the current request's own app, or the local pool."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from . import _pool, _registry
+from ._config import settings
+from ._context import current_origin
+from ._dispatch import Target
+from ._exceptions import ConfigurationError
+
+
+def resolve(url: str | None = None) -> Target:
+    """In order: `url` / init(url=) / SERVERLESS_URL; the app serving this request; local."""
+    config = settings()
+    url = url or config.target_url()
+    if url:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigurationError(f"worker URL must be http(s)://host[:port]/route: {url!r}")
+        keyring = config.caller_keyring()
+        if keyring is None:
+            raise ConfigurationError(
+                f"a secret is needed to call {url}: pass secret= to serverless.init() "
+                "or set SERVERLESS_SECRET"
+            )
+        return Target((url,), parts.path or "/", keyring, "url", config.max_body)
+    origin = current_origin.get()
+    if origin is not None:
+        return Target((origin.url,), origin.route, origin.keyring, "self", config.max_body)
+    pool = _pool.get_pool(config.local_processes, config.local_threads, _registry.modules())
+    return Target(tuple(pool.urls), pool.route, pool.keyring, "local", config.max_body)

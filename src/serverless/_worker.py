@@ -1,0 +1,280 @@
+"""The worker's sans-I/O core: (method, path, headers, body) -> Response.
+
+Checks run in the order of docs/protocol.md, cheapest and safest first, and nothing is decoded
+before the signature checks out. The WSGI and ASGI adapters only move bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from . import _protocol as p
+from . import _registry
+from ._exceptions import SerializationError
+
+logger = logging.getLogger("serverless.worker")
+
+_BINDS = (_registry.BIND_NONE, _registry.BIND_INSTANCE, _registry.BIND_CLASS)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass
+class Job:
+    """An authenticated, decoded chunk, ready to run."""
+
+    call: p.Call
+    entry: _registry.Entry
+    bind: str
+    fmt: str
+    received: float = field(default_factory=time.perf_counter)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Tracked(list[Any]):
+    """The chunk as the user's function sees it: a list that remembers where iteration is,
+    so an exception can name the item being processed."""
+
+    position = -1
+    done = False
+
+    def __iter__(self) -> Iterator[Any]:
+        self.position, self.done = -1, False
+        for i, item in enumerate(list.__iter__(self)):
+            self.position = i
+            yield item
+        self.done = True
+
+    def failing_index(self) -> int | None:
+        return None if self.position < 0 or self.done else self.position
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _ReplayCache:
+    """Request ids seen within the timestamp window; a replay inside it is refused."""
+
+    def __init__(self, window: float, limit: int = 1_000_000) -> None:
+        self._window = window
+        self._limit = limit
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, request_id: str, now: float) -> bool:
+        """False if `request_id` was seen recently."""
+        with self._lock:
+            while self._seen:
+                oldest, expiry = next(iter(self._seen.items()))
+                if expiry > now and len(self._seen) < self._limit:
+                    break
+                del self._seen[oldest]
+            if request_id in self._seen:
+                return False
+            self._seen[request_id] = now + 2 * self._window
+            return True
+
+
+class Endpoint:
+    """Authenticates, decodes and runs chunks for the functions in the registry."""
+
+    def __init__(
+        self,
+        route: str,
+        keyring: p.Keyring,
+        *,
+        max_body: int = p.MAX_BODY,
+        tolerance: float = p.TOLERANCE,
+        import_modules: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.route = route
+        self.keyring = keyring
+        self.max_body = max_body
+        self.tolerance = tolerance
+        self.import_modules = import_modules  # only the local pool, whose caller is its parent
+        self._clock = clock
+        self._replays = _ReplayCache(tolerance)
+
+    # -- responses -------------------------------------------------------------------------
+
+    def reject(self, status: int, message: str, fmt: str = p.MSGPACK) -> Response:
+        error = p.ErrorInfo(kind="rejected", type=f"HTTP{status}", message=message)
+        return self._reply(status, p.Reply(v=p.VERSION, worker=worker_id(), error=error), fmt)
+
+    def _reply(self, status: int, reply: p.Reply, fmt: str) -> Response:
+        body = p.encode(reply, fmt)
+        headers = [("content-type", fmt), ("content-length", str(len(body)))]
+        return Response(status, headers, body)
+
+    def too_large(self, content_length: int | None) -> Response | None:
+        """Called by adapters before they read the body."""
+        if content_length is not None and content_length > self.max_body:
+            return self.reject(413, f"body of {content_length} bytes exceeds {self.max_body}")
+        return None
+
+    # -- authentication and decoding -------------------------------------------------------
+
+    def accept(self, method: str, headers: Mapping[str, str], body: bytes) -> Job | Response:
+        """Check a request in protocol order; a Job only if every check passes.
+
+        `headers` must have lower-case names.
+        """
+        fmt = p.media_type(headers.get("accept")) or p.media_type(headers.get("content-type"))
+        fmt = fmt or p.MSGPACK
+        if method != "POST":
+            return self.reject(405, "only POST is allowed", fmt)
+        if len(body) > self.max_body:
+            return self.reject(413, f"body of {len(body)} bytes exceeds {self.max_body}", fmt)
+        if headers.get(p.H_VERSION) != str(p.VERSION):
+            return self.reject(400, f"unsupported or missing {p.H_VERSION} header", fmt)
+        function = headers.get(p.H_FUNCTION, "")
+        timestamp = headers.get(p.H_TIMESTAMP, "")
+        request_id = headers.get(p.H_REQUEST_ID, "")
+        signature = headers.get(p.H_SIGNATURE, "")
+        now = self._clock()
+        try:
+            skew = abs(now - float(timestamp))
+        except ValueError:
+            return self.reject(401, "missing or malformed timestamp", fmt)
+        if not skew <= self.tolerance:  # also false for NaN
+            return self.reject(401, "timestamp outside the tolerance window", fmt)
+        message = p.string_to_sign(method, self.route, function, timestamp, request_id, body)
+        verdict = self.keyring.verify(message, signature)
+        if verdict is None:
+            return self.reject(401, "no signature with a known key id", fmt)
+        if not verdict:
+            return self.reject(401, "bad signature", fmt)
+        if not request_id or not self._replays.add(request_id, now):
+            return self.reject(409, "request id missing or already used", fmt)
+        entry = self._lookup(function)
+        if entry is None:
+            return self.reject(404, f"function {function!r} is not registered on this worker", fmt)
+        content_fmt = p.media_type(headers.get("content-type"))
+        if content_fmt is None:
+            return self.reject(415, f"content type must be {p.MSGPACK} or {p.JSON}", fmt)
+        try:
+            call = p.decode_call(body, content_fmt)
+        except msgspec.DecodeError as exc:
+            return self.reject(400, f"malformed envelope: {exc}", fmt)
+        bind = call.bind
+        if call.v != p.VERSION or call.fn != function or call.id != request_id:
+            return self.reject(400, "envelope does not match the signed headers", fmt)
+        if bind not in _BINDS or (bind and not entry.owner_path):
+            return self.reject(400, f"bad binding {bind!r} for {function}", fmt)
+        return Job(call=call, entry=entry, bind=bind, fmt=fmt)
+
+    def _lookup(self, function: str) -> _registry.Entry | None:
+        entry = _registry.lookup(function)
+        module = function.partition(":")[0]
+        if entry is None and self.import_modules and module and module != "__main__":
+            try:  # the signature proved the caller is our parent process
+                importlib.import_module(module)
+            except Exception:
+                logger.exception("cannot import %s", module)
+                return None
+            entry = _registry.lookup(function)
+        return entry
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self, job: Job) -> Response:
+        """Run a chunk in this thread (async functions get their own event loop)."""
+        if job.entry.is_async:
+            return asyncio.run(self.run_async(job))
+        started = time.perf_counter()
+        items = _Tracked(job.call.items)
+        try:
+            fn = job.entry.bound(job.bind)
+            results = _as_list(fn(items, *job.call.args, **job.call.kwargs))
+        except _ResultError as exc:
+            return self._failure(job, "result", exc.__cause__ or exc, None, started)
+        except Exception as exc:
+            return self._failure(job, "user", exc, items, started)
+        return self._success(job, results, started)
+
+    async def run_async(self, job: Job) -> Response:
+        started = time.perf_counter()
+        items = _Tracked(job.call.items)
+        try:
+            fn = job.entry.bound(job.bind)
+            results = _as_list(await fn(items, *job.call.args, **job.call.kwargs))
+        except _ResultError as exc:
+            return self._failure(job, "result", exc.__cause__ or exc, None, started)
+        except Exception as exc:
+            return self._failure(job, "user", exc, items, started)
+        return self._success(job, results, started)
+
+    def _success(self, job: Job, results: list[Any], started: float) -> Response:
+        done = time.perf_counter()
+        reply = p.Reply(
+            v=p.VERSION,
+            worker=worker_id(),
+            results=results,
+            queue_s=started - job.received,
+            compute_s=done - started,
+        )
+        try:
+            return self._reply(200, reply, job.fmt)
+        except SerializationError as exc:
+            return self._failure(job, "result", exc, None, started)
+
+    def _failure(
+        self, job: Job, kind: str, exc: BaseException, items: _Tracked | None, started: float
+    ) -> Response:
+        index = items.failing_index() if items is not None else None
+        item = _short_repr(items[index]) if items is not None and index is not None else None
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        logger.debug("%s failed on %s: %s", job.entry.name, worker_id(), tb)
+        error = p.ErrorInfo(
+            kind=kind,
+            type=type(exc).__name__,
+            message=str(exc),
+            traceback=tb,
+            index=index,
+            item=item,
+        )
+        reply = p.Reply(
+            v=p.VERSION,
+            worker=worker_id(),
+            error=error,
+            queue_s=started - job.received,
+            compute_s=time.perf_counter() - started,
+        )
+        return self._reply(500, reply, job.fmt)
+
+
+class _ResultError(Exception):
+    """The function returned something that is not a list of results."""
+
+
+def _as_list(result: Any) -> list[Any]:
+    if isinstance(result, list):
+        return list(result) if isinstance(result, _Tracked) else result
+    if isinstance(result, str | bytes | bytearray | dict) or not hasattr(result, "__iter__"):
+        error = TypeError(f"the function must return a list, not {type(result).__name__}")
+        raise _ResultError() from error
+    return list(result)  # tuples, filter(), map(), generators (their errors are the user's)
