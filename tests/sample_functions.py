@@ -1,0 +1,93 @@
+"""Functions the tests run on workers; servers under test import this module."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import serverless
+
+CALLS_FILE_ENV = "SERVERLESS_TEST_CALLS"  # if set, every run appends a line to this file
+
+
+def _record(name: str) -> None:
+    path = os.environ.get(CALLS_FILE_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{name} {os.getpid()}\n")
+
+
+@serverless.parallel
+def square(numbers: list[int], offset: int = 0, *, scale: int = 1) -> list[int]:
+    _record("square")
+    return [(n * n + offset) * scale for n in numbers]
+
+
+@serverless.parallel
+def fail_on(numbers: list[int], bad: int) -> list[int]:
+    _record("fail_on")
+    out = []
+    for n in numbers:
+        if n == bad:
+            raise ValueError(f"cannot handle {n}")
+        out.append(n)
+    return out
+
+
+@serverless.parallel
+def sleepy(numbers: list[float]) -> list[float]:
+    for n in numbers:
+        time.sleep(n)
+    return numbers
+
+
+@serverless.parallel
+def returns_none(numbers: list[int]) -> Any:
+    return None
+
+
+@serverless.parallel
+def returns_object(numbers: list[int]) -> list[object]:
+    return [object() for _ in numbers]
+
+
+@serverless.parallel
+def pids(numbers: list[int]) -> list[int]:
+    return [os.getpid() for _ in numbers]
+
+
+@serverless.parallel
+async def async_double(numbers: list[int]) -> list[int]:
+    await asyncio.sleep(0.001)
+    return [2 * n for n in numbers]
+
+
+def plain(numbers: list[int]) -> list[int]:
+    """Not decorated: a worker must refuse to run it."""
+    _record("plain")
+    return numbers
+
+
+class Geo:
+    def __init__(self) -> None:
+        self.factor = 10
+
+    @serverless.parallel
+    def scaled(self, numbers: list[int]) -> list[int]:
+        return [n * self.factor for n in numbers]
+
+    @serverless.parallel
+    @staticmethod
+    def negated(numbers: list[int]) -> list[int]:
+        return [-n for n in numbers]
+
+    @serverless.parallel
+    @classmethod
+    def named(cls, numbers: list[int]) -> list[str]:
+        return [f"{cls.__name__}{n}" for n in numbers]
+
+    @serverless.sequential
+    def total(self, numbers: list[int]) -> list[int]:
+        return [sum(numbers) * self.factor]

@@ -1,0 +1,130 @@
+"""The pure core: chunking, signing, the registry and option checks. No sockets."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import serverless
+from serverless import _protocol as p
+from serverless import _registry
+from serverless._chunking import chunk_iterable, chunk_sequence, even_bounds
+
+
+@given(st.integers(0, 5000), st.integers(1, 300))
+def test_even_bounds_cover_input_with_sizes_differing_by_at_most_one(count: int, parts: int) -> None:
+    bounds = even_bounds(count, parts)
+    assert len(bounds) == min(count, parts)
+    assert [i for a, b in bounds for i in range(a, b)] == list(range(count))
+    sizes = {b - a for a, b in bounds}
+    assert not sizes or (max(sizes) - min(sizes) <= 1 and min(sizes) >= 1)
+
+
+def test_seed_bucket_bug_is_not_copied() -> None:
+    # The seed's floor-based bucket size sent 150 requests for 150 items and 100 workers.
+    assert len(even_bounds(150, 100)) == 100
+
+
+@given(st.lists(st.integers(), max_size=500), st.integers(1, 50), st.none() | st.integers(1, 40))
+def test_chunk_sequence_collates_back_in_order(items: list[int], workers: int, size: int | None) -> None:
+    chunks = list(chunk_sequence(items, workers, size))
+    assert [c[0] for c in chunks] == list(range(len(chunks)))
+    assert list(itertools.chain.from_iterable(c[2] for c in chunks)) == items
+    for _, offset, part in chunks:
+        assert items[offset : offset + len(part)] == part
+    if size is None:
+        assert len(chunks) <= workers
+    else:
+        assert all(len(c[2]) <= size for c in chunks)
+
+
+def test_chunk_iterable_reads_lazily() -> None:
+    consumed = []
+
+    def gen():  # type: ignore[no-untyped-def]
+        for i in range(10):
+            consumed.append(i)
+            yield i
+
+    chunks = chunk_iterable(gen(), 3)
+    assert next(chunks) == (0, 0, [0, 1, 2])
+    assert consumed == [0, 1, 2]
+    assert list(chunks) == [(1, 3, [3, 4, 5]), (2, 6, [6, 7, 8]), (3, 9, [9])]
+
+
+def test_signature_roundtrip_and_tamper_detection() -> None:
+    ring = p.Keyring("a" * 32)
+    body = p.encode(p.Call(v=1, fn="m:f", id="x", index=0, items=[1]))
+    msg = p.string_to_sign("POST", "/r", "m:f", "1.0", "x", body)
+    header = ring.sign(msg)
+    assert ring.verify(msg, header) is True
+    assert ring.verify(p.string_to_sign("POST", "/r", "m:f", "1.0", "x", body + b"!"), header) is False
+    assert ring.verify(p.string_to_sign("POST", "/other", "m:f", "1.0", "x", body), header) is False
+    assert p.Keyring("b" * 32).verify(msg, header) is None  # unknown key id
+    assert ring.verify(msg, "") is None
+    assert ring.verify(msg, header.replace("=", "=0", 1)) is False
+
+
+def test_key_rotation_old_and_new_keys_interoperate() -> None:
+    old, new = "old-secret-0123456789", "new-secret-0123456789"
+    msg = b"message"
+    both = p.Keyring([new, old])
+    assert p.Keyring(old).verify(msg, both.sign(msg)) is True  # old worker, rotated caller
+    assert both.verify(msg, p.Keyring(old).sign(msg)) is True  # rotated worker, old caller
+    assert both.key_ids == [p.key_id(new), p.key_id(old)]
+
+
+def test_weak_or_missing_secret_is_refused() -> None:
+    with pytest.raises(serverless.ConfigurationError):
+        p.Keyring("short")
+    with pytest.raises(serverless.ConfigurationError):
+        p.Keyring([])
+
+
+def test_unencodable_value_is_a_serialization_error() -> None:
+    with pytest.raises(serverless.SerializationError) as info:
+        p.encode(p.Call(v=1, fn="m:f", id="x", index=0, items=[object()]))
+    assert isinstance(info.value, TypeError)
+
+
+def test_registry_names_functions_by_module_and_qualname() -> None:
+    from tests import sample_functions as sf
+
+    assert sf.square.entry.name == "tests.sample_functions:square"
+    assert _registry.lookup("tests.sample_functions:Geo.scaled") is not None
+    assert _registry.lookup("tests.sample_functions:plain") is None
+    assert _registry.lookup("os:system") is None
+
+
+def test_functions_defined_inside_functions_are_refused_at_decoration() -> None:
+    with pytest.raises(serverless.ConfigurationError, match="inside a function"):
+
+        @serverless.parallel
+        def local(items: list[int]) -> list[int]:
+            return items
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"workers": 0}, {"workers": "3"}, {"chunk_size": 0}, {"timeout": -1}, {"retries": -1}],
+)
+def test_bad_options_are_configuration_errors(options: dict[str, object]) -> None:
+    with pytest.raises(serverless.ConfigurationError):
+        serverless.parallel(**options)  # type: ignore[call-overload]
+
+
+def test_exception_tree() -> None:
+    assert issubclass(serverless.ConfigurationError, ValueError)
+    assert issubclass(serverless.SerializationError, TypeError)
+    assert issubclass(serverless.WorkerTimeout, TimeoutError)
+    for exc in (serverless.RequestRejected, serverless.WorkerUnavailable, serverless.ProtocolError):
+        assert issubclass(exc, serverless.WorkerError)
+    assert serverless.WorkerUnavailable.retryable and not serverless.RequestRejected.retryable
+
+
+def test_public_api_is_exported() -> None:
+    for name in serverless.__all__:
+        assert hasattr(serverless, name), name

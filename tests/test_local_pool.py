@@ -1,0 +1,205 @@
+"""The API end to end on the embedded local pool: real worker processes under uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import serverless
+from tests import sample_functions as sf
+from tests.conftest import free_port, test_env
+
+
+def test_results_complete_and_in_order_with_args_and_kwargs() -> None:
+    items = list(range(1000))
+    assert sf.square(items, 3, scale=2) == [(n * n + 3) * 2 for n in items]
+    stats = sf.square.stats
+    assert stats is not None
+    assert (stats.workers, stats.count, stats.count_out, stats.target) == (100, 1000, 1000, "local")
+    sizes = [c.size for c in stats.chunks]
+    assert len(sizes) == 100 and max(sizes) - min(sizes) <= 1
+
+
+def test_chunk_size_and_workers_options() -> None:
+    fn = serverless.parallel(chunk_size=7, workers=3)(sf.square.__wrapped__)  # type: ignore[attr-defined]
+    assert fn(list(range(50))) == [n * n for n in range(50)]
+    assert fn.stats is not None and [c.size for c in fn.stats.chunks] == [7] * 7 + [1]
+
+
+def test_empty_input_returns_empty_list() -> None:
+    assert sf.square([]) == []
+    assert sf.square.stats is not None and sf.square.stats.chunks == []
+
+
+def test_generator_input_streams() -> None:
+    assert sf.square(n for n in range(100)) == [n * n for n in range(100)]
+    assert sf.square.stats is not None and sf.square.stats.count == 100
+
+
+def test_both_pool_processes_serve() -> None:
+    pids = set(sf.pids(list(range(200))))
+    assert os.getpid() not in pids
+    assert len(pids) == (os.cpu_count() or 1)
+
+
+def test_methods_static_and_class() -> None:
+    geo = sf.Geo()
+    geo.factor = 99  # the worker builds a fresh instance, as the seed does
+    assert geo.scaled([1, 2, 3]) == [10, 20, 30]
+    assert sf.Geo.scaled(geo, [4]) == [40]
+    assert sf.Geo.negated([1, 2]) == [-1, -2]
+    assert geo.negated([3]) == [-3]
+    assert sf.Geo.named([1, 2]) == ["Geo1", "Geo2"]
+    assert geo.total([1, 2, 3]) == [6 * 99]  # sequential runs here, on this instance
+
+
+def test_async_function() -> None:
+    assert sf.async_double(list(range(10))) == [2 * n for n in range(10)]
+
+
+def test_submit_and_aio() -> None:
+    future = sf.square.submit(list(range(10)))
+    assert future.result(30) == [n * n for n in range(10)]
+    assert asyncio.run(sf.square.aio(list(range(5)), 1)) == [n * n + 1 for n in range(5)]
+
+
+def test_remote_exception_carries_type_message_traceback_and_index() -> None:
+    with pytest.raises(serverless.RemoteError) as info:
+        sf.fail_on(list(range(300)), 123)
+    exc = info.value
+    assert (exc.type_name, exc.index, exc.item) == ("ValueError", 123, "123")
+    assert "cannot handle 123" in exc.message and "cannot handle 123" in str(exc)
+    assert "Traceback" in exc.traceback and "fail_on" in exc.traceback
+    assert isinstance(exc.__cause__, serverless.RemoteTraceback)
+
+
+def test_misuse_gives_clear_type_errors() -> None:
+    with pytest.raises(TypeError, match="list or iterable"):
+        sf.square(5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="list or iterable"):
+        sf.square("abc")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="first argument"):
+        sf.square()  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="decorated"):
+        serverless.Pipeline(sf.square, sf.plain)
+    with pytest.raises(serverless.SerializationError):
+        sf.square([1], object())  # type: ignore[arg-type]
+    with pytest.raises(serverless.SerializationError, match="must return a list"):
+        sf.returns_none([1])
+    with pytest.raises(serverless.SerializationError):
+        sf.returns_object([1])
+
+
+def test_pipeline_statistics_and_report() -> None:
+    pipeline = serverless.Pipeline(sf.square, sf.Geo().total)
+    run = pipeline.execute(list(range(10)))
+    assert run.result == [sum(n * n for n in range(10)) * 10]
+    assert [s.name for s in run.steps] == ["square", "total"]
+    lines = run.report().splitlines()
+    assert lines[2].startswith('  1 - Step "square" took ') and lines[2].endswith(
+        "s for 10 workers and 10 elements"
+    )
+    assert lines[3].endswith("s for 1 worker and 10 elements")
+    assert run.steps[0].compute_s > 0 and run.steps[0].duration >= run.steps[0].chunks[-1].end * 0.99
+    assert pipeline.run(list(range(3))) == [50]
+    assert sf.square.count == 3 and sf.square.workers == 3
+
+
+def test_url_without_secret_is_a_configuration_error(reset_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SERVERLESS_SECRET", raising=False)
+    fn = serverless.parallel(url="http://127.0.0.1:9/serverless")(sf.square.__wrapped__)  # type: ignore[attr-defined]
+    with pytest.raises(serverless.ConfigurationError, match="secret"):
+        fn([1])
+
+
+def test_unreachable_worker_names_the_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVERLESS_SECRET", "x" * 32)
+    url = f"http://127.0.0.1:{free_port()}/serverless"
+    fn = serverless.parallel(url=url, retries=1)(sf.square.__wrapped__)  # type: ignore[attr-defined]
+    with pytest.raises(serverless.WorkerUnavailable) as info:
+        fn([1, 2])
+    assert info.value.url == url and url in str(info.value)
+
+
+MAIN_SCRIPT = """
+import os, sys, time
+import serverless
+
+@serverless.parallel
+def shout(words, suffix):
+    return [w.upper() + suffix for w in words]
+
+class Counter:
+    @serverless.parallel(workers=4)
+    def lengths(self, words):
+        return [len(w) for w in words]
+
+if __name__ == "__main__":
+    print(shout(["a", "bc"], "!"))
+    print(Counter().lengths(["x", "yy", "zzz"]))
+    if len(sys.argv) > 1:  # report the workers' pids, then wait to be killed
+        from serverless import _pool
+        print("PIDS", " ".join(str(p.pid) for p in _pool._pool._procs), flush=True)
+        time.sleep(60)
+"""
+
+
+def run_script(tmp_path: Path, source: str, *args: str) -> subprocess.Popen[str]:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(source))
+    return subprocess.Popen(
+        [sys.executable, str(script), *args], env=test_env(), cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_functions_in_main_script_and_its_classes(tmp_path: Path) -> None:
+    out, err = run_script(tmp_path, MAIN_SCRIPT).communicate(timeout=60)
+    assert out.splitlines() == ["['A!', 'BC!']", "[1, 2, 3]"], err
+
+
+def test_no_orphans_when_the_caller_is_killed(tmp_path: Path) -> None:
+    proc = run_script(tmp_path, MAIN_SCRIPT, "wait")
+    assert proc.stdout is not None
+    line = ""
+    while not line.startswith("PIDS"):
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+    pids = [int(p) for p in line.split()[1:]]
+    assert pids
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in pids if _alive(pid)]
+        time.sleep(0.1)
+    assert not alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_script_without_main_guard_gets_a_clear_error(tmp_path: Path) -> None:
+    source = "import serverless\n\n@serverless.parallel\ndef f(xs):\n    return xs\n\nprint(f([1, 2]))\n"
+    proc = run_script(tmp_path, source)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    assert "__main__" in err and "ConfigurationError" in err
