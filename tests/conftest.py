@@ -27,7 +27,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30) -> None:
+def wait_for_port(
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -54,8 +56,11 @@ test_env.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 def server(args: list[str], port: int, **env: str) -> Iterator[subprocess.Popen[bytes]]:
     """Run `python -m <args>` (uvicorn, gunicorn...) until the block ends."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", *args], env=test_env(**env), cwd=TESTS.parent,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", *args],
+        env=test_env(**env),
+        cwd=TESTS.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_for_port(port, proc)

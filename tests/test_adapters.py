@@ -18,19 +18,33 @@ from tests.conftest import SECRET
 ROUTE = "/serverless"
 
 
-def signed(fn: str, items: list[Any], *, args: list[Any] | None = None, bind: str = "",
-           fmt: str = p.MSGPACK, secret: str = SECRET) -> tuple[dict[str, str], bytes]:
+def signed(
+    fn: str,
+    items: list[Any],
+    *,
+    args: list[Any] | None = None,
+    bind: str = "",
+    fmt: str = p.MSGPACK,
+    secret: str = SECRET,
+) -> tuple[dict[str, str], bytes]:
     rid = p.new_request_id()
     call = p.Call(v=1, fn=fn, id=rid, index=0, items=items, args=args or [], bind=bind)
     body = p.encode(call, fmt)
     return p.signed_headers(p.Keyring(secret), ROUTE, fn, rid, body, fmt), body
 
 
-def wsgi_post(app: Any, headers: dict[str, str], body: bytes, path: str = ROUTE) -> tuple[int, p.Reply | None]:
+def wsgi_post(
+    app: Any, headers: dict[str, str], body: bytes, path: str = ROUTE
+) -> tuple[int, p.Reply | None]:
     environ = {
-        "REQUEST_METHOD": "POST", "PATH_INFO": path, "SERVER_NAME": "testserver",
-        "SERVER_PORT": "80", "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
-        "CONTENT_LENGTH": str(len(body)), "HTTP_HOST": "testserver",
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": path,
+        "SERVER_NAME": "testserver",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(body),
+        "CONTENT_LENGTH": str(len(body)),
+        "HTTP_HOST": "testserver",
     }
     for k, v in headers.items():
         key = k.upper().replace("-", "_")
@@ -45,9 +59,14 @@ def wsgi_post(app: Any, headers: dict[str, str], body: bytes, path: str = ROUTE)
         return code, None
 
 
-async def asgi_post(app: Any, headers: dict[str, str], body: bytes, path: str = ROUTE) -> tuple[int, p.Reply | None]:
+async def asgi_post(
+    app: Any, headers: dict[str, str], body: bytes, path: str = ROUTE
+) -> tuple[int, p.Reply | None]:
     scope = {
-        "type": "http", "method": "POST", "path": path, "scheme": "http",
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "scheme": "http",
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         + [(b"host", b"testserver")],
     }
@@ -91,9 +110,13 @@ def test_runs_a_registered_function(post: Any, fmt: str) -> None:
 
 
 def test_methods_get_a_fresh_instance_or_the_class(post: Any) -> None:
-    assert post(*signed("tests.sample_functions:Geo.scaled", [1, 2], bind="instance"))[1].results == [10, 20]
+    assert post(*signed("tests.sample_functions:Geo.scaled", [1, 2], bind="instance"))[
+        1
+    ].results == [10, 20]
     assert post(*signed("tests.sample_functions:Geo.negated", [1, 2]))[1].results == [-1, -2]
-    assert post(*signed("tests.sample_functions:Geo.named", [1], bind="class"))[1].results == ["Geo1"]
+    assert post(*signed("tests.sample_functions:Geo.named", [1], bind="class"))[1].results == [
+        "Geo1"
+    ]
     assert post(*signed("tests.sample_functions:square", [1], bind="instance"))[0] == 400
 
 
@@ -104,7 +127,12 @@ def test_async_functions_run(post: Any) -> None:
 def test_user_exception_is_structured_with_failing_index(post: Any) -> None:
     status, reply = post(*signed("tests.sample_functions:fail_on", [5, 6, 7, 8], args=[7]))
     assert status == 500 and reply is not None and reply.error is not None
-    assert (reply.error.kind, reply.error.type, reply.error.index, reply.error.item) == ("user", "ValueError", 2, "7")
+    assert (reply.error.kind, reply.error.type, reply.error.index, reply.error.item) == (
+        "user",
+        "ValueError",
+        2,
+        "7",
+    )
     assert "cannot handle 7" in reply.error.message
     assert "Traceback" in reply.error.traceback and "fail_on" in reply.error.traceback
 
@@ -145,10 +173,15 @@ def test_unregistered_function_is_404(post: Any) -> None:
 
 
 def test_wrong_secret_is_refused(post: Any) -> None:
-    assert post(*signed("tests.sample_functions:square", [1], secret="another-secret-0123456"))[0] == 401
+    assert (
+        post(*signed("tests.sample_functions:square", [1], secret="another-secret-0123456"))[0]
+        == 401
+    )
 
 
-def test_other_paths_404_without_app_and_pass_through_with_app(route: serverless.WorkerRoute) -> None:
+def test_other_paths_404_without_app_and_pass_through_with_app(
+    route: serverless.WorkerRoute,
+) -> None:
     headers, body = signed("tests.sample_functions:square", [1])
     assert wsgi_post(route.wsgi(), headers, body, "/elsewhere")[0] == 404
     seen: list[Any] = []

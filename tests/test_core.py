@@ -15,7 +15,9 @@ from serverless._chunking import chunk_iterable, chunk_sequence, even_bounds
 
 
 @given(st.integers(0, 5000), st.integers(1, 300))
-def test_even_bounds_cover_input_with_sizes_differing_by_at_most_one(count: int, parts: int) -> None:
+def test_even_bounds_cover_input_with_sizes_differing_by_at_most_one(
+    count: int, parts: int
+) -> None:
     bounds = even_bounds(count, parts)
     assert len(bounds) == min(count, parts)
     assert [i for a, b in bounds for i in range(a, b)] == list(range(count))
@@ -29,7 +31,9 @@ def test_seed_bucket_bug_is_not_copied() -> None:
 
 
 @given(st.lists(st.integers(), max_size=500), st.integers(1, 50), st.none() | st.integers(1, 40))
-def test_chunk_sequence_collates_back_in_order(items: list[int], workers: int, size: int | None) -> None:
+def test_chunk_sequence_collates_back_in_order(
+    items: list[int], workers: int, size: int | None
+) -> None:
     chunks = list(chunk_sequence(items, workers, size))
     assert [c[0] for c in chunks] == list(range(len(chunks)))
     assert list(itertools.chain.from_iterable(c[2] for c in chunks)) == items
@@ -61,7 +65,9 @@ def test_signature_roundtrip_and_tamper_detection() -> None:
     msg = p.string_to_sign("POST", "/r", "m:f", "1.0", "x", body)
     header = ring.sign(msg)
     assert ring.verify(msg, header) is True
-    assert ring.verify(p.string_to_sign("POST", "/r", "m:f", "1.0", "x", body + b"!"), header) is False
+    assert (
+        ring.verify(p.string_to_sign("POST", "/r", "m:f", "1.0", "x", body + b"!"), header) is False
+    )
     assert ring.verify(p.string_to_sign("POST", "/other", "m:f", "1.0", "x", body), header) is False
     assert p.Keyring("b" * 32).verify(msg, header) is None  # unknown key id
     assert ring.verify(msg, "") is None

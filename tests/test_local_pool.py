@@ -108,12 +108,16 @@ def test_pipeline_statistics_and_report() -> None:
         "s for 10 workers and 10 elements"
     )
     assert lines[3].endswith("s for 1 worker and 10 elements")
-    assert run.steps[0].compute_s > 0 and run.steps[0].duration >= run.steps[0].chunks[-1].end * 0.99
+    assert (
+        run.steps[0].compute_s > 0 and run.steps[0].duration >= run.steps[0].chunks[-1].end * 0.99
+    )
     assert pipeline.run(list(range(3))) == [50]
     assert sf.square.count == 3 and sf.square.workers == 3
 
 
-def test_url_without_secret_is_a_configuration_error(reset_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_url_without_secret_is_a_configuration_error(
+    reset_settings: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("SERVERLESS_SECRET", raising=False)
     fn = serverless.parallel(url="http://127.0.0.1:9/serverless")(sf.square.__wrapped__)  # type: ignore[attr-defined]
     with pytest.raises(serverless.ConfigurationError, match="secret"):
@@ -156,8 +160,12 @@ def run_script(tmp_path: Path, source: str, *args: str) -> subprocess.Popen[str]
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(source))
     return subprocess.Popen(
-        [sys.executable, str(script), *args], env=test_env(), cwd=tmp_path,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, str(script), *args],
+        env=test_env(),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -198,8 +206,10 @@ def _alive(pid: int) -> bool:
 
 
 def test_script_without_main_guard_gets_a_clear_error(tmp_path: Path) -> None:
-    source = "import serverless\n\n@serverless.parallel\ndef f(xs):\n    return xs\n\nprint(f([1, 2]))\n"
+    source = (
+        "import serverless\n\n@serverless.parallel\ndef f(xs):\n    return xs\n\nprint(f([1, 2]))\n"
+    )
     proc = run_script(tmp_path, source)
-    out, err = proc.communicate(timeout=90)
+    _out, err = proc.communicate(timeout=90)
     assert proc.returncode != 0
     assert "__main__" in err and "ConfigurationError" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import functools
 import os
 import time
@@ -117,6 +118,13 @@ class ParallelFunction(_Step[P, R]):
         super().__init__(func)
         self.options = options
         self.entry = _registry.register(self._func)
+
+    def with_options(self, **options: Any) -> ParallelFunction[P, R]:
+        """The same registered function with other options, e.g. `f.with_options(workers=8)`."""
+        clone = copy.copy(self)
+        clone.options = self.options.merged(**options)
+        clone.stats = None
+        return clone
 
     def _run(
         self, bind: str, receiver: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
