@@ -12,7 +12,7 @@ import pytest
 import serverless
 from serverless import _protocol as p
 from serverless._context import current_origin
-from tests import sample_functions  # noqa: F401 - registers the functions
+from tests import sample_functions  # registers the functions
 from tests.conftest import SECRET
 
 ROUTE = "/serverless"
@@ -194,3 +194,22 @@ def test_other_paths_404_without_app_and_pass_through_with_app(
     wsgi_post(route.wsgi(app), {}, b"", "/elsewhere")
     assert seen[0].url == "http://testserver/serverless"  # the seed's call-back-to-self
     assert current_origin.get() is None
+
+
+def test_single_threaded_wsgi_server_does_not_call_back_into_itself(
+    route: serverless.WorkerRoute,
+) -> None:
+    # A sync WSGI server with one worker could not answer its own chunks: deadlock. The call
+    # is served by the local pool instead.
+    seen: list[Any] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(sample_functions.square.with_stats([1, 2, 3]))
+        start_response("200 OK", [])
+        return [b""]
+
+    wsgi_post(
+        route.wsgi(app), {}, b"", "/view"
+    )  # the test environ is neither threaded nor multiprocess
+    result, stats = seen[0]
+    assert result == [1, 4, 9] and stats.target == "local"

@@ -133,7 +133,7 @@ class ParallelFunction(_Step[P, R]):
         started = time.perf_counter()
         if count == 0:
             return self._finish([], [], 0, started, "none")
-        target = resolve(self.options.url)
+        target = resolve(self.options.url, blocking=True)
         mapped = dispatcher().run(dispatcher().map(spec, target, chunks))
         return self._finish(mapped.results, mapped.chunks, count, started, target.kind)
 

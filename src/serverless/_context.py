@@ -15,6 +15,9 @@ class Origin:
     url: str
     route: str
     keyring: Keyring
+    # False when the server runs one request at a time (a single sync WSGI worker): calling
+    # back into it from a request would deadlock, so the local pool serves instead.
+    concurrent: bool = True
 
 
 current_origin: ContextVar[Origin | None] = ContextVar("serverless_origin", default=None)

@@ -58,7 +58,8 @@ class WSGIEndpoint:
         host = environ.get("HTTP_HOST") or f"{environ['SERVER_NAME']}:{environ['SERVER_PORT']}"
         base = f"{environ.get('wsgi.url_scheme', 'http')}://{host}{environ.get('SCRIPT_NAME', '')}"
         route = self.endpoint.route
-        return Origin(url=base + route, route=route, keyring=self.endpoint.keyring)
+        concurrent = bool(environ.get("wsgi.multithread") or environ.get("wsgi.multiprocess"))
+        return Origin(base + route, route, self.endpoint.keyring, concurrent)
 
 
 def _send(response: Response, start_response: StartResponse) -> list[bytes]:
