@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
-from . import _registry
+from . import _pool, _registry
 from ._asgi import ASGIApp, ASGIEndpoint
 from ._chunking import Chunk, chunk_iterable, chunk_sequence
 from ._config import DEFAULT_STREAM_CHUNK, Options, configure
@@ -69,6 +69,7 @@ class _Step(Generic[P, R]):
 
     def with_stats(self, *args: Any, **kwargs: Any) -> tuple[R, StepStats]:
         """Call the step and also return the statistics of this very call."""
+        _pool.check_not_importing_main()
         bind, receiver, args = self._split(args)
         return self._run(bind, receiver, args, kwargs)
 
@@ -103,6 +104,7 @@ class _Bound:
         return self.with_stats(*args, **kwargs)[0]
 
     def with_stats(self, *args: Any, **kwargs: Any) -> tuple[Any, StepStats]:
+        _pool.check_not_importing_main()
         return self._step._run(self._bind, self._receiver, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -170,6 +172,7 @@ class ParallelFunction(_Step[P, R]):
     def _prepare(
         self, bind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[CallSpec, Iterator[Chunk], int | None]:
+        _pool.check_not_importing_main()
         items = _items_argument(self.__name__, args)
         opts = self.options
         spec = CallSpec(

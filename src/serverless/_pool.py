@@ -1,9 +1,11 @@
 """The embedded local pool: worker processes on loopback speaking the same protocol.
 
-Started on first use with the spawn start method (never fork: the caller has threads), so the
-children import the caller's main script as `__mp_main__` and register its functions. Each
-child serves the ASGI endpoint under uvicorn on its own port. Children die with their parent
-(PR_SET_PDEATHSIG plus a watchdog) so none is ever left behind.
+Each worker is a fresh interpreter (never a fork: the caller has threads) that imports the
+modules with registered functions and the caller's main script as `__mp_main__`, then serves
+the ASGI endpoint under uvicorn on its own port. Importing the main script stops at its first
+parallel call, so a script without an `if __name__ == "__main__":` guard still works and its
+top-level work never runs in a worker. Workers die with their parent (PR_SET_PDEATHSIG plus a
+watchdog), so none is ever left behind.
 """
 
 from __future__ import annotations
@@ -13,18 +15,23 @@ import atexit
 import contextlib
 import ctypes
 import importlib
+import importlib.util
+import io
+import json
 import logging
-import multiprocessing
 import os
 import secrets
+import select
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
+import types
+from typing import Any
 
+from . import _registry
 from ._exceptions import ConfigurationError
 from ._protocol import Keyring
 
@@ -47,65 +54,94 @@ class LocalPool:
         self.keyring = Keyring(self._secret)
         self._modules = modules
         self._lock = threading.Lock()
-        self._procs: list[BaseProcess | None] = [None] * processes
+        self._procs: list[subprocess.Popen[bytes] | None] = [None] * processes
         self.urls: list[str] = [""] * processes
 
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p is not None]
+
     def start(self) -> None:
-        started = [self._spawn() for _ in range(self.processes)]
-        for slot, (proc, conn) in enumerate(started):
+        started = [self._spawn() for _ in range(self.processes)]  # they boot concurrently
+        for slot, (proc, port_fd) in enumerate(started):
             self._procs[slot] = proc
-            self.urls[slot] = self._await_port(proc, conn)
+            self.urls[slot] = self._await_port(proc, port_fd)
 
     def revive(self) -> None:
         """Replace worker processes that died (killed, crashed) since the last call."""
         with self._lock:
             for slot, proc in enumerate(self._procs):
-                if proc is not None and not proc.is_alive():
+                if proc is not None and proc.poll() is not None:
                     logger.warning(
-                        "local worker %s exited (%s); replacing it", proc.pid, proc.exitcode
+                        "local worker %s exited (%s); replacing it", proc.pid, proc.returncode
                     )
-                    new, conn = self._spawn()
+                    new, port_fd = self._spawn()
                     self._procs[slot] = new
-                    self.urls[slot] = self._await_port(new, conn)
+                    self.urls[slot] = self._await_port(new, port_fd)
 
-    def _spawn(self) -> tuple[BaseProcess, Connection]:
-        ctx = multiprocessing.get_context("spawn")
-        parent_conn, child_conn = ctx.Pipe(duplex=False)
-        args = (child_conn, self._secret, self.route, self.threads, self._modules, os.getpid())
-        proc = ctx.Process(target=serve, args=args, name="serverless-worker", daemon=True)
-        proc.start()
-        child_conn.close()
-        return proc, parent_conn
+    def _spawn(self) -> tuple[subprocess.Popen[bytes], int]:
+        read_fd, write_fd = os.pipe()
+        config = {
+            "secret": self._secret,
+            "route": self.route,
+            "threads": self.threads,
+            "modules": self._modules,
+            "main": _main_reference(),
+            "sys_path": sys.path,
+            "parent": os.getpid(),
+            "port_fd": write_fd,
+        }
+        env = dict(os.environ)
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "from serverless._pool import child; child()"],
+                stdin=subprocess.PIPE,
+                env=env,
+                pass_fds=(write_fd,),
+                close_fds=True,
+            )
+        finally:
+            os.close(write_fd)
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(config).encode())
+        proc.stdin.close()
+        return proc, read_fd
 
-    def _await_port(self, proc: BaseProcess, conn: Connection) -> str:
+    def _await_port(self, proc: subprocess.Popen[bytes], port_fd: int) -> str:
         deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if conn.poll(0.05):
-                try:
-                    port = conn.recv()
-                except EOFError:
-                    break
-                conn.close()
-                return f"http://127.0.0.1:{port}{self.route}"
-            if not proc.is_alive():
-                break
+        data = b""
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                ready, _, _ = select.select([port_fd], [], [], 0.05)
+                if ready:
+                    chunk = os.read(port_fd, 64)
+                    data += chunk
+                    if data.endswith(b"\n"):
+                        return f"http://127.0.0.1:{int(data)}{self.route}"
+                    if not chunk:
+                        break
+        finally:
+            os.close(port_fd)
         proc.kill()
+        proc.wait()
         raise ConfigurationError(
-            f"a local worker process failed to start (exit code {proc.exitcode}). If your "
-            "script calls a parallel function at import time, move that call under "
-            "`if __name__ == '__main__':` - workers import the script to find its functions."
+            f"a local worker process failed to start (exit code {proc.returncode}); "
+            "see its error output above"
         )
 
     def close(self) -> None:
         procs = [p for p in self._procs if p is not None]
         for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
+            if proc.poll() is None:
+                proc.terminate()  # uvicorn finishes in-flight requests on SIGTERM
         for proc in procs:
-            proc.join(5)
-            if proc.is_alive():
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.join(1)
+                proc.wait()
         self._procs = [None] * self.processes
 
 
@@ -139,34 +175,59 @@ def shutdown() -> None:
 atexit.register(shutdown)
 
 
-# -- the child -----------------------------------------------------------------------------
+def _main_reference() -> dict[str, str] | None:
+    """How a worker can import the caller's main script, if it has one."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name not in ("__main__", None):
+        return {"module": spec.name}  # python -m package.module
+    path = getattr(main, "__file__", None)
+    if path and os.path.exists(path):
+        return {"path": os.path.abspath(path)}
+    return None  # an interactive session: its functions cannot be imported by workers
 
 
-def serve(
-    conn: Connection, secret: str, route: str, threads: int, modules: list[str], parent: int
-) -> None:
-    """Entry point of a local worker process."""
-    _die_with_parent(parent)
-    for name in modules:
+# -- the worker process ----------------------------------------------------------------------
+
+importing_main = False  # True in a worker while it imports the caller's main script
+
+
+class StopMainImport(BaseException):
+    """Raised by a step called while a worker imports the caller's main script: the functions
+    defined above the call are registered, the script's top-level work is skipped."""
+
+
+def check_not_importing_main() -> None:
+    if importing_main:
+        raise StopMainImport
+
+
+def child() -> None:
+    """Entry point of a local worker process: its configuration arrives on stdin."""
+    config: dict[str, Any] = json.loads(sys.stdin.buffer.read())
+    sys.path[:] = config["sys_path"]
+    _die_with_parent(config["parent"])
+    for name in config["modules"]:
         if name != "__main__":
             try:
                 importlib.import_module(name)
             except Exception:
                 logger.exception("local worker cannot import %s", name)
-    import uvicorn
+    import uvicorn  # before the main script: importing it rebinds sys.modules["__mp_main__"]
 
     from ._asgi import ASGIEndpoint
     from ._worker import Endpoint
 
-    endpoint = Endpoint(route, Keyring(secret), import_modules=True)
-    app = ASGIEndpoint(endpoint, threads=threads)
+    if config["main"]:
+        _import_main(config["main"])
+
+    endpoint = Endpoint(config["route"], Keyring(config["secret"]), import_modules=True)
+    app = ASGIEndpoint(endpoint, threads=config["threads"])
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(4096)
-    conn.send(sock.getsockname()[1])
-    conn.close()
-    config = uvicorn.Config(
+    uvicorn_config = uvicorn.Config(
         app,
         lifespan="off",
         access_log=False,
@@ -176,7 +237,43 @@ def serve(
         loop="asyncio",
         backlog=4096,
     )
-    asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+    server = uvicorn.Server(uvicorn_config)
+    os.write(config["port_fd"], f"{sock.getsockname()[1]}\n".encode())
+    os.close(config["port_fd"])
+    asyncio.run(server.serve(sockets=[sock]))
+
+
+def _import_main(reference: dict[str, str]) -> None:
+    """Run the caller's main script as `__mp_main__`, as multiprocessing's spawn does."""
+    global importing_main
+    module = types.ModuleType("__mp_main__")
+    try:
+        if "module" in reference:
+            spec = importlib.util.find_spec(reference["module"])
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot find module {reference['module']}")
+            module.__spec__ = spec
+            module.__file__ = spec.origin
+            code = spec.loader.get_code(reference["module"])  # type: ignore[attr-defined]
+        else:
+            module.__file__ = reference["path"]
+            with open(reference["path"], "rb") as f:
+                code = compile(f.read(), reference["path"], "exec")
+    except Exception:
+        logger.exception("local worker cannot load the main script %s", reference)
+        return
+    sys.modules["__mp_main__"] = module
+    _registry.set_main_module(module)
+    importing_main = True
+    try:  # the script's own output at import time would repeat once per worker: hide it
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(code, module.__dict__)
+    except StopMainImport:
+        pass
+    except BaseException:
+        logger.exception("the main script raised while a local worker imported it")
+    finally:
+        importing_main = False
 
 
 def _die_with_parent(parent: int) -> None:
@@ -184,6 +281,8 @@ def _die_with_parent(parent: int) -> None:
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
 
     def watch() -> None:
         while os.getppid() == parent:

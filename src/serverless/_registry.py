@@ -63,9 +63,17 @@ def module_name(module: str) -> str:
     return _MAIN_ALIASES.get(module, module)
 
 
+_main_module: Any = None  # the caller's script, when a local worker imported it
+
+
+def set_main_module(module: Any) -> None:
+    global _main_module
+    _main_module = module
+
+
 def module_object(module: str) -> Any:
     if module == "__main__":
-        return sys.modules.get("__mp_main__") or sys.modules["__main__"]
+        return _main_module or sys.modules["__main__"]
     return sys.modules.get(module) or importlib.import_module(module)
 
 
