@@ -178,8 +178,10 @@ class Endpoint:
             return self.reject(415, f"content type must be {p.MSGPACK} or {p.JSON}", fmt)
         try:
             call = p.decode_call(body, content_fmt)
-        except msgspec.DecodeError as exc:
-            return self.reject(400, f"malformed envelope: {exc}", fmt)
+        # msgspec raises UnicodeDecodeError (a ValueError) on invalid UTF-8 and RecursionError
+        # on absurd nesting, besides its own DecodeError: all are the sender's fault.
+        except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+            return self.reject(400, f"malformed envelope: {type(exc).__name__}: {exc}", fmt)
         bind = call.bind
         if call.v != p.VERSION or call.fn != function or call.id != request_id:
             return self.reject(400, "envelope does not match the signed headers", fmt)

@@ -1,0 +1,1 @@
+"""Small real Flask, Django and FastAPI apps with the worker route mounted, for the tests."""

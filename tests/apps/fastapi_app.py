@@ -1,0 +1,33 @@
+"""A FastAPI app with the worker route mounted in one line, as ASGI middleware.
+
+uvicorn tests.apps.fastapi_app:app
+"""
+
+from __future__ import annotations
+
+import os
+
+from fastapi import FastAPI, Response
+
+import serverless
+from tests import sample_functions  # the functions this app's workers run
+
+SECRET = os.environ["SERVERLESS_SECRET"]
+
+app = FastAPI()
+app.add_middleware(serverless.init("/serverless", SECRET).asgi)
+
+
+@app.get("/square")
+def square(n: int, response: Response) -> list[int]:
+    # A sync view: FastAPI runs it in its thread pool, so blocking on the chunks does not
+    # block the event loop that serves them.
+    result, stats = sample_functions.square.with_stats(list(range(n)))
+    response.headers["X-Serverless-Target"] = stats.target
+    response.headers["X-Serverless-Processes"] = str(stats.processes)
+    return result
+
+
+@app.get("/pid")
+def pid() -> int:
+    return os.getpid()

@@ -1,0 +1,332 @@
+"""docs/protocol.md is enough to write a client: a standard-library-only client, written from that
+page, calls a real worker (uvicorn/ASGI and gunicorn/WSGI), and the page's worked example is
+checked value by value.
+
+The client functions below (key_id, string_to_sign, sign, post) use only the standard library on
+purpose: do not replace them with serverless._protocol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import free_port, server
+
+DOC = Path(__file__).parent.parent / "docs" / "protocol.md"
+ROUTE = "/serverless"
+SECRET = "correct-horse-battery-staple"  # the worked example's; the servers here use it too
+SQUARE = "tests.sample_functions:square"
+FAIL_ON = "tests.sample_functions:fail_on"
+TIMEOUT = 10.0
+
+# The worked example of docs/protocol.md, section 10.
+EXAMPLE_TIMESTAMP = "1700000000.000"
+EXAMPLE_REQUEST_ID = "6f1c2d3e4a5b60718293a4b5c6d7e8f9"
+EXAMPLE_OLD_SECRET = "an-older-secret-being-retired"
+
+SERVERS: dict[str, Callable[[int], list[str]]] = {
+    "asgi": lambda port: [
+        "uvicorn",
+        "tests.protocol_app:app",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        "--no-access-log",
+        "--log-level=warning",
+    ],
+    "wsgi": lambda port: [
+        "gunicorn",
+        "--workers=1",
+        "--worker-class=gthread",
+        "--threads=4",
+        f"--bind=127.0.0.1:{port}",
+        "--graceful-timeout=2",
+        "--log-level=warning",
+        "tests.protocol_app:wsgi_app",
+    ],
+}
+
+
+# -- the client, from docs/protocol.md, standard library only ----------------------------------
+
+
+def key_id(secret: str) -> str:
+    """Section 3."""
+    return hashlib.sha256(b"serverless-key-id:" + secret.encode("utf-8")).hexdigest()[:12]
+
+
+def string_to_sign(
+    method: str, route: str, function: str, timestamp: str, request_id: str, body: bytes
+) -> bytes:
+    """Section 4: seven lines joined by LF, no trailing newline."""
+    lines = ["v1", method.upper(), route, function, timestamp, request_id]
+    return "\n".join([*lines, hashlib.sha256(body).hexdigest()]).encode("utf-8")
+
+
+def sign(message: bytes, *secrets_: str) -> str:
+    """Section 4: the Serverless-Signature value, one `kid=hex` pair per secret."""
+    return ", ".join(
+        f"{key_id(s)}={hmac.new(s.encode('utf-8'), message, hashlib.sha256).hexdigest()}"
+        for s in secrets_
+    )
+
+
+def json_envelope(
+    function: str,
+    request_id: str,
+    items: list[Any],
+    args: list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> bytes:
+    """Section 5, as compact JSON."""
+    call = {
+        "v": 1,
+        "fn": function,
+        "id": request_id,
+        "index": 0,
+        "items": items,
+        "args": args or [],
+        "kwargs": kwargs or {},
+        "bind": "",
+    }
+    return json.dumps(call, separators=(",", ":")).encode("utf-8")
+
+
+def headers_for(
+    function: str,
+    request_id: str,
+    body: bytes,
+    *,
+    timestamp: str | None = None,
+    content_type: str = "application/json",
+    signature: str | None = None,
+) -> dict[str, str]:
+    """Section 2."""
+    timestamp = f"{time.time():.3f}" if timestamp is None else timestamp
+    message = string_to_sign("POST", ROUTE, function, timestamp, request_id, body)
+    return {
+        "Content-Type": content_type,
+        "Accept": content_type,
+        "Serverless-Version": "1",
+        "Serverless-Function": function,
+        "Serverless-Timestamp": timestamp,
+        "Serverless-Request-Id": request_id,
+        "Serverless-Signature": sign(message, SECRET) if signature is None else signature,
+    }
+
+
+@dataclass
+class Answer:
+    status: int
+    content_type: str
+    body: bytes
+
+    def json(self) -> Any:
+        assert self.content_type == "application/json"
+        return json.loads(self.body)
+
+
+def post(url: str, headers: dict[str, str], body: bytes) -> Answer:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return Answer(response.status, response.headers["Content-Type"], response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return Answer(error.code, error.headers["Content-Type"], error.read())
+
+
+# -- servers -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    url: str
+    calls: Path
+
+    def runs(self) -> list[str]:
+        return self.calls.read_text().splitlines()
+
+
+@pytest.fixture(scope="module", params=sorted(SERVERS))
+def worker(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Worker]:
+    calls = tmp_path_factory.mktemp(f"doc-{request.param}") / "calls"
+    calls.touch()
+    port = free_port()
+    env = {"SERVERLESS_SECRET": SECRET, "SERVERLESS_TEST_CALLS": str(calls)}
+    with server(SERVERS[request.param](port), port, **env) as proc:
+        output = proc.stdout
+        assert output is not None
+        drain = threading.Thread(target=output.read, daemon=True)  # never let the pipe fill
+        drain.start()
+        yield Worker(f"http://127.0.0.1:{port}{ROUTE}", calls)
+    drain.join(10)
+    output.close()
+
+
+# -- the worked example ------------------------------------------------------------------------
+
+
+def _example() -> dict[str, str]:
+    body = json_envelope(SQUARE, EXAMPLE_REQUEST_ID, [1, 2, 3], args=[10], kwargs={"scale": 2})
+    message = string_to_sign("POST", ROUTE, SQUARE, EXAMPLE_TIMESTAMP, EXAMPLE_REQUEST_ID, body)
+    return {
+        "key id": key_id(SECRET),
+        "old key id": key_id(EXAMPLE_OLD_SECRET),
+        "body": body.decode(),
+        "body length": f"JSON, {len(body)} bytes",
+        "body sha256": hashlib.sha256(body).hexdigest(),
+        "string to sign": "```\n" + message.decode() + "\n```",
+        "signature": "Serverless-Signature: " + sign(message, SECRET) + "\n",
+        "rotation": "Serverless-Signature: " + sign(message, SECRET, EXAMPLE_OLD_SECRET) + "\n",
+    }
+
+
+def test_worked_example_in_the_doc_is_right() -> None:
+    doc = DOC.read_text()
+    for what, value in _example().items():
+        assert value in doc, f"docs/protocol.md: the worked example's {what} is not {value!r}"
+    assert "`e5fb080acbae`" in doc and key_id(SECRET) == "e5fb080acbae"
+
+
+def test_the_doc_client_agrees_with_the_library() -> None:
+    from serverless import _protocol as p
+
+    body = json_envelope(SQUARE, EXAMPLE_REQUEST_ID, [1, 2, 3], args=[10], kwargs={"scale": 2})
+    assert key_id(SECRET) == p.key_id(SECRET)
+    ours = string_to_sign("POST", ROUTE, SQUARE, EXAMPLE_TIMESTAMP, EXAMPLE_REQUEST_ID, body)
+    theirs = p.string_to_sign("POST", ROUTE, SQUARE, EXAMPLE_TIMESTAMP, EXAMPLE_REQUEST_ID, body)
+    assert ours == theirs
+    assert sign(ours, SECRET, EXAMPLE_OLD_SECRET) == p.Keyring([SECRET, EXAMPLE_OLD_SECRET]).sign(
+        theirs
+    )
+    assert p.decode_call(body, p.JSON) == p.Call(
+        v=1,
+        fn=SQUARE,
+        id=EXAMPLE_REQUEST_ID,
+        index=0,
+        items=[1, 2, 3],
+        args=[10],
+        kwargs={"scale": 2},
+    )
+
+
+def test_worked_example_msgpack_hex_in_the_doc_is_right() -> None:
+    import msgspec
+
+    body = json_envelope(SQUARE, EXAMPLE_REQUEST_ID, [1, 2, 3], args=[10], kwargs={"scale": 2})
+    packed = msgspec.msgpack.encode(json.loads(body))  # same keys, same order
+    doc = DOC.read_text()
+    hex_block = doc.split("(119 bytes, hex)")[1].split("```")[1]
+    assert "".join(hex_block.split()) == packed.hex()
+    assert len(packed) == 119
+
+
+# -- against real servers ----------------------------------------------------------------------
+
+
+def test_stdlib_client_runs_square_with_items_args_and_kwargs(worker: Worker) -> None:
+    before = worker.runs()
+    request_id = secrets.token_hex(16)
+    body = json_envelope(SQUARE, request_id, [1, 2, 3, 4], args=[10], kwargs={"scale": 2})
+    answer = post(worker.url, headers_for(SQUARE, request_id, body), body)
+    assert answer.status == 200, answer.body
+    reply = answer.json()
+    assert reply["v"] == 1
+    assert reply["results"] == [22, 28, 38, 52]
+    assert reply["error"] is None
+    assert isinstance(reply["worker"], str) and ":" in reply["worker"]
+    assert reply["queue_s"] >= 0 and reply["compute_s"] >= 0
+    new = worker.runs()[len(before) :]
+    assert len(new) == 1 and new[0].startswith("square ")
+
+
+def test_defaults_of_optional_envelope_fields(worker: Worker) -> None:
+    request_id = secrets.token_hex(16)
+    call = {"v": 1, "fn": SQUARE, "id": request_id, "index": 7, "items": [3], "extra": "ignored"}
+    body = json.dumps(call).encode()
+    answer = post(worker.url, headers_for(SQUARE, request_id, body), body)
+    assert (answer.status, answer.json()["results"]) == (200, [9])
+
+
+def test_rotation_header_with_an_unknown_key_id_first(worker: Worker) -> None:
+    request_id = secrets.token_hex(16)
+    body = json_envelope(SQUARE, request_id, [2])
+    headers = headers_for(SQUARE, request_id, body)
+    retired = "an-unknown-secret-0123456789"
+    message = string_to_sign(
+        "POST", ROUTE, SQUARE, headers["Serverless-Timestamp"], request_id, body
+    )
+    headers["Serverless-Signature"] = sign(message, retired, SECRET)
+    assert post(worker.url, headers, body).status == 200
+
+
+def test_user_error_is_a_structured_500(worker: Worker) -> None:
+    request_id = secrets.token_hex(16)
+    body = json_envelope(FAIL_ON, request_id, [5, 6, 7], args=[6])
+    answer = post(worker.url, headers_for(FAIL_ON, request_id, body), body)
+    assert answer.status == 500
+    reply = answer.json()
+    assert reply["results"] is None
+    error = reply["error"]
+    assert (error["kind"], error["type"], error["message"]) == (
+        "user",
+        "ValueError",
+        "cannot handle 6",
+    )
+    assert (error["index"], error["item"], error["retryable"]) == (1, "6", False)
+    assert "Traceback" in error["traceback"] and "fail_on" in error["traceback"]
+
+
+def test_replay_is_409_and_stale_timestamp_is_401(worker: Worker) -> None:
+    request_id = secrets.token_hex(16)
+    body = json_envelope(SQUARE, request_id, [1])
+    headers = headers_for(SQUARE, request_id, body)
+    assert post(worker.url, headers, body).status == 200
+    before = worker.runs()
+    replay = post(worker.url, headers, body)
+    assert replay.status == 409
+    assert replay.json()["error"]["kind"] == "rejected"
+    assert replay.json()["error"]["type"] == "HTTP409"
+
+    request_id = secrets.token_hex(16)
+    body = json_envelope(SQUARE, request_id, [1])
+    stale = f"{time.time() - 301:.3f}"
+    answer = post(worker.url, headers_for(SQUARE, request_id, body, timestamp=stale), body)
+    assert answer.status == 401 and answer.json()["error"]["type"] == "HTTP401"
+    assert worker.runs() == before
+
+
+def test_msgpack_request_and_accept_header(worker: Worker) -> None:
+    import msgspec
+
+    request_id = secrets.token_hex(16)
+    body = msgspec.msgpack.encode(
+        {"v": 1, "fn": SQUARE, "id": request_id, "index": 0, "items": [1, 2], "args": [1]}
+    )
+    headers = headers_for(SQUARE, request_id, body, content_type="application/msgpack")
+    answer = post(worker.url, headers, body)
+    assert (answer.status, answer.content_type) == (200, "application/msgpack")
+    assert msgspec.msgpack.decode(answer.body)["results"] == [2, 5]
+
+    # The reply's format follows Accept, then Content-Type.
+    request_id = secrets.token_hex(16)
+    body = json_envelope(SQUARE, request_id, [3])
+    headers = {**headers_for(SQUARE, request_id, body), "Accept": "application/msgpack"}
+    answer = post(worker.url, headers, body)
+    assert (answer.status, answer.content_type) == (200, "application/msgpack")
+    assert msgspec.msgpack.decode(answer.body)["results"] == [9]
