@@ -134,3 +134,15 @@ def test_exception_tree() -> None:
 def test_public_api_is_exported() -> None:
     for name in serverless.__all__:
         assert hasattr(serverless, name), name
+
+
+def test_secrets_from_env_takes_a_comma_separated_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serverless._config import Settings, secrets_from_env
+
+    new, old = "n" * 32, "o" * 32
+    monkeypatch.setenv("SERVERLESS_SECRET", f" {new} , {old},")
+    assert secrets_from_env() == [new, old]
+    ring = Settings().caller_keyring()
+    assert ring is not None and ring.key_ids == [p.key_id(new), p.key_id(old)]
+    monkeypatch.setenv("SERVERLESS_SECRET", "")
+    assert Settings().caller_keyring() is None

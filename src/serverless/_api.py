@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import functools
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar, overload
@@ -13,7 +12,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 from . import _pool, _registry
 from ._asgi import ASGIApp, ASGIEndpoint
 from ._chunking import Chunk, chunk_iterable, chunk_sequence
-from ._config import DEFAULT_STREAM_CHUNK, Options, configure
+from ._config import DEFAULT_STREAM_CHUNK, Options, configure, secrets_from_env
 from ._dispatch import CallSpec, dispatcher
 from ._exceptions import ConfigurationError
 from ._protocol import MAX_BODY, TOLERANCE, Keyring
@@ -375,14 +374,14 @@ def init(
 
     route: the path of the worker route (also signed, so both sides must agree).
     secret: the HMAC secret, or several during a key rotation (all sign, all verify);
-        defaults to $SERVERLESS_SECRET.
+        defaults to $SERVERLESS_SECRET (several separated by commas).
     url: send chunks to this URL (a load balancer in front of workers) instead of calling
         back into the current request's app or using the local pool; or $SERVERLESS_URL.
     threads: threads of the ASGI adapter for sync functions (WSGI uses the server's).
     """
     if not isinstance(route, str) or not route.startswith("/"):
         raise ConfigurationError(f"route must be a path starting with '/', not {route!r}")
-    secret = secret or os.environ.get("SERVERLESS_SECRET")
+    secret = secret or secrets_from_env()
     if not secret:
         raise ConfigurationError("serverless.init() needs a secret (or set SERVERLESS_SECRET)")
     keyring = Keyring(secret)

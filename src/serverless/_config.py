@@ -65,11 +65,17 @@ class Settings:
     def caller_keyring(self) -> Keyring | None:
         if self.keyring is not None:
             return self.keyring
-        secret = os.environ.get("SERVERLESS_SECRET")
-        return Keyring(secret) if secret else None
+        secrets = secrets_from_env()
+        return Keyring(secrets) if secrets else None
 
     def target_url(self) -> str | None:
         return self.url or os.environ.get("SERVERLESS_URL") or None
+
+
+def secrets_from_env() -> list[str]:
+    """$SERVERLESS_SECRET: one secret, or several separated by commas during a rotation."""
+    raw = os.environ.get("SERVERLESS_SECRET", "")
+    return [part.strip() for part in raw.split(",") if part.strip()]
 
 
 _lock = threading.Lock()
