@@ -72,6 +72,8 @@ def server(args: list[str], port: int, **env: str) -> Iterator[subprocess.Popen[
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 @pytest.fixture

@@ -1,0 +1,145 @@
+"""`serverless demo`: the seed's pipeline in the terminal, or on a web page with --web."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any, TextIO
+
+
+def add_parser(commands: Any) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="run the seed's zipcode pipeline demo",
+        description="Resolve random zipcodes through geolocate (parallel) -> cleanup "
+        "(parallel) -> sort (sequential), calling a real geocoding service over HTTP.",
+    )
+    demo.add_argument("--count", type=int, default=3000, help="zipcodes to resolve (3000)")
+    demo.add_argument("--workers", type=int, default=100, help="chunks in flight (100)")
+    demo.add_argument(
+        "--latency", type=float, default=0.1, help="seconds the geocoder adds per lookup (0.1)"
+    )
+    demo.add_argument("--seed", type=int, default=None, help="random seed for the zipcodes")
+    demo.add_argument(
+        "--url", default=None, help="send chunks to workers at this URL instead of the local pool"
+    )
+    demo.add_argument(
+        "--geocoder-host",
+        default="127.0.0.1",
+        help="address the geocoder listens on (workers elsewhere must reach it)",
+    )
+    demo.add_argument(
+        "--verify-serial",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run N lookups one after the other, to check the regular duration",
+    )
+    demo.add_argument("--json", action="store_true", help="print the figures as JSON")
+    demo.add_argument("--web", action="store_true", help="serve the demo as a web page")
+    demo.add_argument("--host", default="127.0.0.1", help="--web: address to listen on")
+    demo.add_argument("--port", type=int, default=8000, help="--web: port to listen on")
+    demo.add_argument("--processes", type=int, default=2, help="--web: server processes (2)")
+    demo.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.count < 0 or args.workers < 1 or args.latency < 0 or args.verify_serial < 0:
+        print(
+            "serverless demo: needs --count >= 0, --workers >= 1, --latency >= 0, "
+            "--verify-serial >= 0",
+            file=sys.stderr,
+        )
+        return 2
+    from . import geocoder
+
+    with geocoder.Geocoder(args.latency, host=args.geocoder_host) as geocoder_url:
+        if args.web:
+            from . import web
+
+            print(f"Serverless Pipeline Demo on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+            sys.stdout.flush()
+            return web.serve(args, geocoder_url)
+        return _terminal(args, geocoder_url)
+
+
+def _terminal(args: argparse.Namespace, geocoder_url: str) -> int:
+    from .pipeline import report, run, verify_serial, warm_up
+
+    ready = warm_up(geocoder_url, args.workers, args.url)
+    progress = _Progress(geocoder_url, args.count, sys.stderr)
+    progress.start()
+    try:
+        result = run(geocoder_url, args.count, args.workers, args.seed, args.url)
+    finally:
+        progress.stop()
+    result["workers_ready_s"] = ready
+    if args.verify_serial:
+        result["serial_check"] = verify_serial(geocoder_url, args.verify_serial, args.seed)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(report(result))
+    target = result["steps"][0]["target"]
+    print(
+        f"(regular duration = the {args.count} lookups' own measured times, "
+        f"{result['lookup_mean_s'] * 1000:.1f} ms each, plus the other steps' compute; "
+        f"workers: {target}, ready in {ready:.2f}s before the run)"
+    )
+    check = result.get("serial_check")
+    if check:
+        ratio = result["lookup_mean_s"] / check["serial_mean_s"]
+        serial = check["serial_mean_s"] * args.count
+        print(
+            f"Serial check: {check['sample']} lookups one after the other took "
+            f"{check['serial_s']:.2f}s, {check['serial_mean_s'] * 1000:.1f} ms each "
+            f"(the run measured {result['lookup_mean_s'] * 1000:.1f} ms each, {ratio:.3f}x): "
+            f"{args.count} serial lookups would take {serial:.2f}s, a speedup of "
+            f"{serial / result['parallel_duration']:.1f}X"
+        )
+    return 0
+
+
+class _Progress:
+    """A progress bar on stderr while the run goes, fed by the geocoder's own lookup count."""
+
+    def __init__(self, geocoder_url: str, total: int, out: TextIO) -> None:
+        self.geocoder_url, self.total, self.out = geocoder_url, total, out
+        self.enabled = out.isatty() and total > 0 and not os.environ.get("NO_PROGRESS")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._draw, name="demo-progress", daemon=True)
+
+    def start(self) -> None:
+        if self.enabled:
+            from .geocoder import lookups_served
+
+            self._base = lookups_served(self.geocoder_url)
+            self._started = time.perf_counter()
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
+            self.out.write("\r\033[K")
+            self.out.flush()
+
+    def _draw(self) -> None:
+        from .geocoder import lookups_served
+
+        while not self._stop.wait(0.1):
+            try:
+                done = min(self.total, lookups_served(self.geocoder_url) - self._base)
+            except OSError:
+                continue
+            width = 40
+            filled = width * done // self.total
+            self.out.write(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} lookups  "
+                f"{time.perf_counter() - self._started:.1f}s"
+            )
+            self.out.flush()

@@ -1,0 +1,194 @@
+"""The seed's Serverless Pipeline Demo, ported to Python 3 and made real.
+
+3,000 random zipcodes go through `geolocate` (parallel: one HTTP call per code to the
+geocoding service in serverless.demo.geocoder), `cleanup` (parallel: drops unknown codes) and
+`sort` (sequential, in the caller), as in the seed. The workers learn the geocoder's URL as an
+argument of the call, so the same code runs on the local pool and on remote workers (--url).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import threading
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import serverless
+
+# (zipcode, seconds the lookup took as measured by the worker, address or None if unknown)
+Entry = tuple[int, float, "str | None"]
+
+_local = threading.local()
+
+
+def _connection(netloc: str) -> http.client.HTTPConnection:
+    """One keep-alive connection per worker thread and geocoder: no handshake per lookup."""
+    connections: dict[str, http.client.HTTPConnection] = _local.__dict__.setdefault("c", {})
+    if netloc not in connections:
+        connections[netloc] = http.client.HTTPConnection(netloc, timeout=30)
+    return connections[netloc]
+
+
+def close_connections() -> None:
+    """Close this thread's connections to geocoders."""
+    for connection in _local.__dict__.pop("c", {}).values():
+        connection.close()
+
+
+def get_address(zipcode: int, geocoder: str) -> Entry:
+    """Ask the geocoding service at `geocoder` for the code's address.
+
+    geocoder: http://host:port, optionally with a query such as ?latency=0.05.
+    """
+    parts = urlsplit(geocoder)
+    path = f"/zip/{zipcode:05d}" + (f"?{parts.query}" if parts.query else "")
+    start = time.perf_counter()
+    for attempt in (1, 2):  # a kept-alive connection the server closed is retried once, fresh
+        connection = _connection(parts.netloc)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            body = response.read()
+            break
+        except (ConnectionError, http.client.HTTPException):
+            connection.close()
+            if attempt == 2:
+                raise
+    if response.status == 404:
+        return zipcode, time.perf_counter() - start, None
+    if response.status != 200:
+        raise RuntimeError(f"geocoder answered {response.status} for {zipcode:05d}: {body!r}")
+    return zipcode, time.perf_counter() - start, json.loads(body)["address"]
+
+
+@serverless.parallel
+def geolocate(zipcodes: list[int], geocoder: str) -> list[Entry]:
+    # run in parallel on a cluster
+    return [get_address(zipcode, geocoder) for zipcode in zipcodes]
+
+
+@serverless.parallel
+def cleanup(addresses: list[Entry]) -> Any:
+    # run in parallel on a cluster
+    return filter(lambda entry: entry[2], addresses)
+
+
+@serverless.sequential
+def sort(addresses: list[Entry]) -> list[Entry]:
+    # run in one thread in the current process
+    return sorted(addresses, key=lambda entry: entry[2] or "")
+
+
+def zipcodes(count: int, seed: int | None = None) -> list[int]:
+    """Random 5-digit codes, as the seed drew them; about half are real US zipcodes."""
+    rng = random.Random(seed)
+    return [rng.randint(10000, 99999) for _ in range(count)]
+
+
+def warm_up(geocoder: str, workers: int, url: str | None = None) -> float:
+    """Start the workers (the local pool, or check remote ones answer); seconds it took."""
+    started = time.perf_counter()
+    cleanup.with_options(workers=workers, url=url)([(0, 0.0, None)] * workers)
+    return time.perf_counter() - started
+
+
+def run(
+    geocoder: str,
+    count: int,
+    workers: int = 100,
+    seed: int | None = None,
+    url: str | None = None,
+) -> dict[str, Any]:
+    """Run the pipeline once; the figures of the seed's report, all measured."""
+    codes = zipcodes(count, seed)
+    started = time.perf_counter()
+    located, geo = geolocate.with_options(workers=workers, url=url).with_stats(codes, geocoder)
+    cleaned, clean = cleanup.with_options(workers=workers, url=url).with_stats(located)
+    ordered, ordering = sort.with_stats(list(cleaned))
+    done = serverless.PipelineRun(ordered, [geo, clean, ordering], time.perf_counter() - started)
+    return figures(done, located, count, workers)
+
+
+def figures(
+    run: serverless.PipelineRun, located: list[Entry], count: int, workers: int
+) -> dict[str, Any]:
+    """The report's figures. The regular (serial-equivalent) duration is the sum of every
+    lookup's own measured time plus the other steps' measured compute: what one thread doing
+    the same calls one after the other would have spent."""
+    lookups = sum(duration for _, duration, _ in located)
+    regular = lookups + sum(s.compute_s for s in run.steps[1:])
+    offset = 0.0
+    timeline = []
+    for step in run.steps:
+        for c in step.chunks:
+            timeline.append(
+                {
+                    "step": step.name,
+                    "index": c.index,
+                    "size": c.size,
+                    "worker": c.worker,
+                    "start": offset + c.start,
+                    "end": offset + c.end,
+                    "compute_s": c.compute_s,
+                    "attempts": c.attempts,
+                }
+            )
+        offset += step.duration
+    return {
+        "count": count,
+        "workers": workers,
+        "regular_duration": regular,
+        "lookup_mean_s": lookups / len(located) if located else 0.0,
+        "parallel_duration": run.duration,
+        "speedup": regular / run.duration if run.duration else 0.0,
+        "steps": [
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "duration": s.duration,
+                "workers": s.workers,
+                "count": s.count,
+                "count_out": s.count_out,
+                "compute_s": s.compute_s,
+                "retries": s.retries,
+                "processes": s.processes,
+                "target": s.target,
+            }
+            for s in run.steps
+        ],
+        "timeline": timeline,
+        "addresses": [f"{z:05d} => {a}" for z, _, a in run.result],
+    }
+
+
+def verify_serial(geocoder: str, sample: int, seed: int | None = None) -> dict[str, float]:
+    """Really run `sample` lookups one after the other in this thread: the mean per lookup,
+    to compare with the per-lookup mean measured during the parallel run."""
+    codes = zipcodes(sample, seed)
+    started = time.perf_counter()
+    for code in codes:
+        get_address(code, geocoder)
+    elapsed = time.perf_counter() - started
+    return {"sample": sample, "serial_s": elapsed, "serial_mean_s": elapsed / sample}
+
+
+def report(figures: dict[str, Any]) -> str:
+    """The seed's report, line for line."""
+    lines = [
+        "*Serverless Pipeline Demo*",
+        f"Number of zipcodes = {figures['count']}",
+        f"Regular duration = {figures['regular_duration']:.2f}s",
+        f"Parallel duration = {figures['parallel_duration']:.2f}s",
+        f"Speedup = {figures['speedup']:.1f}X",
+        "Details per pipeline step:",
+    ]
+    for n, s in enumerate(figures["steps"], 1):
+        plural = "s" if s["workers"] != 1 else ""
+        lines.append(
+            f'  {n} - Step "{s["name"]}" took {s["duration"]:.2f}s for {s["workers"]} '
+            f"worker{plural} and {s['count']} elements"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""The demo's parts: the geocoding service, the pipeline over real HTTP, and the web page
+loaded in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zipcodes
+
+from serverless.demo import pipeline
+from serverless.demo.geocoder import Geocoder, lookups_served
+from tests.conftest import free_port, server, test_env
+
+CHROMIUM = "/usr/bin/chromium"
+DEMO = [sys.executable, "-m", "serverless._cli", "demo"]
+
+
+@pytest.fixture(scope="module")
+def geocoder() -> Iterator[str]:
+    with Geocoder(latency=0.0) as url:
+        yield url
+
+
+def get(url: str) -> tuple[int, dict[str, str]]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+@pytest.mark.parametrize(
+    "code, address",
+    [
+        ("40057", "Pleasureville, KY 40057, USA"),  # the seed's example
+        ("10001", "New York, NY 10001, USA"),
+        ("90210", "Beverly Hills, CA 90210, USA"),
+        ("60614", "Chicago, IL 60614, USA"),
+    ],
+)
+def test_geocoder_resolves_known_codes(geocoder: str, code: str, address: str) -> None:
+    [record] = zipcodes.matching(code)  # the dataset itself agrees
+    assert f"{record['city']}, {record['state']} {code}, USA" == address
+    assert get(f"{geocoder}/zip/{code}") == (200, {"zipcode": code, "address": address})
+
+
+@pytest.mark.parametrize("code", ["00000", "99999", "12", "abcde"])
+def test_geocoder_answers_404_for_unknown_codes(geocoder: str, code: str) -> None:
+    assert not zipcodes.filter_by(zip_code=code)
+    status, body = get(f"{geocoder}/zip/{code}")
+    assert (status, body["error"]) == (404, "unknown zipcode")
+
+
+def test_geocoder_latency_is_applied_and_checked(geocoder: str) -> None:
+    started = time.perf_counter()
+    assert get(f"{geocoder}/zip/40057?latency=0.2")[0] == 200
+    assert time.perf_counter() - started >= 0.2
+    assert get(f"{geocoder}/zip/40057?latency=-1")[0] == 400
+    assert get(f"{geocoder}/zip/40057?latency=soon")[0] == 400
+
+
+def test_get_address_makes_a_real_call_and_counts(geocoder: str) -> None:
+    before = lookups_served(geocoder)
+    code, took, address = pipeline.get_address(40057, geocoder)
+    assert (code, address) == (40057, "Pleasureville, KY 40057, USA") and took > 0
+    assert pipeline.get_address(99999, geocoder)[2] is None
+    assert pipeline.get_address(1234, geocoder)[2] is None  # zero-padded to 01234: unknown
+    pipeline.close_connections()
+    assert lookups_served(geocoder) == before + 3
+
+
+def test_geocoder_dies_with_the_demo() -> None:
+    """An interrupted demo leaves no geocoder behind (PR_SET_PDEATHSIG)."""
+    script = (
+        "import sys, time\n"
+        "from serverless.demo.geocoder import Geocoder\n"
+        "g = Geocoder(0.0); g.start(); print(g.proc.pid, flush=True); time.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], env=test_env(), stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    parent.stdout.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{child}"):
+        with open(f"/proc/{child}/stat") as stat:
+            if stat.read().split(") ")[1].startswith("Z"):
+                break  # exited, waiting for the init process to reap it
+        time.sleep(0.05)
+    else:
+        assert not os.path.exists(f"/proc/{child}"), "the geocoder outlived the demo"
+
+
+def test_verify_serial_runs_lookups_one_after_the_other() -> None:
+    done = subprocess.run(
+        [*DEMO, "--count", "100", "--workers", "10", "--latency", "0.02", "--verify-serial", "10"],
+        env=test_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    check = done.stdout.splitlines()[-1]
+    match = re.fullmatch(
+        r"Serial check: 10 lookups one after the other took (\d+\.\d\d)s, [\d.]+ ms each "
+        r"\(the run measured [\d.]+ ms each, [\d.]+x\): 100 serial lookups would take "
+        r"[\d.]+s, a speedup of [\d.]+X",
+        check,
+    )
+    assert match, check
+    assert float(match[1]) >= 10 * 0.02  # really waited, one lookup after the other
+
+
+def test_demo_figures_hold_together() -> None:
+    done = subprocess.run(
+        [*DEMO, "--count", "300", "--workers", "15", "--latency", "0.01", "--seed", "9", "--json"],
+        env=test_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    figures = json.loads(done.stdout)
+    geolocate, cleanup, sort = figures["steps"]
+    resolved = figures["addresses"]
+    expected = {
+        f"{z:05d}" for z in pipeline.zipcodes(300, 9) if zipcodes.filter_by(zip_code=f"{z:05d}")
+    }
+    assert {line.split(" => ")[0] for line in resolved} == expected
+    assert cleanup["count_out"] == sort["count"] == len(resolved)
+    assert geolocate["target"] == "local"
+    assert len([c for c in figures["timeline"] if c["step"] == "geolocate"]) == 15
+    assert all(
+        0 <= c["start"] <= c["end"] <= figures["parallel_duration"] + 0.01
+        for c in figures["timeline"]
+    )
+    assert figures["lookup_mean_s"] >= 0.01
+
+
+@pytest.fixture(scope="module")
+def web_demo() -> Iterator[str]:
+    port = free_port()
+    args = ["serverless._cli", "demo", "--web", "--port", str(port), "--processes", "2"]
+    with server(args, port):
+        yield f"http://127.0.0.1:{port}"
+
+
+def test_web_api_rejects_bad_parameters(web_demo: str) -> None:
+    request = urllib.request.Request(f"{web_demo}/api/run?count=-1", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=10)
+    assert error.value.code == 400
+    assert json.load(error.value) == {"error": "count must be between 0 and 20000"}
+
+
+@pytest.mark.skipif(
+    not shutil.which(CHROMIUM), reason="needs Debian's chromium (scripts/test installs it)"
+)
+def test_web_page_in_a_real_browser(web_demo: str, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            requests: list[str] = []
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto(web_demo + "/")
+            for name, value in (
+                ("count", "400"),
+                ("workers", "20"),
+                ("latency", "0.02"),
+                ("seed", "4"),
+            ):
+                page.fill(f"input[name={name}]", value)
+            page.click("#run")
+            page.wait_for_selector("#timeline svg", timeout=60_000)
+            report = page.inner_text("#report")
+            page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+            bars = page.locator("rect.chunk").count()
+            geolocate_bars = page.locator('rect.chunk[data-step="geolocate"]').count()
+            resolved = page.locator("#addresses div").count()
+            heading = page.inner_text("#resolved")
+        finally:
+            browser.close()
+    assert not errors
+    assert all(url.startswith(web_demo) for url in requests)  # nothing from the internet
+    lines = report.splitlines()
+    assert lines[:2] == ["*Serverless Pipeline Demo*", "Number of zipcodes = 400"]
+    assert re.fullmatch(r"Speedup = \d+\.\dX", lines[4])
+    assert "Workers: self (" in report  # the app called back into itself
+    assert (geolocate_bars, bars) == (20, 40)  # one bar per chunk of each parallel step
+    expected = sum(1 for z in pipeline.zipcodes(400, 4) if zipcodes.filter_by(zip_code=f"{z:05d}"))
+    assert resolved == expected and heading == f"({expected} of 400)"
