@@ -1,0 +1,29 @@
+"""The benchmark functions as @serverless.parallel steps (the local pool imports this module)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import serverless
+
+from . import _work
+
+
+@serverless.parallel
+def wait(items: list[int], seconds: float) -> list[int]:
+    return _work.wait(items, seconds)
+
+
+@serverless.parallel
+def square(items: list[int]) -> list[int]:
+    return _work.square(items)
+
+
+@serverless.parallel
+def spin(items: list[int], loops: int) -> list[int]:
+    return _work.spin(items, loops)
+
+
+@serverless.parallel
+def payload(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return _work.payload(items)

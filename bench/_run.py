@@ -1,0 +1,307 @@
+"""Run the workloads for ONE tool, in this process, and print one JSON line per workload.
+
+    python -m bench._run --tool threads --workloads W1,W2t [--quick] [--runs 3] [--loops N]
+
+bench/__main__.py starts one such process per tool, so memory and imports never mix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from . import _work
+from ._tools import CPUS, TOOLS, Tool
+
+
+class RSSSampler:
+    """Peak resident memory of this (the caller's) process, sampled every 5 ms in a thread."""
+
+    def __init__(self) -> None:
+        try:
+            import psutil
+
+            proc = psutil.Process()
+            self._read: Callable[[], int] = lambda: int(proc.memory_info().rss)
+        except ImportError:  # no psutil: /proc/self/statm on Linux
+            self._read = _statm_rss
+        self.peak = self._read()
+        self._stop = threading.Event()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._read())
+
+    def reset(self) -> int:
+        gc.collect()
+        self.peak = now = self._read()
+        return now
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _statm_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    w1_items: int
+    w1_wait: float
+    w1_chunk: int
+    w2_items: int
+    w2_chunk: int
+    w2_single: int
+    w3_calls: int
+    w4_items: int
+    w5_items: int
+    w5_chunk: int
+    w5_stream: int
+    w5_stream_chunk: int
+
+
+FULL = Sizes(3000, 0.1, 30, 200_000, 2000, 10_000, 300, 200, 20_000, 200, 10_000_000, 10_000)
+QUICK = Sizes(300, 0.01, 3, 20_000, 200, 500, 30, 20, 2000, 20, 100_000, 1000)
+
+
+def flat(chunks: Iterable[list[Any]]) -> list[Any]:
+    return [x for c in chunks for x in c]
+
+
+def split(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class Runner:
+    def __init__(self, tool: Tool, sizes: Sizes, runs: int, loops: int) -> None:
+        self.tool, self.sizes, self.runs, self.loops = tool, sizes, runs, loops
+        self.rss = RSSSampler()
+
+    def mapper(self, fn: str, chunk: int, args: tuple[Any, ...]) -> Callable[[list[Any]], Any]:
+        if isinstance(self.tool, _Ours):
+            return lambda items: self.tool.run(fn, items, chunk, args)  # type: ignore[attr-defined]
+        return lambda items: flat(self.tool.map(fn, split(items, chunk), args))
+
+    def timed(
+        self, width: int, io: bool, call: Callable[[], Any], check: Callable[[Any], None]
+    ) -> dict[str, Any]:
+        """Cold: pool start plus the first call; warm: the median of `runs` further calls."""
+        base = self.rss.reset()
+        started = time.perf_counter()
+        self.tool.start(width, io)
+        try:
+            check(call())
+            cold = time.perf_counter() - started
+            warm = []
+            for _ in range(self.runs):
+                started = time.perf_counter()
+                result = call()
+                warm.append(time.perf_counter() - started)
+                check(result)
+                del result
+        finally:
+            self.tool.close()
+        return {
+            "cold_s": cold,
+            "warm_s": statistics.median(warm),
+            "warm_runs_s": warm,
+            "rss_base_mb": base / 2**20,
+            "rss_peak_mb": self.rss.peak / 2**20,
+        }
+
+    # -- the workloads ---------------------------------------------------------------------
+
+    def w1(self) -> dict[str, Any]:
+        s = self.sizes
+        if self.tool.process_per_slot:
+            return {"skipped": "needs 100 processes for 100 blocking waits at once"}
+        items = list(range(s.w1_items))
+        width = s.w1_items // s.w1_chunk
+        run = self.mapper("wait", s.w1_chunk, (s.w1_wait,))
+        row = self.timed(width, True, lambda: run(items), _equal(items))
+        limit = s.w1_items * s.w1_wait / width
+        row.update(metric="efficiency", value=limit / row["warm_s"], limit_s=limit)
+        return row
+
+    def w2t(self) -> dict[str, Any]:
+        s = self.sizes
+        items = list(range(s.w2_items))
+        run = self.mapper("square", s.w2_chunk, ())
+        row = self.timed(_width(self.tool, 100), False, lambda: run(items), _squares(items))
+        row.update(metric="items/s", value=s.w2_items / row["warm_s"])
+        return row
+
+    def w2r(self) -> dict[str, Any]:
+        s = self.sizes
+        items = list(range(s.w2_single))
+        run = self.mapper("square", 1, ())
+        row = self.timed(_width(self.tool, 100), False, lambda: run(items), _squares(items))
+        row.update(metric="us/item", value=row["warm_s"] / s.w2_single * 1e6)
+        return row
+
+    def w3(self) -> dict[str, Any]:
+        latencies: list[float] = []
+        run = self.mapper("square", 1, ())
+
+        def calls() -> list[int]:
+            out = []
+            latencies.clear()
+            for i in range(self.sizes.w3_calls):
+                started = time.perf_counter()
+                out += run([i])
+                latencies.append(time.perf_counter() - started)
+            return out
+
+        items = list(range(self.sizes.w3_calls))
+        row = self.timed(_width(self.tool, 100), False, calls, _squares(items))
+        ordered = sorted(latencies)  # of the last warm run
+        p50 = statistics.median(ordered)
+        p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        row.update(metric="p50/p99 ms", value=p50 * 1e3, p99_ms=p99 * 1e3, p50_ms=p50 * 1e3)
+        row["warm_s"] = p50  # a call's round trip, not the 300 calls' total
+        return row
+
+    def w4(self) -> dict[str, Any]:
+        s = self.sizes
+        items = list(range(s.w4_items))
+        sample = items[: max(5, len(items) // 4)]
+        started = time.perf_counter()
+        expected_sample = _work.spin(sample, self.loops)
+        serial = (time.perf_counter() - started) * len(items) / len(sample)
+
+        def check(result: list[int]) -> None:
+            assert len(result) == len(items), "results lost or duplicated"
+            assert result[: len(sample)] == expected_sample, "wrong or out-of-order results"
+
+        run = self.mapper("spin", 2, (self.loops,))
+        row = self.timed(_width(self.tool, 100), False, lambda: run(items), check)
+        row.update(metric="speedup", value=serial / row["warm_s"], serial_s=serial)
+        return row
+
+    def w5p(self) -> dict[str, Any]:
+        s = self.sizes
+        items = _work.make_payload(s.w5_items)
+        expected = _work.payload(items)
+        run = self.mapper("payload", s.w5_chunk, ())
+        row = self.timed(_width(self.tool, 100), False, lambda: run(items), _equal(expected))
+        row.update(metric="MB/s", value=s.w5_items * 1.03e-3 / row["warm_s"])
+        return row
+
+    def w5s(self) -> dict[str, Any]:
+        s = self.sizes
+        count, chunk = s.w5_stream, s.w5_stream_chunk
+        if isinstance(self.tool, _Ours):
+            probe = self.tool.stream_items("square", iter(()), chunk, ())
+            if probe is None:
+                return {"skipped": "n/a: needs f.stream"}
+
+            def results() -> Iterator[Any]:
+                stream = self.tool.stream_items("square", iter(range(count)), chunk, ())  # type: ignore[attr-defined]
+                assert stream is not None
+                return iter(stream)
+        else:
+
+            def results() -> Iterator[Any]:
+                chunks = _lazy_chunks(count, chunk)
+                return itertools.chain.from_iterable(self.tool.stream("square", chunks, ()))
+
+        def consume() -> int:
+            n = 0
+            for n, x in enumerate(results(), 1):
+                if x != (n - 1) * (n - 1):
+                    raise AssertionError(f"item {n - 1}: got {x}, wrong or out of order")
+            return n
+
+        def check(n: int) -> None:
+            assert n == count, f"{n} results for {count} items"
+
+        row = self.timed(_width(self.tool, 100), False, consume, check)
+        row.update(
+            metric="items/s",
+            value=count / row["warm_s"],
+            rss_growth_mb=row["rss_peak_mb"] - row["rss_base_mb"],
+        )
+        return row
+
+
+def _lazy_chunks(count: int, size: int) -> Iterator[list[int]]:
+    items = iter(range(count))
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+_Ours = TOOLS["serverless"]
+
+
+def _width(tool: Tool, chunks_in_flight: int) -> int:
+    """Ours: chunks in flight (the pool has a process per CPU); the peers: a process per CPU."""
+    return chunks_in_flight if isinstance(tool, _Ours) else CPUS
+
+
+def _equal(expected: list[Any]) -> Callable[[list[Any]], None]:
+    def check(result: list[Any]) -> None:
+        assert len(result) == len(expected), f"{len(result)} results for {len(expected)} items"
+        assert result == expected, "wrong or out-of-order results"
+
+    return check
+
+
+def _squares(items: list[int]) -> Callable[[list[int]], None]:
+    return _equal([x * x for x in items])
+
+
+WORKLOADS = {
+    "W1": Runner.w1,
+    "W2t": Runner.w2t,
+    "W2r": Runner.w2r,
+    "W3": Runner.w3,
+    "W4": Runner.w4,
+    "W5p": Runner.w5p,
+    "W5s": Runner.w5s,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tool", required=True, choices=sorted(TOOLS))
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--loops", type=int, default=_work.SPIN_PER_ITEM)
+    args = parser.parse_args()
+    try:
+        tool = TOOLS[args.tool]()
+    except ImportError as exc:
+        for name in args.workloads.split(","):
+            print(json.dumps({"workload": name, "skipped": f"not installed: {exc.name}"}))
+        return 0
+    runner = Runner(tool, QUICK if args.quick else FULL, args.runs, args.loops)
+    for name in args.workloads.split(","):
+        row: dict[str, Any] = {"workload": name, "tool": args.tool, "version": tool.version}
+        try:
+            row.update(WORKLOADS[name](runner))
+            row["ok"] = "skipped" not in row
+        except Exception as exc:
+            traceback.print_exc()
+            row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+        print(json.dumps(row), flush=True)
+    runner.rss.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The benchmark suite's smoke test: `python -m bench --quick` on us and one peer produces the
+table and the JSON, and every result was checked for correctness and order."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import test_env
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_quick_bench_prints_the_table_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "latest.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--runs",
+            "1",
+            "--tools",
+            "serverless,threads",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=test_env(),
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| workload | tool | warm | cold |" in done.stdout
+    data = json.loads(out.read_text())
+    rows = {(r["workload"], r["tool"]): r for r in data["rows"]}
+    for workload in ("W1", "W2t", "W2r", "W3", "W4", "W5p"):
+        for tool in ("serverless", "threads"):
+            row = rows[(workload, tool)]
+            assert row["ok"], row  # ok means every result was checked: complete and in order
+            assert row["warm_s"] > 0 and row["cold_s"] > 0 and row["rss_peak_mb"] > 0
+            assert f"| {workload} | {tool} | " in done.stdout
+    stream = rows[("W5s", "serverless")]
+    assert stream["ok"] or stream["skipped"] == "n/a: needs f.stream"
+    assert rows[("W5s", "threads")]["ok"]
+    assert "ratio_to_best_peer" in rows[("W1", "serverless")]
