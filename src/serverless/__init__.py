@@ -29,6 +29,7 @@ from ._exceptions import (
     WorkerUnavailable,
 )
 from ._pool import shutdown
+from ._serve import worker_asgi, worker_wsgi
 from ._stats import PipelineRun, StepStats
 
 __version__ = "0.1.0"
@@ -57,4 +58,6 @@ __all__ = [
     "parallel",
     "sequential",
     "shutdown",
+    "worker_asgi",
+    "worker_wsgi",
 ]

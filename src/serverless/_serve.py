@@ -1,0 +1,203 @@
+"""A standalone worker server: `serverless worker MODULE...` and the app factories behind it.
+
+The factories read their settings from the environment so that every server command is one
+line: `uvicorn --factory serverless:worker_asgi`, `gunicorn 'serverless:worker_wsgi()'`, or
+`serverless worker` itself, which runs uvicorn (with its own process supervisor for
+`--processes N`) on `worker_asgi`.
+
+SERVERLESS_MODULES  modules to import, comma-separated (their @parallel functions register)
+SERVERLESS_SECRET   the HMAC secret, or several separated by commas during a key rotation
+SERVERLESS_ROUTE    the worker route (default /serverless)
+SERVERLESS_THREADS  threads per process for sync functions (ASGI; default 64)
+SERVERLESS_HEALTH   the health route (default /healthz)
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ._api import WorkerRoute, init
+from ._asgi import ASGIEndpoint, Receive, Scope, Send
+from ._config import secrets_from_env
+from ._exceptions import ConfigurationError
+from ._wsgi import StartResponse, WSGIEndpoint
+
+logger = logging.getLogger("serverless.serve")
+
+DEFAULT_ROUTE = "/serverless"
+DEFAULT_HEALTH = "/healthz"
+DEFAULT_THREADS = 64
+WARMUP = "/_ah/warmup"  # App Engine's warmup request; answered like the health route
+
+_OK = b"ok"
+_HEADERS = [("content-type", "text/plain"), ("content-length", str(len(_OK)))]
+
+
+def import_modules(modules: Iterable[str]) -> list[str]:
+    """Import each module (registering its functions); the ones that registered none."""
+    from . import _registry
+
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `serverless worker app` finds ./app.py, as uvicorn does
+    wanted = [m for m in modules if m]
+    for name in wanted:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigurationError(f"cannot import worker module {name!r}: {exc}") from exc
+    registered = set(_registry.modules())
+    return [m for m in wanted if m not in registered]
+
+
+def _env_modules() -> list[str]:
+    return [m.strip() for m in os.environ.get("SERVERLESS_MODULES", "").split(",") if m.strip()]
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        raise ConfigurationError(f"${name} must be an integer, not {raw!r}") from None
+    if value < 1:
+        raise ConfigurationError(f"${name} must be at least 1, not {value}")
+    return value
+
+
+def _route(
+    modules: Sequence[str] | None,
+    route: str | None,
+    secret: str | Sequence[str] | None,
+    threads: int | None,
+) -> tuple[WorkerRoute, str]:
+    mods = list(modules) if modules is not None else _env_modules()
+    if not mods:
+        raise ConfigurationError("name the modules to serve (or set SERVERLESS_MODULES)")
+    secret = secret or secrets_from_env()
+    if not secret:
+        raise ConfigurationError("the worker needs a secret: set SERVERLESS_SECRET")
+    missing = import_modules(mods)
+    if missing:
+        logger.warning("no @serverless.parallel function registered by %s", ", ".join(missing))
+    threads = threads or _env_int("SERVERLESS_THREADS", DEFAULT_THREADS)
+    worker = init(
+        route or os.environ.get("SERVERLESS_ROUTE") or DEFAULT_ROUTE, secret, threads=threads
+    )
+    health = os.environ.get("SERVERLESS_HEALTH") or DEFAULT_HEALTH
+    if not health.startswith("/") or health == worker.route:
+        raise ConfigurationError("the health route must be a path other than the worker route")
+    return worker, health
+
+
+def worker_asgi(
+    modules: Sequence[str] | None = None,
+    *,
+    route: str | None = None,
+    secret: str | Sequence[str] | None = None,
+    threads: int | None = None,
+) -> ASGIEndpoint:
+    """An ASGI app serving the worker route and the health route; arguments default to the
+    environment (see the module docstring). `uvicorn --factory serverless:worker_asgi`."""
+    worker, health = _route(modules, route, secret, threads)
+    return worker.asgi(_AsgiHealth(health))
+
+
+def worker_wsgi(
+    modules: Sequence[str] | None = None,
+    *,
+    route: str | None = None,
+    secret: str | Sequence[str] | None = None,
+) -> WSGIEndpoint:
+    """A WSGI app serving the worker route and the health route; arguments default to the
+    environment. `gunicorn -k gthread --threads 16 'serverless:worker_wsgi()'`."""
+    worker, health = _route(modules, route, secret, None)  # threads: the WSGI server's
+    return worker.wsgi(_WsgiHealth(health))
+
+
+class _AsgiHealth:
+    """GET/HEAD on the health (or warmup) path: 200 "ok", nothing else; 404 elsewhere."""
+
+    def __init__(self, path: str) -> None:
+        self.paths = (path, WARMUP)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                kind = message["type"].rpartition(".")[2]
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
+        if scope["type"] != "http":
+            return
+        found = scope["path"] in self.paths
+        status = 200 if found and scope["method"] in ("GET", "HEAD") else 405 if found else 404
+        body = _OK if status == 200 else b""
+        headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send(
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
+        )
+
+
+class _WsgiHealth:
+    """The WSGI twin of _AsgiHealth."""
+
+    def __init__(self, path: str) -> None:
+        self.paths = (path, WARMUP)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        found = environ.get("PATH_INFO") in self.paths
+        method = environ.get("REQUEST_METHOD", "")
+        if found and method in ("GET", "HEAD"):
+            start_response("200 OK", _HEADERS)
+            return [] if method == "HEAD" else [_OK]
+        status = "405 Method Not Allowed" if found else "404 Not Found"
+        start_response(status, [("content-type", "text/plain"), ("content-length", "0")])
+        return []
+
+
+def serve(
+    modules: Sequence[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    route: str = DEFAULT_ROUTE,
+    health: str = DEFAULT_HEALTH,
+    processes: int = 1,
+    threads: int = DEFAULT_THREADS,
+    graceful_timeout: int = 300,
+    keep_alive: int = 75,
+    log_level: str = "info",
+) -> None:
+    """Run uvicorn on worker_asgi until SIGTERM/SIGINT, then finish in-flight chunks."""
+    import uvicorn
+
+    if processes < 1 or threads < 1:
+        raise ConfigurationError("--processes and --threads must be at least 1")
+    # Check everything here, in the parent, so a mistake is one clear error, not N crashes;
+    # the environment then carries the settings to uvicorn's worker processes.
+    os.environ["SERVERLESS_MODULES"] = ",".join(modules)
+    os.environ["SERVERLESS_ROUTE"] = route
+    os.environ["SERVERLESS_HEALTH"] = health
+    os.environ["SERVERLESS_THREADS"] = str(threads)
+    _route(modules, route, None, threads)
+    uvicorn.run(
+        "serverless._serve:worker_asgi",
+        factory=True,
+        host=host,
+        port=port,
+        workers=processes,
+        lifespan="off",
+        access_log=False,
+        log_level=log_level,
+        timeout_keep_alive=keep_alive,
+        timeout_graceful_shutdown=graceful_timeout,
+        backlog=4096,
+        server_header=False,
+    )
