@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -72,6 +73,39 @@ def server(args: list[str], port: int, **env: str) -> Iterator[subprocess.Popen[
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+
+@contextlib.contextmanager
+def haproxy(backends: list[int], port: int, tmp: Path) -> Iterator[str]:
+    """Debian's HAProxy in front of workers on loopback ports; yields its base URL.
+
+    Health checks every 200 ms and a redispatch on a refused connection, so a dead backend
+    is taken out quickly, as a production configuration would."""
+    servers = "\n".join(
+        f"  server w{n} 127.0.0.1:{backend} check inter 200 fall 1 rise 1"
+        for n, backend in enumerate(backends)
+    )
+    config = tmp / "haproxy.cfg"
+    config.write_text(
+        "defaults\n  mode http\n  timeout connect 2s\n  timeout client 300s\n"
+        "  timeout server 300s\n  retries 3\n  option redispatch\n"
+        f"frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n"
+        f"backend be\n  balance leastconn\n{servers}\n"
+    )
+    proc = subprocess.Popen(
+        [HAPROXY, "-db", "-f", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
 

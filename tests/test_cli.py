@@ -64,3 +64,17 @@ def test_demo_json_is_measured_and_repeatable() -> None:
 def test_demo_rejects_bad_options() -> None:
     done = demo("--workers", "0")
     assert done.returncode == 2 and "--workers" in done.stderr
+
+
+def test_library_errors_are_a_message_not_a_traceback() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "serverless._cli", "demo", "--count", "10"]
+        + ["--url", "http://127.0.0.1:9/serverless"],
+        env=test_env(SERVERLESS_SECRET="short"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("serverless demo: each secret must be a string of at least 16")
+    assert "Traceback" not in done.stderr

@@ -21,7 +21,7 @@ import zipcodes
 
 from serverless.demo import pipeline
 from serverless.demo.geocoder import Geocoder, lookups_served
-from tests.conftest import free_port, server, test_env
+from tests.conftest import free_port, haproxy, server, test_env
 
 CHROMIUM = "/usr/bin/chromium"
 DEMO = [sys.executable, "-m", "serverless._cli", "demo"]
@@ -208,3 +208,29 @@ def test_web_page_in_a_real_browser(web_demo: str, tmp_path: Path) -> None:
     assert (geolocate_bars, bars) == (20, 40)  # one bar per chunk of each parallel step
     expected = sum(1 for z in pipeline.zipcodes(400, 4) if zipcodes.filter_by(zip_code=f"{z:05d}"))
     assert resolved == expected and heading == f"({expected} of 400)"
+
+
+def test_demo_against_workers_behind_a_load_balancer(tmp_path: Path) -> None:
+    """`serverless demo --url`: two `serverless worker` processes behind Debian's HAProxy."""
+    ports = [free_port(), free_port()]
+    worker = ["serverless._cli", "worker", "serverless.demo.pipeline", "--log-level", "warning"]
+    demo = [*DEMO, "--count", "400", "--workers", "20", "--latency", "0.01", "--seed", "5"]
+    with (
+        server([*worker, "--port", str(ports[0])], ports[0]),
+        server([*worker, "--port", str(ports[1])], ports[1]),
+        haproxy(ports, free_port(), tmp_path) as lb,
+    ):
+        done = subprocess.run(
+            [*demo, "--json", "--url", f"{lb}/serverless"],
+            env=test_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    geolocate = figures["steps"][0]
+    assert (geolocate["target"], geolocate["count_out"]) == ("url", 400)
+    assert geolocate["processes"] == 2  # the balancer spread the chunks over both workers
+    expected = [z for z in pipeline.zipcodes(400, 5) if zipcodes.filter_by(zip_code=f"{z:05d}")]
+    assert len(figures["addresses"]) == len(expected)

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from . import __version__
+from ._exceptions import ServerlessError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     demo_cli.add_parser(commands)
     _add_worker(commands)
     args = parser.parse_args(argv)
-    return int(args.handler(args))
+    try:
+        return int(args.handler(args))
+    except ServerlessError as exc:  # a clear message, not a traceback
+        print(f"serverless {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _add_worker(commands: Any) -> None:
