@@ -223,10 +223,7 @@ def child() -> None:
 
     endpoint = Endpoint(config["route"], Keyring(config["secret"]), import_modules=True)
     app = ASGIEndpoint(endpoint, threads=config["threads"])
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(4096)
+    sock = listening_socket()
     uvicorn_config = uvicorn.Config(
         app,
         lifespan="off",
@@ -241,6 +238,20 @@ def child() -> None:
     os.write(config["port_fd"], f"{sock.getsockname()[1]}\n".encode())
     os.close(config["port_fd"])
     asyncio.run(server.serve(sockets=[sock]))
+
+
+def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening TCP socket for uvicorn.
+
+    proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only when the
+    listening socket names TCP explicitly; without it every response whose headers and body
+    go out in two writes waits ~40 ms for the client's delayed ACK (Nagle).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    return sock
 
 
 def _import_main(reference: dict[str, str]) -> None:
