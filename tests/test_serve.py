@@ -165,6 +165,8 @@ def test_worker_needs_a_secret_and_importable_modules() -> None:
         [*run, "no_such_module_here"], env=test_env(), capture_output=True, text=True
     )
     assert missing.returncode == 2 and "no_such_module_here" in missing.stderr
+    none = subprocess.run(run, env=test_env(SERVERLESS_MODULES=""), capture_output=True, text=True)
+    assert none.returncode == 2 and "SERVERLESS_MODULES" in none.stderr
 
 
 @pytest.mark.parametrize(

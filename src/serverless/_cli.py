@@ -36,7 +36,9 @@ def _add_worker(commands: Any) -> None:
         "(several, comma-separated, during a key rotation). SIGTERM stops accepting "
         "connections and finishes the chunks in flight.",
     )
-    worker.add_argument("modules", nargs="+", metavar="MODULE", help="module to import")
+    worker.add_argument(
+        "modules", nargs="*", metavar="MODULE", help="module to import ($SERVERLESS_MODULES)"
+    )
     worker.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: all)")
     worker.add_argument("--port", type=int, default=8000, help="port to bind")
     worker.add_argument("--route", default="/serverless", help="path of the worker route")

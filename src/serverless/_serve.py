@@ -175,11 +175,17 @@ def serve(
     keep_alive: int = 75,
     log_level: str = "info",
 ) -> None:
-    """Run uvicorn on worker_asgi until SIGTERM/SIGINT, then finish in-flight chunks."""
+    """Run uvicorn on worker_asgi until SIGTERM/SIGINT, then finish in-flight chunks.
+
+    modules: those to import; if empty, $SERVERLESS_MODULES (comma-separated).
+    """
     import uvicorn
 
     if processes < 1 or threads < 1:
         raise ConfigurationError("--processes and --threads must be at least 1")
+    modules = list(modules) or _env_modules()
+    if not modules:
+        raise ConfigurationError("name the modules to serve (or set SERVERLESS_MODULES)")
     # Check everything here, in the parent, so a mistake is one clear error, not N crashes;
     # the environment then carries the settings to uvicorn's worker processes.
     os.environ["SERVERLESS_MODULES"] = ",".join(modules)

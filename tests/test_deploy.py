@@ -1,0 +1,211 @@
+"""The deploy/ recipes: their YAML parses, their numbers agree with each other, and each
+recipe's own server command, extracted from the file, serves a signed call here."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shlex
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import serverless
+from tests import sample_functions as sf
+from tests.conftest import SECRET, free_port, test_env, wait_for_port
+
+DEPLOY = Path(__file__).parent.parent / "deploy"
+DEFAULT_ROUTE, DEFAULT_HEALTH = "/serverless", "/healthz"
+
+
+def load(path: str) -> list[dict[str, Any]]:
+    with open(DEPLOY / path) as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+def by_kind(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {doc["kind"]: doc for doc in docs}
+
+
+def flag(argv: list[str], *names: str, default: str | None = None) -> str:
+    for i, arg in enumerate(argv):
+        if arg in names:
+            return argv[i + 1]
+    assert default is not None, f"{names} missing from {argv}"
+    return default
+
+
+def capacity(argv: list[str]) -> int:
+    """Chunks one instance runs at once, from its server command: processes x threads."""
+    if argv[0] == "gunicorn":
+        return int(flag(argv, "-w", "--workers")) * int(flag(argv, "--threads"))
+    return int(flag(argv, "--processes", default="1")) * int(flag(argv, "--threads", default="64"))
+
+
+def appengine_command() -> list[str]:
+    return shlex.split(load("appengine/app.yaml")[0]["entrypoint"])
+
+
+def dockerfile_command() -> list[str]:
+    text = (DEPLOY / "cloudrun/Dockerfile").read_text()
+    (cmd,) = re.findall(r"^CMD (\[.*\])$", text, re.M)
+    return list(json.loads(cmd))
+
+
+def kubernetes_command() -> list[str]:
+    pod = by_kind(load("kubernetes/worker.yaml"))["Deployment"]["spec"]["template"]["spec"]
+    return list(pod["containers"][0]["command"])
+
+
+def knative_command() -> list[str]:
+    (service,) = load("kubernetes/knative-service.yaml")
+    return list(service["spec"]["template"]["spec"]["containers"][0]["command"])
+
+
+# -- the files and their invariants ------------------------------------------------------------
+
+
+def test_every_yaml_file_parses() -> None:
+    files = sorted(DEPLOY.rglob("*.yaml"))
+    assert len(files) == 4
+    for path in files:
+        assert load(str(path.relative_to(DEPLOY)))
+
+
+def test_appengine() -> None:
+    app = load("appengine/app.yaml")[0]
+    argv = appengine_command()
+    assert argv[:1] == ["gunicorn"] and flag(argv, "-k") == "gthread"
+    scaling = app["automatic_scaling"]
+    assert scaling["max_concurrent_requests"] == capacity(argv) == 16
+    assert scaling["target_concurrent_requests"] <= scaling["max_concurrent_requests"]
+    assert "warmup" in app["inbound_services"]
+    env = app["env_variables"]
+    assert "SERVERLESS_SECRET" not in env  # from Secret Manager, never in the file
+    assert env["SERVERLESS_SECRET_RESOURCE"].startswith("projects/")
+    assert env["SERVERLESS_URL"].startswith("https://") and env["SERVERLESS_URL"].endswith(
+        DEFAULT_ROUTE
+    )
+
+
+def test_cloudrun() -> None:
+    service = load("cloudrun/service.yaml")[0]
+    argv = dockerfile_command()
+    template = service["spec"]["template"]
+    spec, annotations = template["spec"], template["metadata"]["annotations"]
+    assert spec["containerConcurrency"] == capacity(argv) == 32
+    assert 0 < spec["timeoutSeconds"] <= 3600
+    assert int(annotations["autoscaling.knative.dev/maxScale"]) >= 1
+    assert annotations["run.googleapis.com/startup-cpu-boost"] == "true"
+    container = spec["containers"][0]
+    assert container["ports"][0]["containerPort"] == int(flag(argv, "--port"))
+    health = flag(argv, "--health", default=DEFAULT_HEALTH)
+    assert container["startupProbe"]["httpGet"]["path"] == health
+    secret = next(e for e in container["env"] if e["name"] == "SERVERLESS_SECRET")
+    assert "secretKeyRef" in secret["valueFrom"]
+    assert int(flag(argv, "--graceful-timeout")) < 10  # Cloud Run kills 10 s after SIGTERM
+
+
+def test_kubernetes() -> None:
+    kinds = by_kind(load("kubernetes/worker.yaml"))
+    assert set(kinds) == {"Deployment", "Service", "Ingress", "HorizontalPodAutoscaler"}
+    deployment = kinds["Deployment"]
+    chunk_timeout = int(deployment["metadata"]["annotations"]["serverless/chunk-timeout"])
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    argv = container["command"]
+    health = flag(argv, "--health", default=DEFAULT_HEALTH)
+    assert container["readinessProbe"]["httpGet"]["path"] == health
+    assert container["livenessProbe"]["httpGet"]["path"] == health
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep" and int(pre_stop[1]) > chunk_timeout
+    graceful = int(flag(argv, "--graceful-timeout"))
+    assert graceful >= chunk_timeout
+    assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + graceful
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert container["ports"][0]["containerPort"] == int(flag(argv, "--port"))
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert kinds["Service"]["spec"]["selector"] == selector
+    ingress = kinds["Ingress"]
+    path = ingress["spec"]["rules"][0]["http"]["paths"][0]
+    assert path["path"] == flag(argv, "--route", default=DEFAULT_ROUTE)
+    assert path["backend"]["service"]["name"] == kinds["Service"]["metadata"]["name"]
+    nginx = "nginx.ingress.kubernetes.io/"
+    assert int(ingress["metadata"]["annotations"][nginx + "proxy-read-timeout"]) > chunk_timeout
+    hpa = kinds["HorizontalPodAutoscaler"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+
+def test_knative() -> None:
+    (service,) = load("kubernetes/knative-service.yaml")
+    spec = service["spec"]["template"]["spec"]
+    argv = knative_command()
+    assert spec["containerConcurrency"] == capacity(argv) == 32
+    annotations = service["spec"]["template"]["metadata"]["annotations"]
+    target = int(annotations["autoscaling.knative.dev/target"])
+    assert target <= spec["containerConcurrency"]
+    probe = spec["containers"][0]["readinessProbe"]["httpGet"]["path"]
+    assert probe == flag(argv, "--health", default=DEFAULT_HEALTH)
+
+
+# -- each recipe's own server command, run here ------------------------------------------------
+
+
+@contextlib.contextmanager
+def running(argv: list[str], cwd: Path) -> Iterator[str]:
+    """Run a recipe's server command on a free port of 127.0.0.1; yields the base URL."""
+    port = free_port()
+    argv = [a.replace("$PORT", str(port)) for a in argv]
+    if argv[0] == "gunicorn":
+        argv[argv.index("-b")] = "--bind"
+        argv[argv.index("--bind") + 1] = f"127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "gunicorn", *argv[1:]]
+    else:
+        assert argv[:2] == ["serverless", "worker"]
+        argv[argv.index("--port") + 1] = str(port)
+        argv[argv.index("--host") + 1] = "127.0.0.1"
+        cmd = [sys.executable, "-m", "serverless._cli", *argv[1:]]
+    env = test_env(SERVERLESS_MODULES="tests.sample_functions")
+    env["PYTHONPATH"] = f"{cwd}:{env['PYTHONPATH']}"
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+@pytest.mark.parametrize(
+    ("command", "cwd"),
+    [
+        (appengine_command, "appengine"),
+        (dockerfile_command, "cloudrun"),
+        (kubernetes_command, "kubernetes"),
+        (knative_command, "kubernetes"),
+    ],
+    ids=["appengine", "cloudrun", "kubernetes", "knative"],
+)
+def test_recipe_command_serves_a_signed_call(reset_settings: None, command: Any, cwd: str) -> None:
+    argv = command()
+    serverless.init(DEFAULT_ROUTE, SECRET)
+    with running(argv, DEPLOY / cwd) as base:
+        square = sf.square.with_options(url=base + DEFAULT_ROUTE, workers=8)
+        assert square(list(range(50)), 2) == [n * n + 2 for n in range(50)]
+        with urllib.request.urlopen(base + DEFAULT_HEALTH, timeout=10) as response:
+            assert response.read() == b"ok"
