@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import aiohttp
 import msgspec
 
+from . import _http
 from . import _protocol as p
 from ._chunking import Chunk
 from ._exceptions import (
@@ -92,6 +93,7 @@ class Dispatcher:
         self._pid = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._http: _http.Client | None = None  # the lean client: see _http.py
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -102,6 +104,7 @@ class Dispatcher:
                 )
                 thread.start()
                 self._loop, self._session, self._pid = loop, None, os.getpid()
+                self._http = None
             return self._loop
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
@@ -135,8 +138,15 @@ class Dispatcher:
                 with_timeout.result(2)
             except Exception:  # best effort at exit
                 logger.debug("closing the HTTP session failed", exc_info=True)
+        if self._http is not None:
+            loop.call_soon_threadsafe(self._http.close)
         loop.call_soon_threadsafe(loop.stop)
-        self._loop = self._session = None
+        self._loop = self._session = self._http = None
+
+    def _client(self) -> _http.Client:
+        if self._http is None:
+            self._http = _http.Client()
+        return self._http
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -262,20 +272,14 @@ class Dispatcher:
         headers = p.signed_headers(target.keyring, target.route, spec.function, request_id, body)
         what = f"chunk {index} of {spec.function}"
         try:
-            async with session.post(
-                url,
-                data=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=spec.timeout),
-            ) as response:
-                raw = await response.read()
-                status, content_type = response.status, response.headers.get("Content-Type")
-        except aiohttp.InvalidURL as exc:
+            response = await self._client().post(url, body, headers, spec.timeout)
+        except _http.InvalidURL as exc:
             raise ConfigurationError(f"invalid worker URL {url!r}") from exc
         except (asyncio.TimeoutError, TimeoutError) as exc:
             raise WorkerTimeout(f"{what} took longer than {spec.timeout}s", url=url) from exc
-        except aiohttp.ClientError as exc:
-            raise WorkerUnavailable(f"{what} failed: {exc!r}", url=url) from exc
+        except _http.TransportError as exc:
+            raise WorkerUnavailable(f"{what} failed: {exc}", url=url) from exc
+        raw, status, content_type = response.body, response.status, response.content_type
         return _interpret(spec.function, what, url, offset, status, content_type, raw)
 
 

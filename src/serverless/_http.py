@@ -1,0 +1,225 @@
+"""A lean HTTP/1.1 client for the dispatcher's one request shape: POST bytes, read bytes.
+
+Keep-alive connections per host, request head and body in one write, responses parsed by
+httptools (already installed with uvicorn). Profiled on the W2 one-item-per-request workload,
+aiohttp spent ~70% of the caller's ~300 us per request in its own machinery; this client does
+the same job in a fraction of that (docs/performance.md). It does not follow redirects, use
+proxies or decompress: the worker route needs none of that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httptools
+
+_COPY_LIMIT = 64 * 1024  # smaller bodies are joined to the head: one write, one segment
+
+
+class TransportError(Exception):
+    """The connection failed or the answer was not HTTP: a retry elsewhere may help."""
+
+
+class InvalidURL(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class _Origin:
+    host: str
+    port: int
+    tls: bool
+    path: str
+    host_header: str
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    content_type: str | None
+    body: bytes
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; at most one request on it at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[Response] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._status = 0
+        self._content_type: str | None = None
+        self._body: list[bytes] = []
+        self._received = False
+        self._framed = False  # Content-Length or chunked: the end is not the connection's close
+
+    # -- protocol callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(TransportError(f"malformed HTTP response: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._status and not self._framed:  # a body delimited by the connection's close
+            self._complete()
+        else:
+            self._fail(TransportError(f"connection lost: {exc!r}" if exc else "connection closed"))
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lower = name.lower()
+        if lower == b"content-type":
+            self._content_type = value.decode("latin-1")
+        elif lower in (b"content-length", b"transfer-encoding"):
+            self._framed = True
+
+    def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._framed = True
+        if not self._parser.should_keep_alive():
+            self.close()
+        self._complete()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _complete(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+            waiter.set_result(Response(self._status, self._content_type, body))
+
+    def _fail(self, exc: Exception) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def send(self, head: bytes, body: bytes) -> asyncio.Future[Response]:
+        assert self.transport is not None and self._waiter is None
+        self._reset()
+        self._waiter = asyncio.get_running_loop().create_future()
+        if len(body) <= _COPY_LIMIT:
+            self.transport.write(head + body)
+        else:
+            self.transport.write(head)
+            self.transport.write(body)
+        return self._waiter
+
+    @property
+    def received_anything(self) -> bool:
+        return self._received
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Client:
+    """Keep-alive connection pools per origin; use from one event loop."""
+
+    def __init__(self) -> None:
+        self._origins: dict[str, _Origin] = {}
+        self._idle: dict[_Origin, list[_Connection]] = {}
+        self._ssl: ssl.SSLContext | None = None
+
+    def _origin(self, url: str) -> _Origin:
+        origin = self._origins.get(url)
+        if origin is None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise InvalidURL(url)
+            tls = parts.scheme == "https"
+            try:
+                port = parts.port or (443 if tls else 80)
+            except ValueError as exc:
+                raise InvalidURL(url) from exc
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            origin = _Origin(parts.hostname, port, tls, path, parts.netloc.rpartition("@")[2])
+            self._origins[url] = origin
+        return origin
+
+    async def _connect(self, origin: _Origin) -> _Connection:
+        context: Any = None
+        if origin.tls:
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            context = self._ssl
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await loop.create_connection(
+                _Connection, origin.host, origin.port, ssl=context
+            )
+        except OSError as exc:
+            raise TransportError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from exc
+        return conn
+
+    def _take(self, origin: _Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
+    ) -> Response:
+        """POST `body`; raises TransportError, InvalidURL or asyncio.TimeoutError."""
+        origin = self._origin(url)
+        lines = [f"POST {origin.path} HTTP/1.1", f"Host: {origin.host_header}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+        head = "\r\n".join(lines).encode("latin-1")
+        return await asyncio.wait_for(self._exchange(origin, head, body), timeout)
+
+    async def _exchange(self, origin: _Origin, head: bytes, body: bytes) -> Response:
+        for _ in range(2):
+            conn = self._take(origin)
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(origin)
+            try:
+                response = await conn.send(head, body)
+            except TransportError:
+                conn.close()
+                # A kept-alive connection the server closed while idle fails before any byte
+                # of an answer: send once more on a fresh connection. Anything else is final.
+                if reused and not conn.received_anything:
+                    continue
+                raise
+            except BaseException:  # cancelled or timed out mid-request: the stream is unusable
+                conn.close()
+                raise
+            if not conn.closed:
+                self._idle.setdefault(origin, []).append(conn)
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
