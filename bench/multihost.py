@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ctypes
 import io
 import ipaddress
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -85,6 +87,18 @@ def netns_available() -> bool:
     return True
 
 
+def _remove_stale_namespaces() -> None:
+    """Namespaces and bridges left by a run that was killed before its teardown."""
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    stale = [("netns", m[0], m[1]) for m in re.findall(r"^(sl(\d+)h\d+)\b", names, re.M)]
+    stale += [("link", m[0], m[1]) for m in re.findall(r"^\d+: (slbr(\d+))[:@]", links, re.M)]
+    for kind, name, pid in stale:
+        if not os.path.exists(f"/proc/{pid}"):
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                _run("ip", kind, "del", name)
+
+
 def _free_subnet() -> ipaddress.IPv4Network:
     """A 10.x.y.0/24 that no interface here uses (several runs may share the machine)."""
     used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
@@ -126,7 +140,7 @@ class Cluster:
     secret: str = "multihost-secret-0123456789abcdef"
     mode: str = "auto"
     modules: tuple[str, ...] = ("bench.multihost",)
-    tag: str = field(default_factory=lambda: f"{os.getpid() % 100000:05d}")
+    tag: str = field(default_factory=lambda: str(os.getpid()))
     members: list[Host] = field(default_factory=list)
     lb_port: int = 0
     _dir: Path | None = None
@@ -155,6 +169,7 @@ class Cluster:
             self.mode = "netns" if netns_available() else "loopback"
         self._dir = Path(tempfile.mkdtemp(prefix="serverless-multihost-"))
         if self.mode == "netns":
+            _remove_stale_namespaces()
             self._make_bridge()
         for i in range(self.hosts):
             self.members.append(self._make_host(i))
@@ -224,7 +239,13 @@ class Cluster:
         host.log = self._dir / f"{host.name}.log"
         with open(host.log, "ab") as log:
             host.proc = subprocess.Popen(
-                cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                cmd,
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         if wait:
             self.wait_healthy(host)
@@ -277,6 +298,7 @@ class Cluster:
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         for host in self.members:
             self.wait_lb_status(host, "UP")
@@ -360,6 +382,12 @@ def haproxy_config(
     ]
     lines += [f"    server {name} {address}:{p}" for name, address, p in servers]
     return "\n".join(lines) + "\n"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: if the benchmark or test dies, so do its hosts (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> None:
