@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -209,3 +211,75 @@ def test_recipe_command_serves_a_signed_call(reset_settings: None, command: Any,
         assert square(list(range(50)), 2) == [n * n + 2 for n in range(50)]
         with urllib.request.urlopen(base + DEFAULT_HEALTH, timeout=10) as response:
             assert response.read() == b"ok"
+
+
+# -- the local load balancer recipes of docs/deploy.md ----------------------------------------
+
+
+def test_local_haproxy_config_is_the_one_the_multihost_tests_use() -> None:
+    from bench.multihost import haproxy_config
+
+    text = (DEPLOY / "local/haproxy.cfg").read_text()
+    body = "".join(line for line in text.splitlines(True) if not line.startswith("#"))
+    servers = [(f"h{i}", "127.0.0.1", 8001 + i) for i in range(3)]
+    expected = haproxy_config(servers, 8080, 32, None)
+    assert body == "".join(line for line in expected.splitlines(True) if not line.startswith("#"))
+
+
+@contextlib.contextmanager
+def process(cmd: list[str], port: int, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        cmd, env=test_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for_port(port, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+@pytest.mark.parametrize("balancer", ["haproxy", "nginx"])
+def test_local_load_balancer_recipe_survives_a_killed_worker(
+    reset_settings: None, tmp_path: Path, balancer: str
+) -> None:
+    program = shutil.which(balancer) or f"/usr/sbin/{balancer}"
+    if not os.path.exists(program):
+        pytest.skip(f"{balancer} is not installed (scripts/system-deps installs it)")
+    ports = [free_port() for _ in range(3)]
+    lb_port = free_port()
+    name = "haproxy.cfg" if balancer == "haproxy" else "nginx.conf"
+    text = (DEPLOY / "local" / name).read_text()
+    for documented, port in zip([8001, 8002, 8003, 8080], [*ports, lb_port], strict=True):
+        text = text.replace(f"127.0.0.1:{documented}", f"127.0.0.1:{port}")
+    text = text.replace("/tmp/serverless-nginx.pid", str(tmp_path / "nginx.pid"))
+    config = tmp_path / name
+    config.write_text(text)
+    if balancer == "haproxy":
+        command = [program, "-db", "-f", str(config)]
+    else:
+        command = [program, "-e", "stderr", "-c", str(config)]
+    worker = [sys.executable, "-m", "serverless._cli", "worker", "tests.sample_functions"]
+    with contextlib.ExitStack() as stack:
+        workers = [
+            stack.enter_context(process([*worker, "--port", str(p), "--threads", "32"], p))
+            for p in ports
+        ]
+        stack.enter_context(process(command, lb_port))
+        serverless.init(DEFAULT_ROUTE, SECRET)
+        square = sf.square.with_options(url=f"http://127.0.0.1:{lb_port}{DEFAULT_ROUTE}")
+        data = list(range(300))
+        assert square(data) == [n * n for n in data]
+        workers[1].kill()  # SIGKILL, as in the walkthrough
+        workers[1].wait(10)
+        for _ in range(5):
+            result, stats = square.with_stats(data)
+            assert result == [n * n for n in data]
+        assert stats.workers == 100
