@@ -91,3 +91,17 @@ class Geo:
     @serverless.sequential
     def total(self, numbers: list[int]) -> list[int]:
         return [sum(numbers) * self.factor]
+
+
+@serverless.parallel
+def odd_only(numbers: list[int]) -> list[int]:
+    """A filter stage: fewer elements out than in, as the seed's cleanup."""
+    return [n for n in numbers if n % 2]
+
+
+@serverless.parallel
+def explode_on_nine(numbers: list[int]) -> list[int]:
+    for n in numbers:
+        if n == 9:
+            raise ValueError("nine")
+    return numbers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -13,9 +14,9 @@ from . import _pool, _registry
 from ._asgi import ASGIApp, ASGIEndpoint
 from ._chunking import Chunk, chunk_iterable, chunk_sequence
 from ._config import DEFAULT_STREAM_CHUNK, Options, configure, secrets_from_env
-from ._dispatch import CallSpec, dispatcher
-from ._exceptions import ConfigurationError
-from ._protocol import MAX_BODY, TOLERANCE, Keyring
+from ._dispatch import CallSpec, ChunkStats, dispatcher
+from ._exceptions import ConfigurationError, ProtocolError
+from ._protocol import MAX_BODY, STAGE_SEPARATOR, TOLERANCE, Keyring, Stage
 from ._stats import PipelineRun, StepStats
 from ._targets import resolve
 from ._worker import Endpoint
@@ -301,9 +302,15 @@ def sequential(func: Callable[P, R]) -> SequentialFunction[P, R]:
 
 
 class Pipeline:
-    """Steps run one after the other, each on the previous step's result."""
+    """Steps run one after the other, each on the previous step's result.
 
-    def __init__(self, *steps: Any) -> None:
+    Consecutive @parallel steps that go to the same place are fused: each chunk runs through
+    all of them in one request, so the data crosses the network once per group instead of
+    once per step. @sequential steps are the only barriers. Statistics stay per step: the
+    worker measures each stage's output count and compute time. `fuse=False` opts out.
+    """
+
+    def __init__(self, *steps: Any, fuse: bool = True) -> None:
         for step in steps:
             if not isinstance(step, _Step | _Bound):
                 raise TypeError(
@@ -313,6 +320,7 @@ class Pipeline:
         if not steps:
             raise TypeError("a Pipeline needs at least one step")
         self.steps = steps
+        self.fuse = fuse
         self.last_run: PipelineRun | None = None
 
     def run(self, data: Iterable[Any]) -> Any:
@@ -322,13 +330,84 @@ class Pipeline:
     def execute(self, data: Iterable[Any]) -> PipelineRun:
         """Run every step; the returned PipelineRun holds this run's own statistics."""
         started = time.perf_counter()
-        stats = []
-        for step in self.steps:
-            data, step_stats = step.with_stats(data)
-            stats.append(step_stats)
+        stats: list[StepStats] = []
+        for group in _fusion_groups(self.steps) if self.fuse else [[s] for s in self.steps]:
+            if len(group) > 1:
+                data, group_stats = _run_fused(group, data)
+                stats += group_stats
+            else:
+                data, step_stats = group[0].with_stats(data)
+                stats.append(step_stats)
         run = PipelineRun(result=data, steps=stats, duration=time.perf_counter() - started)
         self.last_run = run
         return run
+
+
+def _parallel_part(step: Any) -> tuple[ParallelFunction[Any, Any], str] | None:
+    """The parallel function and binding behind a pipeline step, if it is a parallel one."""
+    if isinstance(step, _Bound) and isinstance(step._step, ParallelFunction):
+        return step._step, step._bind
+    if isinstance(step, ParallelFunction):
+        return step, _registry.BIND_NONE
+    return None
+
+
+def _fusion_groups(steps: Sequence[Any]) -> list[list[Any]]:
+    """Runs of consecutive parallel steps with the same target; anything else alone."""
+    groups: list[list[Any]] = []
+    for step in steps:
+        part, last = _parallel_part(step), _parallel_part(groups[-1][-1]) if groups else None
+        if part and last and part[0].options.url == last[0].options.url:
+            groups[-1].append(step)
+        else:
+            groups.append([step])
+    return groups
+
+
+def _run_fused(group: list[Any], data: Any) -> tuple[list[Any], list[StepStats]]:
+    """One request per chunk runs every step of the group; statistics per step."""
+    parts = [part for part in map(_parallel_part, group) if part]
+    first, bind = parts[0]
+    spec, chunks, count = first._prepare(bind, (data,), {})
+    spec = dataclasses.replace(
+        spec,
+        function=STAGE_SEPARATOR.join(fn.entry.name for fn, _ in parts),
+        then=[Stage(fn=fn.entry.name, bind=b) for fn, b in parts[1:]],
+        timeout=max(fn.options.timeout for fn, _ in parts),
+        retries=min(fn.options.retries for fn, _ in parts),
+    )
+    started = time.perf_counter()
+    results: list[Any] = []
+    done: list[ChunkStats] = []
+    kind = "none"
+    if count != 0:
+        target = resolve(first.options.url, blocking=True)
+        mapped = dispatcher().run(dispatcher().map(spec, target, chunks))
+        results, done, kind = mapped.results, mapped.chunks, target.kind
+        if any(len(c.stages) != len(parts) for c in done):
+            raise ProtocolError(
+                f"a worker ran {spec.function} without per-stage figures", url=done[0].url
+            )
+    duration = time.perf_counter() - started
+    counts = [count if count is not None else sum(c.size for c in done)]
+    stats = []
+    for stage, (fn, _) in enumerate(parts):
+        counts.append(sum(c.stages[stage].count for c in done))
+        step_stats = StepStats(
+            name=fn.__name__,
+            kind=fn.kind,
+            duration=duration,  # the group's: its steps ran interleaved, chunk by chunk
+            workers=min(len(done), fn.options.workers),
+            count=counts[stage],
+            count_out=counts[stage + 1],
+            compute_s=sum(c.stages[stage].compute_s for c in done),
+            retries=sum(c.attempts - 1 for c in done),
+            target=kind,
+            chunks=done,
+        )
+        fn._record(step_stats)
+        stats.append(step_stats)
+    return results, stats
 
 
 # -- the worker route --------------------------------------------------------------------------

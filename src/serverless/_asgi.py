@@ -80,7 +80,7 @@ class ASGIEndpoint:
         job = self.endpoint.accept(scope["method"], headers, b"".join(chunks))
         if isinstance(job, Response):
             return job
-        if job.entry.is_async:
+        if job.is_async:
             return await self.endpoint.run_async(job)
         context = contextvars.copy_context()  # carries the origin into the worker thread
         loop = asyncio.get_running_loop()

@@ -62,6 +62,7 @@ class CallSpec:
     workers: int
     timeout: float
     retries: int
+    then: list[p.Stage] = field(default_factory=list)  # fused pipeline stages after the first
 
 
 @dataclass
@@ -77,6 +78,7 @@ class ChunkStats:
     queue_s: float
     compute_s: float
     attempts: int
+    stages: list[p.StageFigures] = field(default_factory=list)  # a fused call's, per stage
 
 
 @dataclass
@@ -239,6 +241,7 @@ class Dispatcher:
                 queue_s=reply.queue_s,
                 compute_s=reply.compute_s,
                 attempts=attempt,
+                stages=reply.stages or [],
             )
             return reply.results, stats
         raise AssertionError("unreachable")  # pragma: no cover
@@ -262,6 +265,7 @@ class Dispatcher:
             args=spec.args,
             kwargs=spec.kwargs,
             bind=spec.bind,
+            then=spec.then,
         )
         body = p.encode(call)
         if len(body) > target.max_body:
@@ -299,9 +303,11 @@ def _interpret(
     if status in (502, 503, 504):
         raise WorkerUnavailable(f"{what}: worker unavailable", url=url, status=status)
     if error is not None and reply is not None and error.kind == "user":
-        index = None if error.index is None else offset + error.index
+        names = function.split(p.STAGE_SEPARATOR)  # a fused call names every stage
+        stage = error.stage if 0 < error.stage < len(names) else 0
+        index = None if error.index is None or stage else offset + error.index
         raise RemoteError(
-            function,
+            names[stage] if stage else function,
             error.type,
             error.message,
             error.traceback,

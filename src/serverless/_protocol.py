@@ -29,8 +29,31 @@ H_REQUEST_ID = "serverless-request-id"
 H_SIGNATURE = "serverless-signature"
 
 
+STAGE_SEPARATOR = ","  # fused stages: "mod:a,mod:b" (never in a Python qualified name)
+
+
+class Stage(msgspec.Struct, forbid_unknown_fields=False):
+    """A further function a fused call runs on the previous stage's results."""
+
+    fn: str
+    bind: str = ""
+
+
+class StageFigures(msgspec.Struct, forbid_unknown_fields=False):
+    """What one stage of a fused call did on the worker: results out, compute time."""
+
+    count: int
+    compute_s: float
+
+
 class Call(msgspec.Struct, forbid_unknown_fields=False):
-    """The request envelope: one chunk of one function call."""
+    """The request envelope: one chunk of one function call.
+
+    Fused pipeline steps: `fn` (and the signed Serverless-Function header) name every stage
+    joined by ",", and `then` lists the stages after the first with their bindings. A worker
+    that predates fusion looks the joined name up, finds nothing and answers 404: it never
+    silently runs only the first stage.
+    """
 
     v: int
     fn: str
@@ -40,6 +63,7 @@ class Call(msgspec.Struct, forbid_unknown_fields=False):
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     bind: str = ""  # "", "instance" (a fresh instance of the class) or "class"
+    then: list[Stage] = []
 
 
 class ErrorInfo(msgspec.Struct, forbid_unknown_fields=False):
@@ -52,6 +76,7 @@ class ErrorInfo(msgspec.Struct, forbid_unknown_fields=False):
     index: int | None = None
     item: str | None = None
     retryable: bool = False
+    stage: int = 0  # of a fused call: the stage that failed (`index` is into its input)
 
 
 class Reply(msgspec.Struct, forbid_unknown_fields=False):
@@ -63,6 +88,7 @@ class Reply(msgspec.Struct, forbid_unknown_fields=False):
     error: ErrorInfo | None = None
     queue_s: float = 0.0
     compute_s: float = 0.0
+    stages: list[StageFigures] | None = None  # a fused call: one entry per stage
 
 
 _msgpack_encoder = msgspec.msgpack.Encoder()

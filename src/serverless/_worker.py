@@ -46,6 +46,13 @@ class Job:
     bind: str
     fmt: str
     received: float = field(default_factory=time.perf_counter)
+    # further stages of a fused call, each run on the previous stage's results
+    then: list[tuple[_registry.Entry, str]] = field(default_factory=list)
+
+    @property
+    def is_async(self) -> bool:
+        """Run on the server's event loop only if no stage blocks."""
+        return self.entry.is_async and all(entry.is_async for entry, _ in self.then)
 
 
 def worker_id() -> str:
@@ -170,9 +177,13 @@ class Endpoint:
             return self.reject(401, "bad signature", fmt)
         if not request_id or not self._replays.add(request_id, now):
             return self.reject(409, "request id missing or already used", fmt)
-        entry = self._lookup(function)
-        if entry is None:
-            return self.reject(404, f"function {function!r} is not registered on this worker", fmt)
+        names = function.split(p.STAGE_SEPARATOR)
+        entries = [self._lookup(name) for name in names]
+        for name, found in zip(names, entries, strict=True):
+            if found is None:
+                return self.reject(404, f"function {name!r} is not registered on this worker", fmt)
+        entry = entries[0]
+        assert entry is not None
         content_fmt = p.media_type(headers.get("content-type"))
         if content_fmt is None:
             return self.reject(415, f"content type must be {p.MSGPACK} or {p.JSON}", fmt)
@@ -185,9 +196,16 @@ class Endpoint:
         bind = call.bind
         if call.v != p.VERSION or call.fn != function or call.id != request_id:
             return self.reject(400, "envelope does not match the signed headers", fmt)
-        if bind not in _BINDS or (bind and not entry.owner_path):
-            return self.reject(400, f"bad binding {bind!r} for {function}", fmt)
-        return Job(call=call, entry=entry, bind=bind, fmt=fmt)
+        if [stage.fn for stage in call.then] != names[1:]:
+            return self.reject(400, "envelope stages do not match the signed function", fmt)
+        binds = [bind] + [stage.bind for stage in call.then]
+        then: list[tuple[_registry.Entry, str]] = []
+        for name, found, stage_bind in zip(names, entries, binds, strict=True):
+            assert found is not None
+            if stage_bind not in _BINDS or (stage_bind and not found.owner_path):
+                return self.reject(400, f"bad binding {stage_bind!r} for {name}", fmt)
+            then.append((found, stage_bind))
+        return Job(call=call, entry=entry, bind=bind, fmt=fmt, then=then[1:])
 
     def _lookup(self, function: str) -> _registry.Entry | None:
         entry = _registry.lookup(function)
@@ -205,32 +223,51 @@ class Endpoint:
 
     def run(self, job: Job) -> Response:
         """Run a chunk in this thread (async functions get their own event loop)."""
-        if job.entry.is_async:
+        if job.entry.is_async or any(entry.is_async for entry, _ in job.then):
             return asyncio.run(self.run_async(job))
         started = time.perf_counter()
+        figures: list[p.StageFigures] = []
         items = _Tracked(job.call.items)
+        args, kwargs = job.call.args, job.call.kwargs
+        stage = 0
+        results: list[Any] = []
         try:
-            fn = job.entry.bound(job.bind)
-            results = _as_list(fn(items, *job.call.args, **job.call.kwargs))
+            for stage, (entry, bind) in enumerate([(job.entry, job.bind), *job.then]):
+                stage_started = time.perf_counter()
+                if stage:
+                    items, args, kwargs = _Tracked(results), [], {}
+                results = _as_list(entry.bound(bind)(items, *args, **kwargs))
+                figures.append(p.StageFigures(len(results), time.perf_counter() - stage_started))
         except _ResultError as exc:
-            return self._failure(job, "result", exc.__cause__ or exc, None, started)
+            return self._failure(job, "result", exc.__cause__ or exc, None, started, stage)
         except Exception as exc:
-            return self._failure(job, "user", exc, items, started)
-        return self._success(job, results, started)
+            return self._failure(job, "user", exc, items, started, stage)
+        return self._success(job, results, started, figures)
 
     async def run_async(self, job: Job) -> Response:
         started = time.perf_counter()
+        figures: list[p.StageFigures] = []
         items = _Tracked(job.call.items)
+        args, kwargs = job.call.args, job.call.kwargs
+        stage = 0
+        results: list[Any] = []
         try:
-            fn = job.entry.bound(job.bind)
-            results = _as_list(await fn(items, *job.call.args, **job.call.kwargs))
+            for stage, (entry, bind) in enumerate([(job.entry, job.bind), *job.then]):
+                stage_started = time.perf_counter()
+                if stage:
+                    items, args, kwargs = _Tracked(results), [], {}
+                result = entry.bound(bind)(items, *args, **kwargs)
+                results = _as_list(await result if entry.is_async else result)
+                figures.append(p.StageFigures(len(results), time.perf_counter() - stage_started))
         except _ResultError as exc:
-            return self._failure(job, "result", exc.__cause__ or exc, None, started)
+            return self._failure(job, "result", exc.__cause__ or exc, None, started, stage)
         except Exception as exc:
-            return self._failure(job, "user", exc, items, started)
-        return self._success(job, results, started)
+            return self._failure(job, "user", exc, items, started, stage)
+        return self._success(job, results, started, figures)
 
-    def _success(self, job: Job, results: list[Any], started: float) -> Response:
+    def _success(
+        self, job: Job, results: list[Any], started: float, figures: list[p.StageFigures]
+    ) -> Response:
         done = time.perf_counter()
         reply = p.Reply(
             v=p.VERSION,
@@ -238,6 +275,7 @@ class Endpoint:
             results=results,
             queue_s=started - job.received,
             compute_s=done - started,
+            stages=figures if job.then else None,
         )
         try:
             return self._reply(200, reply, job.fmt)
@@ -245,7 +283,13 @@ class Endpoint:
             return self._failure(job, "result", exc, None, started)
 
     def _failure(
-        self, job: Job, kind: str, exc: BaseException, items: _Tracked | None, started: float
+        self,
+        job: Job,
+        kind: str,
+        exc: BaseException,
+        items: _Tracked | None,
+        started: float,
+        stage: int = 0,
     ) -> Response:
         index = items.failing_index() if items is not None else None
         item = _short_repr(items[index]) if items is not None and index is not None else None
@@ -258,6 +302,7 @@ class Endpoint:
             traceback=tb,
             index=index,
             item=item,
+            stage=stage,
         )
         reply = p.Reply(
             v=p.VERSION,
