@@ -7,15 +7,17 @@ import copy
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from . import _pool, _registry
 from ._asgi import ASGIApp, ASGIEndpoint
 from ._chunking import Chunk, chunk_iterable, chunk_sequence
 from ._config import DEFAULT_STREAM_CHUNK, Options, configure, secrets_from_env
-from ._dispatch import CallSpec, ChunkStats, dispatcher
+from ._dispatch import CallSpec, ChunkStats, Target, dispatcher
 from ._exceptions import ConfigurationError, ProtocolError
+from ._fanout import Tally, close_batches, next_batch
 from ._protocol import MAX_BODY, STAGE_SEPARATOR, TOLERANCE, Keyring, Stage
 from ._stats import PipelineRun, StepStats
 from ._targets import resolve
@@ -131,28 +133,28 @@ class ParallelFunction(_Step[P, R]):
     def _run(
         self, bind: str, receiver: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[R, StepStats]:
-        spec, chunks, count = self._prepare(bind, args, kwargs)
-        started = time.perf_counter()
-        if count == 0:
-            return self._finish([], [], 0, started, "none")
+        call = self._prepare(bind, args, kwargs)
+        if call.count == 0:
+            return self._finish([], Tally(), call, "none")
         target = resolve(self.options.url, blocking=True)
-        mapped = dispatcher().run(dispatcher().map(spec, target, chunks))
-        return self._finish(mapped.results, mapped.chunks, count, started, target.kind)
+        mapped = dispatcher().run(
+            dispatcher().map(call.spec, target, call.chunks, lazy_input=call.lazy)
+        )
+        return self._finish(mapped.results, mapped.tally, call, target.kind)
 
     def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[list[Any]]:
         """Start the call and return a concurrent.futures.Future of its result list."""
         bind, _, args = self._split(args)
-        spec, chunks, count = self._prepare(bind, args, kwargs)
+        call = self._prepare(bind, args, kwargs)
         target = resolve(self.options.url)  # here, in the caller's request context
         future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
-        started = time.perf_counter()
 
         async def go() -> list[Any]:
-            mapped = await dispatcher().map(spec, target, chunks)
-            self._finish(mapped.results, mapped.chunks, count, started, target.kind)
+            mapped = await dispatcher().map(call.spec, target, call.chunks, lazy_input=call.lazy)
+            self._finish(mapped.results, mapped.tally, call, target.kind)
             return mapped.results
 
-        if count == 0:
+        if call.count == 0:
             future.set_result([])
             return future
         return dispatcher().submit(go())
@@ -160,18 +162,66 @@ class ParallelFunction(_Step[P, R]):
     async def aio(self, *args: Any, **kwargs: Any) -> list[Any]:
         """The async form: `await fn.aio(items)` from any event loop."""
         bind, _, args = self._split(args)
-        spec, chunks, count = self._prepare(bind, args, kwargs)
-        if count == 0:
+        call = self._prepare(bind, args, kwargs)
+        if call.count == 0:
             return []
         target = resolve(self.options.url)
-        started = time.perf_counter()
-        mapped = await dispatcher().arun(dispatcher().map(spec, target, chunks))
-        self._finish(mapped.results, mapped.chunks, count, started, target.kind)
+        mapped = await dispatcher().arun(
+            dispatcher().map(call.spec, target, call.chunks, lazy_input=call.lazy)
+        )
+        self._finish(mapped.results, mapped.tally, call, target.kind)
         return mapped.results
 
-    def _prepare(
-        self, bind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[CallSpec, Iterator[Chunk], int | None]:
+    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """The results one by one, in input order, as soon as each chunk in order is done.
+
+        Memory stays bounded whatever the input's length: a generator is read as slots free,
+        and at most a few times `workers` chunks are held. Closing the iterator (or leaving
+        the loop early) cancels the chunks in flight.
+        """
+        bind, _, args = self._split(args)
+        call = self._prepare(bind, args, kwargs)
+        target = resolve(self.options.url, blocking=True)
+        return self._stream(call, target)
+
+    def _stream(self, call: _Call, target: Target) -> Iterator[Any]:
+        if call.count == 0:
+            return
+        tally = Tally()
+        engine = dispatcher()
+        results = engine.fanout(call.spec, target, call.chunks, tally, lazy_input=call.lazy)
+        batches = results.results()
+        produced = 0
+        try:
+            while (batch := engine.run(next_batch(batches))) is not None:
+                produced += len(batch)
+                yield from batch
+        finally:
+            engine.run(close_batches(batches))
+        self._finish(produced, tally, call, target.kind)
+
+    async def astream(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        """`async for result in fn.astream(items)`: stream() for event loops."""
+        bind, _, args = self._split(args)
+        call = self._prepare(bind, args, kwargs)
+        if call.count == 0:
+            return
+        target = resolve(self.options.url)
+        tally = Tally()
+        engine = dispatcher()
+        fanout = engine.fanout(call.spec, target, call.chunks, tally, lazy_input=call.lazy)
+        batches = fanout.results()
+        produced = 0
+        try:
+            while (batch := await engine.arun(next_batch(batches))) is not None:
+                produced += len(batch)
+                for result in batch:
+                    yield result
+        finally:
+            await engine.arun(close_batches(batches))
+        self._finish(produced, tally, call, target.kind)
+
+    def _prepare(self, bind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
         _pool.check_not_importing_main()
         items = _items_argument(self.__name__, args)
         opts = self.options
@@ -183,28 +233,45 @@ class ParallelFunction(_Step[P, R]):
             workers=opts.workers,
             timeout=opts.timeout,
             retries=opts.retries,
+            deadline=opts.deadline,
+            hedge=opts.hedging,
+            errors=opts.errors,
         )
         if isinstance(items, Sequence):
-            return spec, chunk_sequence(items, opts.workers, opts.chunk_size), len(items)
-        return spec, chunk_iterable(items, opts.chunk_size or DEFAULT_STREAM_CHUNK), None
+            chunks = chunk_sequence(items, opts.workers, opts.chunk_size)
+            return _Call(spec, chunks, len(items), False)
+        chunks = chunk_iterable(items, opts.chunk_size or DEFAULT_STREAM_CHUNK)
+        return _Call(spec, chunks, None, True)
 
     def _finish(
-        self, results: list[Any], chunks: list[Any], count: int | None, started: float, kind: str
+        self, results: list[Any] | int, tally: Tally, call: _Call, kind: str
     ) -> tuple[R, StepStats]:
         stats = StepStats(
             name=self.__name__,
             kind=self.kind,
-            duration=time.perf_counter() - started,
-            workers=min(len(chunks), self.options.workers),
-            count=count if count is not None else sum(c.size for c in chunks),
-            count_out=len(results),
-            compute_s=sum(c.compute_s for c in chunks),
-            retries=sum(c.attempts - 1 for c in chunks),
+            duration=time.perf_counter() - call.started,
+            workers=min(tally.done, self.options.workers),
+            count=call.count if call.count is not None else tally.count,
+            count_out=results if isinstance(results, int) else len(results),
+            compute_s=tally.compute_s,
+            retries=tally.retries,
+            hedges=tally.hedges,
             target=kind,
-            chunks=chunks,
+            chunks=sorted(tally.chunks, key=lambda c: c.index),
         )
         self._record(stats)
         return results, stats  # type: ignore[return-value]
+
+
+@dataclass
+class _Call:
+    """One call, prepared: what to send, its chunks, the item count if known."""
+
+    spec: CallSpec
+    chunks: Iterator[Chunk]
+    count: int | None
+    lazy: bool  # a generator or other iterator: read it off the loop thread
+    started: float = field(default_factory=time.perf_counter)
 
 
 class SequentialFunction(_Step[P, R]):
@@ -368,22 +435,26 @@ def _run_fused(group: list[Any], data: Any) -> tuple[list[Any], list[StepStats]]
     """One request per chunk runs every step of the group; statistics per step."""
     parts = [part for part in map(_parallel_part, group) if part]
     first, bind = parts[0]
-    spec, chunks, count = first._prepare(bind, (data,), {})
+    call = first._prepare(bind, (data,), {})
+    chunks, count = call.chunks, call.count
     spec = dataclasses.replace(
-        spec,
+        call.spec,
         function=STAGE_SEPARATOR.join(fn.entry.name for fn, _ in parts),
         then=[Stage(fn=fn.entry.name, bind=b) for fn, b in parts[1:]],
         timeout=max(fn.options.timeout for fn, _ in parts),
         retries=min(fn.options.retries for fn, _ in parts),
+        hedge=all(fn.options.hedging for fn, _ in parts),
+        errors="raise",  # an item that failed in one stage has no input for the next
     )
+    tally = Tally()
     started = time.perf_counter()
     results: list[Any] = []
     done: list[ChunkStats] = []
     kind = "none"
     if count != 0:
         target = resolve(first.options.url, blocking=True)
-        mapped = dispatcher().run(dispatcher().map(spec, target, chunks))
-        results, done, kind = mapped.results, mapped.chunks, target.kind
+        mapped = dispatcher().run(dispatcher().map(spec, target, chunks, lazy_input=call.lazy))
+        results, done, kind, tally = mapped.results, mapped.chunks, target.kind, mapped.tally
         if any(len(c.stages) != len(parts) for c in done):
             raise ProtocolError(
                 f"a worker ran {spec.function} without per-stage figures", url=done[0].url
@@ -397,11 +468,12 @@ def _run_fused(group: list[Any], data: Any) -> tuple[list[Any], list[StepStats]]
             name=fn.__name__,
             kind=fn.kind,
             duration=duration,  # the group's: its steps ran interleaved, chunk by chunk
-            workers=min(len(done), fn.options.workers),
+            workers=min(tally.done, fn.options.workers),
             count=counts[stage],
             count_out=counts[stage + 1],
             compute_s=sum(c.stages[stage].compute_s for c in done),
-            retries=sum(c.attempts - 1 for c in done),
+            retries=tally.retries,
+            hedges=tally.hedges,
             target=kind,
             chunks=done,
         )

@@ -21,10 +21,18 @@ class Options:
     workers: the most chunks in flight at once; a list is split into at most this many
         chunks, whose sizes differ by at most one, unless chunk_size is given.
     chunk_size: items per request (fixed), instead of splitting by `workers`.
-    timeout: seconds one chunk may take, retries included per attempt.
+    timeout: seconds one attempt of one chunk may take.
     retries: further attempts for a chunk after a transient failure (connection lost,
-        502/503/504, timeout); a user exception is never retried.
+        502/503/504, timeout), with exponential backoff and jitter, on another worker URL
+        where there are several; a user exception is never retried.
     url: send chunks here instead of the process-wide target.
+    deadline: seconds the whole call may take (None: no limit beyond the chunk timeouts).
+    idempotent: the function may safely run twice on the same items (no side effects that
+        matter): turns hedging on.
+    hedge: send a duplicate of a chunk that straggles at the tail of a call to another
+        worker, first answer wins; default: on for idempotent functions, off otherwise.
+    errors: "raise" (the first failure raises) or "return" (each item whose processing
+        raised gets its RemoteError in place of its result; the other items succeed).
     """
 
     workers: int = DEFAULT_WORKERS
@@ -32,6 +40,10 @@ class Options:
     timeout: float = 300.0
     retries: int = 2
     url: str | None = None
+    deadline: float | None = None
+    idempotent: bool = False
+    hedge: bool | None = None
+    errors: str = "raise"
 
     def __post_init__(self) -> None:
         _positive_int("workers", self.workers)
@@ -41,6 +53,16 @@ class Options:
             raise ConfigurationError(f"timeout must be a positive number, not {self.timeout!r}")
         if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
             raise ConfigurationError(f"retries must be an int >= 0, not {self.retries!r}")
+        if self.deadline is not None and (
+            not isinstance(self.deadline, int | float) or not self.deadline > 0
+        ):
+            raise ConfigurationError(f"deadline must be a positive number, not {self.deadline!r}")
+        if self.errors not in ("raise", "return"):
+            raise ConfigurationError(f'errors must be "raise" or "return", not {self.errors!r}')
+
+    @property
+    def hedging(self) -> bool:
+        return self.idempotent if self.hedge is None else self.hedge
 
     def merged(self, **changes: Any) -> Options:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -1,7 +1,7 @@
-"""The fan-out client: one aiohttp session per process on a background event-loop thread.
+"""The caller's side: one event-loop thread and one keep-alive HTTP client per process.
 
-Chunks go out with at most `workers` in flight, each to the least-loaded URL of the target;
-transient failures are retried on another URL with backoff; results are collated in order.
+Each call's fan-out (slots, order, retries, hedges, deadline) is a _fanout.Fanout run on
+that loop; this module posts one signed chunk and interprets the answer.
 """
 
 from __future__ import annotations
@@ -11,14 +11,12 @@ import atexit
 import concurrent.futures
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import aiohttp
 import msgspec
 
 from . import _http
@@ -30,16 +28,13 @@ from ._exceptions import (
     RemoteError,
     RequestRejected,
     SerializationError,
-    WorkerError,
     WorkerTimeout,
     WorkerUnavailable,
 )
+from ._fanout import Fanout, Policy, Tally
 
 logger = logging.getLogger("serverless.dispatch")
 T = TypeVar("T")
-
-BACKOFF_BASE = 0.05
-BACKOFF_CAP = 2.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +58,9 @@ class CallSpec:
     timeout: float
     retries: int
     then: list[p.Stage] = field(default_factory=list)  # fused pipeline stages after the first
+    deadline: float | None = None
+    hedge: bool = False
+    errors: str = "raise"
 
 
 @dataclass
@@ -85,16 +83,16 @@ class ChunkStats:
 class MapResult:
     results: list[Any]
     chunks: list[ChunkStats] = field(default_factory=list)
+    tally: Tally = field(default_factory=Tally)
 
 
 class Dispatcher:
-    """Owns the event-loop thread and the HTTP session; both are re-created after a fork."""
+    """Owns the event-loop thread and the HTTP client; both are re-created after a fork."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pid = -1
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._http: _http.Client | None = None  # the lean client: see _http.py
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
@@ -105,8 +103,7 @@ class Dispatcher:
                     target=loop.run_forever, name="serverless-dispatch", daemon=True
                 )
                 thread.start()
-                self._loop, self._session, self._pid = loop, None, os.getpid()
-                self._http = None
+                self._loop, self._pid, self._http = loop, os.getpid(), None
             return self._loop
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
@@ -131,128 +128,78 @@ class Dispatcher:
             raise
 
     def close(self) -> None:
-        loop, session = self._loop, self._session
+        loop = self._loop
         if loop is None or self._pid != os.getpid():
             return
-        if session is not None and loop.is_running():
-            with_timeout = asyncio.run_coroutine_threadsafe(session.close(), loop)
-            try:
-                with_timeout.result(2)
-            except Exception:  # best effort at exit
-                logger.debug("closing the HTTP session failed", exc_info=True)
         if self._http is not None:
             loop.call_soon_threadsafe(self._http.close)
         loop.call_soon_threadsafe(loop.stop)
-        self._loop = self._session = self._http = None
+        self._loop = self._http = None
 
     def _client(self) -> _http.Client:
         if self._http is None:
             self._http = _http.Client()
         return self._http
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        return self._session
-
     # -- the fan-out, on the loop thread ---------------------------------------------------
 
-    async def map(self, spec: CallSpec, target: Target, chunks: Iterator[Chunk]) -> MapResult:
-        session = self._get_session()
-        t0 = time.perf_counter()
-        load = dict.fromkeys(target.urls, 0)
-        slots = asyncio.Semaphore(spec.workers)
-        results: dict[int, list[Any]] = {}
-        stats: list[ChunkStats] = []
-        pending: set[asyncio.Task[None]] = set()
-        failed: list[BaseException] = []
-
-        async def one(index: int, offset: int, items: list[Any]) -> None:
-            try:
-                results[index], chunk_stats = await self._chunk(
-                    session, spec, target, load, (index, offset, items), t0
-                )
-                stats.append(chunk_stats)
-            finally:
-                slots.release()
-
-        def done(task: asyncio.Task[None]) -> None:
-            pending.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                failed.append(task.exception())  # type: ignore[arg-type]
-
-        try:
-            for chunk in chunks:
-                await slots.acquire()
-                if failed:
-                    slots.release()
-                    break
-                task = asyncio.create_task(one(*chunk))
-                pending.add(task)
-                task.add_done_callback(done)
-            while pending and not failed:
-                await asyncio.wait(set(pending), return_when=asyncio.FIRST_EXCEPTION)
-            if failed:
-                raise failed[0]
-        finally:
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
-        ordered = [item for index in sorted(results) for item in results[index]]
-        return MapResult(ordered, sorted(stats, key=lambda s: s.index))
-
-    async def _chunk(
+    def fanout(
         self,
-        session: aiohttp.ClientSession,
         spec: CallSpec,
         target: Target,
-        load: dict[str, int],
-        chunk: Chunk,
-        t0: float,
-    ) -> tuple[list[Any], ChunkStats]:
-        index, _, items = chunk
-        failed_urls: set[str] = set()
-        for attempt in range(1, spec.retries + 2):
-            url = min(load, key=lambda u: (u in failed_urls, load[u]))
-            load[url] += 1
+        chunks: Iterator[Chunk],
+        tally: Tally,
+        *,
+        lazy_input: bool = False,
+    ) -> Fanout:
+        """The fan-out of one call (see _fanout.py); iterate `.results()` on the loop."""
+
+        async def attempt(
+            url: str, chunk: Chunk, number: int, timeout: float
+        ) -> tuple[list[Any], ChunkStats]:
             start = time.perf_counter()
-            try:
-                reply = await self._post(session, spec, target, url, chunk)
-            except WorkerError as exc:
-                if not exc.retryable or attempt > spec.retries:
-                    raise
-                logger.info("retrying chunk %d of %s: %s", index, spec.function, exc)
-                failed_urls.add(url)
-                delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1))
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                continue
-            finally:
-                load[url] -= 1
+            reply = await self._post(spec, target, url, chunk, timeout)
             assert reply.results is not None
             stats = ChunkStats(
-                index=index,
-                size=len(items),
+                index=chunk[0],
+                size=len(chunk[2]),
                 worker=reply.worker,
                 url=url,
-                start=start - t0,
-                end=time.perf_counter() - t0,
+                start=start,
+                end=time.perf_counter(),
                 queue_s=reply.queue_s,
                 compute_s=reply.compute_s,
-                attempts=attempt,
+                attempts=number,
                 stages=reply.stages or [],
             )
             return reply.results, stats
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        policy = Policy(spec.workers, spec.retries, spec.deadline, spec.hedge, spec.errors)
+        return Fanout(
+            spec.function,
+            target.urls,
+            chunks,
+            attempt,
+            policy,
+            tally,
+            lazy_input=lazy_input,
+            timeout=spec.timeout,
+        )
+
+    async def map(
+        self, spec: CallSpec, target: Target, chunks: Iterator[Chunk], *, lazy_input: bool = False
+    ) -> MapResult:
+        """The whole call: every result, in order."""
+        tally = Tally()
+        results: list[Any] = []
+        async for batch in self.fanout(
+            spec, target, chunks, tally, lazy_input=lazy_input
+        ).results():
+            results += batch
+        return MapResult(results, sorted(tally.chunks, key=lambda c: c.index), tally)
 
     async def _post(
-        self,
-        session: aiohttp.ClientSession,
-        spec: CallSpec,
-        target: Target,
-        url: str,
-        chunk: Chunk,
+        self, spec: CallSpec, target: Target, url: str, chunk: Chunk, timeout: float
     ) -> p.Reply:
         index, offset, items = chunk
         request_id = p.new_request_id()
@@ -276,11 +223,11 @@ class Dispatcher:
         headers = p.signed_headers(target.keyring, target.route, spec.function, request_id, body)
         what = f"chunk {index} of {spec.function}"
         try:
-            response = await self._client().post(url, body, headers, spec.timeout)
+            response = await self._client().post(url, body, headers, timeout)
         except _http.InvalidURL as exc:
             raise ConfigurationError(f"invalid worker URL {url!r}") from exc
         except (asyncio.TimeoutError, TimeoutError) as exc:
-            raise WorkerTimeout(f"{what} took longer than {spec.timeout}s", url=url) from exc
+            raise WorkerTimeout(f"{what} took longer than {timeout:.3g}s", url=url) from exc
         except _http.TransportError as exc:
             raise WorkerUnavailable(f"{what} failed: {exc}", url=url) from exc
         raw, status, content_type = response.body, response.status, response.content_type

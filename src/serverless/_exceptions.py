@@ -4,6 +4,7 @@
     ├── ConfigurationError (also ValueError)   bad options, missing secret, bad route
     ├── SerializationError (also TypeError)    a value that the wire format cannot carry
     ├── RemoteError                            the user's function raised on a worker
+    ├── DeadlineExceeded (also TimeoutError)   the call's overall deadline passed
     └── WorkerError                            no usable answer from a worker (has .url, .status)
         ├── RequestRejected                    the worker refused the request (4xx): not retried
         ├── WorkerUnavailable                  connection lost, 502/503/504: retried
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigurationError",
+    "DeadlineExceeded",
     "ProtocolError",
     "RemoteError",
     "RemoteTraceback",
@@ -82,6 +84,10 @@ class RemoteError(ServerlessError):
         self.item = item
         self.worker = worker
         self.__cause__ = RemoteTraceback(traceback)
+
+
+class DeadlineExceeded(ServerlessError, TimeoutError):
+    """The call's overall deadline passed; the message names the chunks still running."""
 
 
 class WorkerError(ServerlessError):

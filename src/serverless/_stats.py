@@ -14,7 +14,8 @@ class StepStats:
 
     duration: wall time in the caller; workers: chunks sent (1 for a sequential step);
     count / count_out: elements in and out; compute_s: the sum of worker-side compute time;
-    retries: extra attempts beyond one per chunk; chunks: per-chunk measurements.
+    retries: extra attempts beyond one per chunk; hedges: duplicates sent for stragglers;
+    chunks: per-chunk measurements (the first 10,000 of a call; the counters are exact).
     """
 
     name: str
@@ -25,6 +26,7 @@ class StepStats:
     count_out: int
     compute_s: float
     retries: int = 0
+    hedges: int = 0
     target: str = "local"
     chunks: list[ChunkStats] = field(default_factory=list)
 
