@@ -105,3 +105,35 @@ def explode_on_nine(numbers: list[int]) -> list[int]:
         if n == 9:
             raise ValueError("nine")
     return numbers
+
+
+@serverless.parallel
+def straggle(numbers: list[int], marker: str, stall: float = 20.0) -> list[int]:
+    """The first run that meets item 0 creates `marker` and stalls; later runs are quick:
+    a straggler that a hedged duplicate overtakes."""
+    if 0 in numbers:
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            time.sleep(stall)
+        except FileExistsError:
+            pass
+    return numbers
+
+
+@serverless.parallel
+def hang_on(numbers: list[int], bad: int, seconds: float = 30.0) -> list[int]:
+    for n in numbers:
+        if n == bad:
+            time.sleep(seconds)
+    return numbers
+
+
+@serverless.parallel
+def reject(numbers: list[int], bad: list[int]) -> list[int]:
+    """Raises on every item listed in `bad`."""
+    out = []
+    for n in numbers:
+        if n in bad:
+            raise ValueError(f"cannot handle {n}")
+        out.append(n)
+    return out

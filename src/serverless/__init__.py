@@ -18,6 +18,7 @@ from ._config import Options
 from ._dispatch import ChunkStats
 from ._exceptions import (
     ConfigurationError,
+    DeadlineExceeded,
     ProtocolError,
     RemoteError,
     RemoteTraceback,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ChunkStats",
     "ConfigurationError",
+    "DeadlineExceeded",
     "Options",
     "ParallelFunction",
     "Pipeline",

@@ -201,37 +201,47 @@ class Dispatcher:
     async def _post(
         self, spec: CallSpec, target: Target, url: str, chunk: Chunk, timeout: float
     ) -> p.Reply:
-        index, offset, items = chunk
-        request_id = p.new_request_id()
-        call = p.Call(
-            v=p.VERSION,
-            fn=spec.function,
-            id=request_id,
-            index=index,
-            items=items,
-            args=spec.args,
-            kwargs=spec.kwargs,
-            bind=spec.bind,
-            then=spec.then,
-        )
-        body = p.encode(call)
-        if len(body) > target.max_body:
-            raise ConfigurationError(
-                f"chunk {index} of {spec.function} encodes to {len(body)} bytes, over the "
-                f"{target.max_body}-byte request limit: use a smaller chunk_size or more workers"
-            )
-        headers = p.signed_headers(target.keyring, target.route, spec.function, request_id, body)
-        what = f"chunk {index} of {spec.function}"
-        try:
-            response = await self._client().post(url, body, headers, timeout)
-        except _http.InvalidURL as exc:
-            raise ConfigurationError(f"invalid worker URL {url!r}") from exc
-        except (asyncio.TimeoutError, TimeoutError) as exc:
-            raise WorkerTimeout(f"{what} took longer than {timeout:.3g}s", url=url) from exc
-        except _http.TransportError as exc:
-            raise WorkerUnavailable(f"{what} failed: {exc}", url=url) from exc
+        what = f"chunk {chunk[0]} of {spec.function}"
+        for fresh_connection in (False, True):
+            body, headers = _signed(spec, target, chunk)
+            try:
+                response = await self._client().post(url, body, headers, timeout)
+                break
+            except _http.StaleConnection as exc:
+                if fresh_connection:  # pragma: no cover - a fresh connection is never stale
+                    raise WorkerUnavailable(f"{what} failed: {exc}", url=url) from exc
+            except _http.InvalidURL as exc:
+                raise ConfigurationError(f"invalid worker URL {url!r}") from exc
+            except (asyncio.TimeoutError, TimeoutError) as exc:
+                raise WorkerTimeout(f"{what} took longer than {timeout:.3g}s", url=url) from exc
+            except _http.TransportError as exc:
+                raise WorkerUnavailable(f"{what} failed: {exc}", url=url) from exc
         raw, status, content_type = response.body, response.status, response.content_type
-        return _interpret(spec.function, what, url, offset, status, content_type, raw)
+        return _interpret(spec.function, what, url, chunk[1], status, content_type, raw)
+
+
+def _signed(spec: CallSpec, target: Target, chunk: Chunk) -> tuple[bytes, dict[str, str]]:
+    """The chunk's envelope and its signed headers, with a request id of its own."""
+    index, _, items = chunk
+    request_id = p.new_request_id()
+    call = p.Call(
+        v=p.VERSION,
+        fn=spec.function,
+        id=request_id,
+        index=index,
+        items=items,
+        args=spec.args,
+        kwargs=spec.kwargs,
+        bind=spec.bind,
+        then=spec.then,
+    )
+    body = p.encode(call)
+    if len(body) > target.max_body:
+        raise ConfigurationError(
+            f"chunk {index} of {spec.function} encodes to {len(body)} bytes, over the "
+            f"{target.max_body}-byte request limit: use a smaller chunk_size or more workers"
+        )
+    return body, p.signed_headers(target.keyring, target.route, spec.function, request_id, body)
 
 
 def _interpret(

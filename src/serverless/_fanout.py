@@ -107,6 +107,7 @@ class Fanout:
         self.lazy_input = lazy_input
         self.timeout = timeout
         self.load = dict.fromkeys(urls, 0)
+        self.down: set[str] = set()  # URLs that lost a connection during this call
         self.started = time.perf_counter()
         self.deadline_at = None if policy.deadline is None else self.started + policy.deadline
         self.running: dict[int, _Chunk] = {}
@@ -244,7 +245,7 @@ class Fanout:
     async def _attempts(self, owner: _Chunk, chunk: Chunk, avoid: set[str], lane: int) -> list[Any]:
         failed = set(avoid)
         for attempt in range(1, self.policy.retries + 2):
-            url = min(self.load, key=lambda u: (u in failed, self.load[u]))
+            url = min(self.load, key=lambda u: (u in failed, u in self.down, self.load[u]))
             self.load[url] += 1
             owner.urls.append(url)
             timeout = self.timeout
@@ -258,6 +259,8 @@ class Fanout:
                     raise
                 logger.info("retrying chunk %d of %s: %s", chunk[0], self.function, exc)
                 failed.add(url)
+                if exc.status is None:  # no HTTP answer at all: send elsewhere from now on
+                    self.down.add(url)
                 delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1))
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: no herd
                 continue

@@ -25,6 +25,13 @@ class TransportError(Exception):
     """The connection failed or the answer was not HTTP: a retry elsewhere may help."""
 
 
+class StaleConnection(TransportError):
+    """A kept-alive connection failed before any byte of an answer: most often the server
+    closed it while idle, so sending again on a fresh one is right; but the server may have
+    received the request, so the caller sends it again signed anew (a new request id), never
+    the same bytes, which a worker would refuse as a replay."""
+
+
 class InvalidURL(ValueError):
     pass
 
@@ -196,27 +203,23 @@ class Client:
         return await asyncio.wait_for(self._exchange(origin, head, body), timeout)
 
     async def _exchange(self, origin: _Origin, head: bytes, body: bytes) -> Response:
-        for _ in range(2):
-            conn = self._take(origin)
-            reused = conn is not None
-            if conn is None:
-                conn = await self._connect(origin)
-            try:
-                response = await conn.send(head, body)
-            except TransportError:
-                conn.close()
-                # A kept-alive connection the server closed while idle fails before any byte
-                # of an answer: send once more on a fresh connection. Anything else is final.
-                if reused and not conn.received_anything:
-                    continue
-                raise
-            except BaseException:  # cancelled or timed out mid-request: the stream is unusable
-                conn.close()
-                raise
-            if not conn.closed:
-                self._idle.setdefault(origin, []).append(conn)
-            return response
-        raise AssertionError("unreachable")  # pragma: no cover
+        conn = self._take(origin)
+        reused = conn is not None
+        if conn is None:
+            conn = await self._connect(origin)
+        try:
+            response = await conn.send(head, body)
+        except TransportError as exc:
+            conn.close()
+            if reused and not conn.received_anything:
+                raise StaleConnection(str(exc)) from exc
+            raise
+        except BaseException:  # cancelled or timed out mid-request: the stream is unusable
+            conn.close()
+            raise
+        if not conn.closed:
+            self._idle.setdefault(origin, []).append(conn)
+        return response
 
     def close(self) -> None:
         for idle in self._idle.values():

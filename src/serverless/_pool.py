@@ -39,6 +39,7 @@ logger = logging.getLogger("serverless.pool")
 
 ROUTE = "/serverless"
 START_TIMEOUT = 60.0
+WATCH_INTERVAL = 0.25  # seconds between checks that every local worker is alive
 
 
 class LocalPool:
@@ -54,6 +55,7 @@ class LocalPool:
         self.keyring = Keyring(self._secret)
         self._modules = modules
         self._lock = threading.Lock()
+        self._closed = threading.Event()
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * processes
         self.urls: list[str] = [""] * processes
 
@@ -66,10 +68,22 @@ class LocalPool:
         for slot, (proc, port_fd) in enumerate(started):
             self._procs[slot] = proc
             self.urls[slot] = self._await_port(proc, port_fd)
+        threading.Thread(target=self._watch, name="serverless-pool-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        """Replace a worker that dies (killed, crashed) at once, not at the next call: the
+        call running now retries its chunks on the others, the next one finds a full pool."""
+        while not self._closed.wait(WATCH_INTERVAL):
+            try:
+                self.revive()
+            except Exception:  # logged; the next call's revive() raises it to the caller
+                logger.exception("replacing a local worker failed")
 
     def revive(self) -> None:
         """Replace worker processes that died (killed, crashed) since the last call."""
         with self._lock:
+            if self._closed.is_set():
+                return
             for slot, proc in enumerate(self._procs):
                 if proc is not None and proc.poll() is not None:
                     logger.warning(
@@ -132,6 +146,11 @@ class LocalPool:
         )
 
     def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         procs = [p for p in self._procs if p is not None]
         for proc in procs:
             if proc.poll() is None:
