@@ -12,8 +12,8 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from . import _pool, _registry
 from ._asgi import ASGIApp, ASGIEndpoint
-from ._chunking import Chunk, chunk_iterable, chunk_sequence
-from ._config import DEFAULT_STREAM_CHUNK, Options, configure, secrets_from_env
+from ._chunking import AdaptiveChunks, Chunk, chunk_adaptive, chunk_iterable, chunk_sequence
+from ._config import Options, configure, secrets_from_env
 from ._dispatch import CallSpec, ChunkStats, dispatcher
 from ._exceptions import ConfigurationError, ProtocolError
 from ._protocol import MAX_BODY, STAGE_SEPARATOR, TOLERANCE, Keyring, Stage
@@ -186,7 +186,11 @@ class ParallelFunction(_Step[P, R]):
         )
         if isinstance(items, Sequence):
             return spec, chunk_sequence(items, opts.workers, opts.chunk_size), len(items)
-        return spec, chunk_iterable(items, opts.chunk_size or DEFAULT_STREAM_CHUNK), None
+        if opts.chunk_size is None:  # unknown length: sizes follow the measured compute
+            policy = AdaptiveChunks()
+            spec = dataclasses.replace(spec, on_reply=policy.observe)
+            return spec, chunk_adaptive(items, policy), None
+        return spec, chunk_iterable(items, opts.chunk_size), None
 
     def _finish(
         self, results: list[Any], chunks: list[Any], count: int | None, started: float, kind: str

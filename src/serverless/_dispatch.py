@@ -14,7 +14,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -63,6 +63,9 @@ class CallSpec:
     timeout: float
     retries: int
     then: list[p.Stage] = field(default_factory=list)  # fused pipeline stages after the first
+    # called on the loop thread with (items, worker compute seconds) of each reply: the hook
+    # of the adaptive chunk sizing (_chunking.AdaptiveChunks.observe)
+    on_reply: Callable[[int, float], None] | None = None
 
 
 @dataclass
@@ -174,6 +177,8 @@ class Dispatcher:
                     session, spec, target, load, (index, offset, items), t0
                 )
                 stats.append(chunk_stats)
+                if spec.on_reply is not None:
+                    spec.on_reply(chunk_stats.size, chunk_stats.compute_s)
             finally:
                 slots.release()
 
