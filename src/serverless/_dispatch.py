@@ -1,4 +1,4 @@
-"""The fan-out client: one aiohttp session per process on a background event-loop thread.
+"""The fan-out client: one HTTP client per process on a background event-loop thread.
 
 Chunks go out with at most `workers` in flight, each to the least-loaded URL of the target;
 transient failures are retried on another URL with backoff; results are collated in order.
@@ -18,7 +18,6 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import aiohttp
 import msgspec
 
 from . import _http
@@ -91,13 +90,12 @@ class MapResult:
 
 
 class Dispatcher:
-    """Owns the event-loop thread and the HTTP session; both are re-created after a fork."""
+    """Owns the event-loop thread and the HTTP client; both are re-created after a fork."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pid = -1
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._http: _http.Client | None = None  # the lean client: see _http.py
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
@@ -108,8 +106,7 @@ class Dispatcher:
                     target=loop.run_forever, name="serverless-dispatch", daemon=True
                 )
                 thread.start()
-                self._loop, self._session, self._pid = loop, None, os.getpid()
-                self._http = None
+                self._loop, self._http, self._pid = loop, None, os.getpid()
             return self._loop
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
@@ -134,35 +131,22 @@ class Dispatcher:
             raise
 
     def close(self) -> None:
-        loop, session = self._loop, self._session
+        loop, client = self._loop, self._http
         if loop is None or self._pid != os.getpid():
             return
-        if session is not None and loop.is_running():
-            with_timeout = asyncio.run_coroutine_threadsafe(session.close(), loop)
-            try:
-                with_timeout.result(2)
-            except Exception:  # best effort at exit
-                logger.debug("closing the HTTP session failed", exc_info=True)
-        if self._http is not None:
-            loop.call_soon_threadsafe(self._http.close)
+        if client is not None:
+            loop.call_soon_threadsafe(client.close)
         loop.call_soon_threadsafe(loop.stop)
-        self._loop = self._session = self._http = None
+        self._loop = self._http = None
 
     def _client(self) -> _http.Client:
         if self._http is None:
             self._http = _http.Client()
         return self._http
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        return self._session
-
     # -- the fan-out, on the loop thread ---------------------------------------------------
 
     async def map(self, spec: CallSpec, target: Target, chunks: Iterator[Chunk]) -> MapResult:
-        session = self._get_session()
         t0 = time.perf_counter()
         load = dict.fromkeys(target.urls, 0)
         slots = asyncio.Semaphore(spec.workers)
@@ -174,7 +158,7 @@ class Dispatcher:
         async def one(index: int, offset: int, items: list[Any]) -> None:
             try:
                 results[index], chunk_stats = await self._chunk(
-                    session, spec, target, load, (index, offset, items), t0
+                    spec, target, load, (index, offset, items), t0
                 )
                 stats.append(chunk_stats)
                 if spec.on_reply is not None:
@@ -210,7 +194,6 @@ class Dispatcher:
 
     async def _chunk(
         self,
-        session: aiohttp.ClientSession,
         spec: CallSpec,
         target: Target,
         load: dict[str, int],
@@ -224,7 +207,7 @@ class Dispatcher:
             load[url] += 1
             start = time.perf_counter()
             try:
-                reply = await self._post(session, spec, target, url, chunk)
+                reply = await self._post(spec, target, url, chunk)
             except WorkerError as exc:
                 if not exc.retryable or attempt > spec.retries:
                     raise
@@ -253,7 +236,6 @@ class Dispatcher:
 
     async def _post(
         self,
-        session: aiohttp.ClientSession,
         spec: CallSpec,
         target: Target,
         url: str,
