@@ -13,8 +13,8 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from . import _pool, _registry
 from ._asgi import ASGIApp, ASGIEndpoint
-from ._chunking import Chunk, chunk_iterable, chunk_sequence
-from ._config import DEFAULT_STREAM_CHUNK, Options, configure, secrets_from_env
+from ._chunking import AdaptiveChunks, Chunk, chunk_adaptive, chunk_iterable, chunk_sequence
+from ._config import Options, configure, secrets_from_env
 from ._dispatch import CallSpec, ChunkStats, Target, dispatcher
 from ._exceptions import ConfigurationError, ProtocolError
 from ._fanout import Tally, close_batches, next_batch
@@ -240,8 +240,11 @@ class ParallelFunction(_Step[P, R]):
         if isinstance(items, Sequence):
             chunks = chunk_sequence(items, opts.workers, opts.chunk_size)
             return _Call(spec, chunks, len(items), False)
-        chunks = chunk_iterable(items, opts.chunk_size or DEFAULT_STREAM_CHUNK)
-        return _Call(spec, chunks, None, True)
+        if opts.chunk_size is None:  # unknown length: sizes follow the measured compute
+            policy = AdaptiveChunks()
+            spec = dataclasses.replace(spec, on_reply=policy.observe)
+            return _Call(spec, chunk_adaptive(items, policy), None, True)
+        return _Call(spec, chunk_iterable(items, opts.chunk_size), None, True)
 
     def _finish(
         self, results: list[Any] | int, tally: Tally, call: _Call, kind: str

@@ -41,3 +41,53 @@ def chunk_iterable(items: Iterable[Any], chunk_size: int) -> Iterator[Chunk]:
             return
         yield index, offset, chunk
         offset += len(chunk)
+
+
+class AdaptiveChunks:
+    """Chunk sizes for an input of unknown length when the user set no chunk_size.
+
+    Starts small, so the first replies come back fast and every worker gets work at once; then
+    sizes each further chunk so that it carries about `target_s` of worker-side compute, as
+    measured on the replies so far (a moving estimate of seconds per item). Per-request
+    overhead (signing, encoding, the round trip: ~0.2-0.5 ms) then stays a small fraction of
+    each request, and no chunk grows so large that one slow worker holds up the end.
+    A pure policy: the dispatcher reports each reply through `observe`.
+    """
+
+    def __init__(
+        self,
+        start: int = 8,
+        target_s: float = 0.075,
+        max_size: int = 20_000,
+        growth: float = 4.0,
+    ) -> None:
+        self.start, self.target_s, self.max_size, self.growth = start, target_s, max_size, growth
+        self.size = start
+        self._per_item: float | None = None  # seconds of compute per item, smoothed
+        self._largest_seen = 0
+
+    def next_size(self) -> int:
+        return self.size
+
+    def observe(self, size: int, compute_s: float) -> None:
+        """One reply: `size` items took `compute_s` seconds on the worker."""
+        if size <= 0:
+            return
+        rate = max(compute_s, 0.0) / size
+        self._per_item = rate if self._per_item is None else 0.5 * self._per_item + 0.5 * rate
+        self._largest_seen = max(self._largest_seen, size)
+        wanted = self.target_s / self._per_item if self._per_item > 0 else float(self.max_size)
+        ceiling = max(self.start, self._largest_seen * self.growth)  # grow in steps, not leaps
+        self.size = int(max(1, min(wanted, ceiling, self.max_size)))
+
+
+def chunk_adaptive(items: Iterable[Any], policy: AdaptiveChunks) -> Iterator[Chunk]:
+    """Chunks of any iterable, each as large as `policy` says when it is cut; read lazily."""
+    iterator = iter(items)
+    offset = 0
+    for index in itertools.count():
+        chunk = list(itertools.islice(iterator, policy.next_size()))
+        if not chunk:
+            return
+        yield index, offset, chunk
+        offset += len(chunk)

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -61,6 +61,9 @@ class CallSpec:
     deadline: float | None = None
     hedge: bool = False
     errors: str = "raise"
+    # called on the loop thread with (items, worker compute seconds) of each reply: the hook
+    # of the adaptive chunk sizing (_chunking.AdaptiveChunks.observe)
+    on_reply: Callable[[int, float], None] | None = None
 
 
 @dataclass
@@ -172,6 +175,8 @@ class Dispatcher:
                 attempts=number,
                 stages=reply.stages or [],
             )
+            if spec.on_reply is not None:
+                spec.on_reply(stats.size, stats.compute_s)
             return reply.results, stats
 
         policy = Policy(spec.workers, spec.retries, spec.deadline, spec.hedge, spec.errors)

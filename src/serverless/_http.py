@@ -116,6 +116,7 @@ class _Connection(asyncio.Protocol):
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+            self._body = []  # an idle connection must not keep its last answer alive
             waiter.set_result(Response(self._status, self._content_type, body))
 
     def _fail(self, exc: Exception) -> None:
