@@ -542,10 +542,21 @@ def _mutate(rng: random.Random, request: Request) -> tuple[str, Request, set[int
 
 
 def test_fuzz_mutated_requests_are_refused_and_run_nothing(worker: Worker) -> None:
-    rng = random.Random(f"hostile-fuzz-{worker.kind}")
+    fuzz_mutated(worker, 250)
+
+
+@pytest.mark.slow
+def test_fuzz_campaign_of_thousands(worker: Worker) -> None:
+    """The long campaign (pytest -m slow): 5,000 mutated and 3,000 mangled requests."""
+    fuzz_mutated(worker, 5000, "long")
+    fuzz_signed_garbage(worker, 3000, "long")
+
+
+def fuzz_mutated(worker: Worker, rounds: int, campaign: str = "") -> None:
+    rng = random.Random(f"hostile-fuzz-{worker.kind}{campaign}")
     before = worker.runs()
     failures = []
-    for n in range(250):
+    for n in range(rounds):
         kind, request, expected = _mutate(rng, _fresh(rng))
         status, reply = send(worker, request)
         rejected = reply is not None and reply.error is not None and reply.error.kind == "rejected"
@@ -560,9 +571,13 @@ def test_fuzz_mutated_requests_are_refused_and_run_nothing(worker: Worker) -> No
 def test_fuzz_signed_garbage_never_crashes_the_worker(worker: Worker) -> None:
     """Authenticated but mangled envelopes: a 400, or a run (200, or a structured 500 for the
     function's own error), never an unstructured 500."""
-    rng = random.Random(f"signed-fuzz-{worker.kind}")
+    fuzz_signed_garbage(worker, 150)
+
+
+def fuzz_signed_garbage(worker: Worker, rounds: int, campaign: str = "") -> None:
+    rng = random.Random(f"signed-fuzz-{worker.kind}{campaign}")
     failures = []
-    for n in range(150):
+    for n in range(rounds):
         fmt = rng.choice([p.JSON, p.MSGPACK])
         rid = secrets.token_hex(16)
         items = [rng.randrange(-1000, 1000) for _ in range(rng.randrange(1, 10))]

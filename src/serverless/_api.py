@@ -343,6 +343,10 @@ def parallel(
     timeout: float | None = None,
     retries: int | None = None,
     url: str | None = None,
+    deadline: float | None = None,
+    idempotent: bool | None = None,
+    hedge: bool | None = None,
+    errors: str | None = None,
 ) -> Callable[[Callable[P, R]], ParallelFunction[P, R]]: ...
 def parallel(
     func: Callable[P, R] | None = None,
@@ -353,13 +357,25 @@ def parallel(
     timeout: float | None = None,
     retries: int | None = None,
     url: str | None = None,
+    deadline: float | None = None,
+    idempotent: bool | None = None,
+    hedge: bool | None = None,
+    errors: str | None = None,
 ) -> ParallelFunction[P, R] | Callable[[Callable[P, R]], ParallelFunction[P, R]]:
     """Run the function on chunks of its first argument, in parallel, on HTTP workers.
 
     Use bare (`@serverless.parallel`) or with options (see `serverless.Options`).
     """
     options = Options().merged(
-        workers=workers, chunk_size=chunk_size, timeout=timeout, retries=retries, url=url
+        workers=workers,
+        chunk_size=chunk_size,
+        timeout=timeout,
+        retries=retries,
+        url=url,
+        deadline=deadline,
+        idempotent=idempotent,
+        hedge=hedge,
+        errors=errors,
     )
     if func is not None:
         return ParallelFunction(func, options)

@@ -64,13 +64,15 @@ def get_address(zipcode: int, geocoder: str) -> Entry:
     return zipcode, time.perf_counter() - start, json.loads(body)["address"]
 
 
-@serverless.parallel
+# Lookups are context-free, as the seed's were: running one twice is harmless, so a chunk
+# that straggles at the end of the run may be hedged (sent again elsewhere, first answer wins).
+@serverless.parallel(idempotent=True)
 def geolocate(zipcodes: list[int], geocoder: str) -> list[Entry]:
     # run in parallel on a cluster
     return [get_address(zipcode, geocoder) for zipcode in zipcodes]
 
 
-@serverless.parallel
+@serverless.parallel(idempotent=True)
 def cleanup(addresses: list[Entry]) -> Any:
     # run in parallel on a cluster
     return filter(lambda entry: entry[2], addresses)
