@@ -211,9 +211,10 @@ def test_the_doc_client_agrees_with_the_library() -> None:
     ours = string_to_sign("POST", ROUTE, SQUARE, EXAMPLE_TIMESTAMP, EXAMPLE_REQUEST_ID, body)
     theirs = p.string_to_sign("POST", ROUTE, SQUARE, EXAMPLE_TIMESTAMP, EXAMPLE_REQUEST_ID, body)
     assert ours == theirs
-    assert sign(ours, SECRET, EXAMPLE_OLD_SECRET) == p.Keyring([SECRET, EXAMPLE_OLD_SECRET]).sign(
-        theirs
-    )
+    ring = p.Keyring([SECRET, EXAMPLE_OLD_SECRET])
+    assert sign(ours, SECRET) == ring.sign(theirs)  # the library sends its signing key's only
+    assert ring.verify(theirs, sign(ours, SECRET, EXAMPLE_OLD_SECRET)) is True
+    assert ring.verify(theirs, sign(ours, EXAMPLE_OLD_SECRET)) is True
     assert p.decode_call(body, p.JSON) == p.Call(
         v=1,
         fn=SQUARE,

@@ -543,7 +543,7 @@ def init(
     """Configure this process as caller and return the worker route to mount.
 
     route: the path of the worker route (also signed, so both sides must agree).
-    secret: the HMAC secret, or several during a key rotation (all sign, all verify);
+    secret: the HMAC secret, or several during a key rotation (the first signs, all verify);
         defaults to $SERVERLESS_SECRET (several separated by commas).
     url: send chunks to this URL (a load balancer in front of workers) instead of calling
         back into the current request's app or using the local pool; or $SERVERLESS_URL.

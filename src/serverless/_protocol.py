@@ -145,7 +145,11 @@ def string_to_sign(
 
 
 class Keyring:
-    """Secrets known to this process: all verify, all sign (so a rolling rotation works)."""
+    """Secrets known to this process: the first signs, all verify.
+
+    One signing key at a time, so that once every caller has moved to a new key the old one
+    is out of circulation and can be revoked; several verifying keys, so that a rotation is
+    rolled out without refusing anything (docs/deploy.md)."""
 
     def __init__(self, secrets_: str | Sequence[str]) -> None:
         items = [secrets_] if isinstance(secrets_, str) else list(secrets_)
@@ -158,11 +162,9 @@ class Keyring:
         return list(self._keys)
 
     def sign(self, message: bytes) -> str:
-        """The Serverless-Signature header value: `kid=hex` for every key, comma-separated."""
-        return ", ".join(
-            f"{kid}={hmac.new(key, message, hashlib.sha256).hexdigest()}"
-            for kid, key in self._keys.items()
-        )
+        """The Serverless-Signature header value, `kid=hex`, with the signing key."""
+        kid, key = next(iter(self._keys.items()))
+        return f"{kid}={hmac.new(key, message, hashlib.sha256).hexdigest()}"
 
     def verify(self, message: bytes, header: str) -> bool | None:
         """True if a signature checks out, False if none does, None if no key id is known."""
