@@ -33,7 +33,9 @@ def test_demo_report_has_the_seeds_format() -> None:
         r'  1 - Step "geolocate" took \d+\.\d\ds for 20 workers and 300 elements', lines[6]
     )
     assert re.fullmatch(
-        r'  2 - Step "cleanup" took \d+\.\d\ds for 20 workers and 300 elements', lines[7]
+        r'  2 - Step "cleanup" took \d+\.\d\ds for 20 workers and 300 elements'
+        r" \(in the same requests as step 1\)",
+        lines[7],
     )
     assert re.fullmatch(
         r'  3 - Step "sort" took \d+\.\d\ds for 1 worker and \d+ elements', lines[8]

@@ -143,7 +143,8 @@ def test_demo_figures_hold_together() -> None:
     assert {line.split(" => ")[0] for line in resolved} == expected
     assert cleanup["count_out"] == sort["count"] == len(resolved)
     assert geolocate["target"] == "local"
-    assert len([c for c in figures["timeline"] if c["step"] == "geolocate"]) == 15
+    assert cleanup["fused_with"] == 1  # geolocate and cleanup ran in the same requests
+    assert [c["step"] for c in figures["timeline"]] == ["geolocate+cleanup"] * 15
     assert all(
         0 <= c["start"] <= c["end"] <= figures["parallel_duration"] + 0.01
         for c in figures["timeline"]
@@ -194,7 +195,7 @@ def test_web_page_in_a_real_browser(web_demo: str, tmp_path: Path) -> None:
             report = page.inner_text("#report")
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
             bars = page.locator("rect.chunk").count()
-            geolocate_bars = page.locator('rect.chunk[data-step="geolocate"]').count()
+            fused_bars = page.locator('rect.chunk[data-step="geolocate+cleanup"]').count()
             resolved = page.locator("#addresses div").count()
             heading = page.inner_text("#resolved")
         finally:
@@ -205,7 +206,7 @@ def test_web_page_in_a_real_browser(web_demo: str, tmp_path: Path) -> None:
     assert lines[:2] == ["*Serverless Pipeline Demo*", "Number of zipcodes = 400"]
     assert re.fullmatch(r"Speedup = \d+\.\dX", lines[4])
     assert "Workers: self (" in report  # the app called back into itself
-    assert (geolocate_bars, bars) == (20, 40)  # one bar per chunk of each parallel step
+    assert fused_bars == bars == 20  # one bar per chunk: geolocate and cleanup, fused
     expected = sum(1 for z in pipeline.zipcodes(400, 4) if zipcodes.filter_by(zip_code=f"{z:05d}"))
     assert resolved == expected and heading == f"({expected} of 400)"
 

@@ -56,6 +56,17 @@ def test_different_targets_are_not_fused() -> None:
     assert [len(g) for g in groups] == [2, 1, 1]
 
 
+def test_partial_binds_arguments_and_may_open_a_fused_group() -> None:
+    assert sf.square.partial(10, scale=2)([1, 2]) == [22, 28]
+    assert sf.square.partial(10).partial(scale=3)([1]) == [33]
+    assert sf.square.partial(10)([1], scale=2) == [22]  # call-time keywords still apply
+    run = serverless.Pipeline(sf.square.partial(1), sf.odd_only).execute(list(range(10)))
+    assert run.steps[0].chunks is run.steps[1].chunks  # fused: the first stage carries args
+    assert run.result == [n * n + 1 for n in range(10) if (n * n + 1) % 2]
+    groups = serverless._api._fusion_groups([sf.square, sf.odd_only.partial(1)])  # type: ignore[attr-defined]
+    assert [len(g) for g in groups] == [1, 1]  # a later stage carries no arguments
+
+
 def test_async_and_sync_stages_fuse_and_a_generator_input_streams() -> None:
     run = serverless.Pipeline(sf.async_double, sf.square).execute(n for n in range(100))
     assert run.result == [(2 * n) ** 2 for n in range(100)]

@@ -130,6 +130,17 @@ class ParallelFunction(_Step[P, R]):
         clone.stats = None
         return clone
 
+    def partial(self, *args: Any, **kwargs: Any) -> ParallelFunction[P, R]:
+        """The same function with extra arguments bound, as functools.partial does after the
+        items: `Pipeline(geolocate.partial(geocoder_url), cleanup, sort)`."""
+        clone = self.with_options()
+        clone._bound_args = (*self._bound_args, *args)
+        clone._bound_kwargs = {**self._bound_kwargs, **kwargs}
+        return clone
+
+    _bound_args: tuple[Any, ...] = ()
+    _bound_kwargs: dict[str, Any] = {}  # noqa: RUF012 - replaced, never mutated
+
     def _run(
         self, bind: str, receiver: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[R, StepStats]:
@@ -228,8 +239,8 @@ class ParallelFunction(_Step[P, R]):
         spec = CallSpec(
             function=self.entry.name,
             bind=bind,
-            args=list(args[1:]),
-            kwargs=dict(kwargs),
+            args=[*args[1:], *self._bound_args],
+            kwargs={**self._bound_kwargs, **kwargs},
             workers=opts.workers,
             timeout=opts.timeout,
             retries=opts.retries,
@@ -439,11 +450,13 @@ def _parallel_part(step: Any) -> tuple[ParallelFunction[Any, Any], str] | None:
 
 
 def _fusion_groups(steps: Sequence[Any]) -> list[list[Any]]:
-    """Runs of consecutive parallel steps with the same target; anything else alone."""
+    """Runs of consecutive parallel steps with the same target; anything else alone. A step
+    with bound arguments (`partial`) may only open a group: a later stage carries none."""
     groups: list[list[Any]] = []
     for step in steps:
         part, last = _parallel_part(step), _parallel_part(groups[-1][-1]) if groups else None
-        if part and last and part[0].options.url == last[0].options.url:
+        bound = part is not None and bool(part[0]._bound_args or part[0]._bound_kwargs)
+        if part and last and not bound and part[0].options.url == last[0].options.url:
             groups[-1].append(step)
         else:
             groups.append([step])

@@ -86,8 +86,8 @@ def _terminal(args: argparse.Namespace, geocoder_url: str) -> int:
     print(report(result))
     target = result["steps"][0]["target"]
     print(
-        f"(regular duration = the {args.count} lookups' own measured times, "
-        f"{result['lookup_mean_s'] * 1000:.1f} ms each, plus the other steps' compute; "
+        f"(regular duration = the steps' compute time measured on the workers: "
+        f"{args.count} lookups at {result['lookup_mean_s'] * 1000:.1f} ms each, and the rest; "
         f"workers: {target}, ready in {ready:.2f}s before the run)"
     )
     check = result.get("serial_check")

@@ -104,27 +104,34 @@ def run(
     seed: int | None = None,
     url: str | None = None,
 ) -> dict[str, Any]:
-    """Run the pipeline once; the figures of the seed's report, all measured."""
-    codes = zipcodes(count, seed)
-    started = time.perf_counter()
-    located, geo = geolocate.with_options(workers=workers, url=url).with_stats(codes, geocoder)
-    cleaned, clean = cleanup.with_options(workers=workers, url=url).with_stats(located)
-    ordered, ordering = sort.with_stats(list(cleaned))
-    done = serverless.PipelineRun(ordered, [geo, clean, ordering], time.perf_counter() - started)
-    return figures(done, located, count, workers)
+    """Run the pipeline once; the figures of the seed's report, all measured.
+
+    geolocate and cleanup go to the same workers, so the Pipeline fuses them: each chunk is
+    geolocated and cleaned in one request, and only the resolved addresses come back."""
+    pipeline = serverless.Pipeline(
+        geolocate.with_options(workers=workers, url=url).partial(geocoder),
+        cleanup.with_options(workers=workers, url=url),
+        sort,
+    )
+    return figures(pipeline.execute(zipcodes(count, seed)), count, workers)
 
 
-def figures(
-    run: serverless.PipelineRun, located: list[Entry], count: int, workers: int
-) -> dict[str, Any]:
-    """The report's figures. The regular (serial-equivalent) duration is the sum of every
-    lookup's own measured time plus the other steps' measured compute: what one thread doing
-    the same calls one after the other would have spent."""
-    lookups = sum(duration for _, duration, _ in located)
-    regular = lookups + sum(s.compute_s for s in run.steps[1:])
+def figures(run: serverless.PipelineRun, count: int, workers: int) -> dict[str, Any]:
+    """The report's figures. The regular (serial-equivalent) duration is the steps' compute
+    time as measured around each function call on the workers, every lookup included: what
+    one thread making the same calls one after the other would have spent."""
+    regular = sum(s.compute_s for s in run.steps)
     offset = 0.0
-    timeline = []
-    for step in run.steps:
+    timeline: list[dict[str, Any]] = []
+    steps = []
+    for n, step in enumerate(run.steps):
+        fused = n > 0 and step.chunks and step.chunks is run.steps[n - 1].chunks
+        steps.append(_step_figures(step, fused_with=n if fused else None))
+        if fused:
+            timeline_step = timeline[-1]["step"] if timeline else step.name
+            for entry in timeline[-len(step.chunks) :]:
+                entry["step"] = f"{timeline_step}+{step.name}"
+            continue
         for c in step.chunks:
             timeline.append(
                 {
@@ -139,30 +146,34 @@ def figures(
                 }
             )
         offset += step.duration
+    lookups = run.steps[0].compute_s
     return {
         "count": count,
         "workers": workers,
         "regular_duration": regular,
-        "lookup_mean_s": lookups / len(located) if located else 0.0,
+        "lookup_mean_s": lookups / count if count else 0.0,
         "parallel_duration": run.duration,
         "speedup": regular / run.duration if run.duration else 0.0,
-        "steps": [
-            {
-                "name": s.name,
-                "kind": s.kind,
-                "duration": s.duration,
-                "workers": s.workers,
-                "count": s.count,
-                "count_out": s.count_out,
-                "compute_s": s.compute_s,
-                "retries": s.retries,
-                "processes": s.processes,
-                "target": s.target,
-            }
-            for s in run.steps
-        ],
+        "steps": steps,
         "timeline": timeline,
         "addresses": [f"{z:05d} => {a}" for z, _, a in run.result],
+    }
+
+
+def _step_figures(s: serverless.StepStats, fused_with: int | None) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "kind": s.kind,
+        "duration": s.duration,
+        "workers": s.workers,
+        "count": s.count,
+        "count_out": s.count_out,
+        "compute_s": s.compute_s,
+        "retries": s.retries,
+        "hedges": s.hedges,
+        "processes": s.processes,
+        "target": s.target,
+        "fused_with": fused_with,  # the step number whose requests also ran this one
     }
 
 
@@ -189,8 +200,9 @@ def report(figures: dict[str, Any]) -> str:
     ]
     for n, s in enumerate(figures["steps"], 1):
         plural = "s" if s["workers"] != 1 else ""
+        fused = f" (in the same requests as step {s['fused_with']})" if s["fused_with"] else ""
         lines.append(
             f'  {n} - Step "{s["name"]}" took {s["duration"]:.2f}s for {s["workers"]} '
-            f"worker{plural} and {s['count']} elements"
+            f"worker{plural} and {s['count']} elements{fused}"
         )
     return "\n".join(lines)
