@@ -229,7 +229,9 @@ class Runner:
         def check(n: int) -> None:
             assert n == count, f"{n} results for {count} items"
 
-        row = self.timed(_width(self.tool, 100), False, consume, check)
+        # 8 chunks in flight: tiny items need no more to keep 2 processes busy, and each
+        # chunk in flight (or waiting to be yielded in order) holds its items in memory
+        row = self.timed(_width(self.tool, 8), False, consume, check)
         row.update(
             metric="items/s",
             value=count / row["warm_s"],

@@ -121,7 +121,9 @@ class Fanout:
     async def results(self) -> AsyncIterator[list[Any]]:
         """Yield the results in input order, a batch of whole chunks at a time."""
         next_out = 0
-        ahead = self.policy.workers * 2 + 16  # submitted but not yet yielded, at most
+        # Chunks launched but not yet yielded, at most: the ones in flight plus some slack for
+        # answers that arrive out of order. This bounds the call's memory, whatever its input.
+        ahead = self.policy.workers + max(8, self.policy.workers // 4)
         try:
             while True:
                 while (
