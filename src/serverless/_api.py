@@ -200,8 +200,7 @@ class ParallelFunction(_Step[P, R]):
             return
         tally = Tally()
         engine = dispatcher()
-        results = engine.fanout(call.spec, target, call.chunks, tally, lazy_input=call.lazy)
-        batches = results.results()
+        batches = engine.fanout(call.spec, target, call.chunks, tally, lazy_input=call.lazy)
         produced = 0
         try:
             while (batch := engine.run(next_batch(batches))) is not None:
@@ -220,8 +219,7 @@ class ParallelFunction(_Step[P, R]):
         target = resolve(self.options.url)
         tally = Tally()
         engine = dispatcher()
-        fanout = engine.fanout(call.spec, target, call.chunks, tally, lazy_input=call.lazy)
-        batches = fanout.results()
+        batches = engine.fanout(call.spec, target, call.chunks, tally, lazy_input=call.lazy)
         produced = 0
         try:
             while (batch := await engine.arun(next_batch(batches))) is not None:

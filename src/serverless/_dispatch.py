@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -154,8 +154,8 @@ class Dispatcher:
         tally: Tally,
         *,
         lazy_input: bool = False,
-    ) -> Fanout:
-        """The fan-out of one call (see _fanout.py); iterate `.results()` on the loop."""
+    ) -> AsyncIterator[list[Any]]:
+        """One call's results in order, in batches (see _fanout.py); iterate on the loop."""
 
         async def attempt(
             url: str, chunk: Chunk, number: int, timeout: float
@@ -180,7 +180,7 @@ class Dispatcher:
             return reply.results, stats
 
         policy = Policy(spec.workers, spec.retries, spec.deadline, spec.hedge, spec.errors)
-        return Fanout(
+        fanout = Fanout(
             spec.function,
             target.urls,
             chunks,
@@ -190,6 +190,7 @@ class Dispatcher:
             lazy_input=lazy_input,
             timeout=spec.timeout,
         )
+        return fanout.results()
 
     async def map(
         self, spec: CallSpec, target: Target, chunks: Iterator[Chunk], *, lazy_input: bool = False
@@ -197,9 +198,7 @@ class Dispatcher:
         """The whole call: every result, in order."""
         tally = Tally()
         results: list[Any] = []
-        async for batch in self.fanout(
-            spec, target, chunks, tally, lazy_input=lazy_input
-        ).results():
+        async for batch in self.fanout(spec, target, chunks, tally, lazy_input=lazy_input):
             results += batch
         return MapResult(results, sorted(tally.chunks, key=lambda c: c.index), tally)
 
