@@ -113,9 +113,11 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-def test_sigterm_finishes_in_flight_chunks(caller: None) -> None:
-    with worker("--graceful-timeout", "30") as (proc, base):
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_sigterm_finishes_in_flight_chunks(caller: None, processes: str) -> None:
+    with worker("--graceful-timeout", "30", "--processes", processes) as (proc, base):
         sleepy = sf.sleepy.with_options(url=f"{base}/serverless", workers=4, retries=0)
+        assert sleepy([0.0]) == [0.0]  # a server process is up and accepting
         result: dict[str, Any] = {}
 
         def call() -> None:
