@@ -212,3 +212,20 @@ def test_factories_read_the_environment(monkeypatch: pytest.MonkeyPatch, caller:
     monkeypatch.setenv("SERVERLESS_THREADS", "3")
     assert serverless.worker_asgi(secret=SECRET).threads == 3
     assert serverless.worker_wsgi(route="/x", secret=SECRET).endpoint.route == "/x"
+
+
+def test_wsgi_health_route_in_process(caller: None) -> None:
+    """The WSGI twin of the health route, called directly (no server needed for this)."""
+    app = serverless.worker_wsgi([MODULE], secret=SECRET)
+    for method, path, status, body in [
+        ("GET", "/healthz", "200 OK", b"ok"),
+        ("HEAD", "/healthz", "200 OK", b""),
+        ("GET", "/_ah/warmup", "200 OK", b"ok"),
+        ("POST", "/healthz", "405 Method Not Allowed", b""),
+        ("GET", "/elsewhere", "404 Not Found", b""),
+    ]:
+        seen: list[str] = []
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "SERVER_NAME": "x"}
+        environ["SERVER_PORT"] = "80"
+        chunks = app(environ, lambda s, h, seen=seen: seen.append(s))
+        assert (seen, b"".join(chunks)) == ([status], body), (method, path)
