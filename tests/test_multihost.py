@@ -1,7 +1,8 @@
 """Several worker hosts behind a real HAProxy, the caller given only the load balancer's URL.
 
 Hosts are network namespaces on a bridge when the machine allows it (root and iproute2), else
-ports on 127.0.0.1; each test prints which and checks the choice. The scaling figures with a
+ports on 127.0.0.1 (or when SERVERLESS_MULTIHOST_MODE=loopback); each test prints which and
+checks the choice. The scaling figures with a
 quiet machine come from `python -m bench.multihost`; here only a loose ratio is asserted.
 """
 
@@ -33,9 +34,12 @@ CHUNK = 4
 @pytest.fixture
 def cluster(request: pytest.FixtureRequest, reset_settings: None) -> Iterator[Cluster]:
     hosts = getattr(request, "param", 4)
-    with Cluster(hosts, threads=THREADS) as c:
+    forced = os.environ.get("SERVERLESS_MULTIHOST_MODE", "auto")  # "loopback" to try the fallback
+    with Cluster(hosts, threads=THREADS, mode=forced) as c:
         print(f"{hosts} worker hosts: {c.mode} ({[h.base for h in c.members]})")
-        if multihost.netns_available():
+        if forced != "auto":
+            assert c.mode == forced
+        elif multihost.netns_available():
             assert c.mode == "netns"
             assert len({h.address for h in c.members}) == hosts  # one address per host
         else:

@@ -113,9 +113,11 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-def test_sigterm_finishes_in_flight_chunks(caller: None) -> None:
-    with worker("--graceful-timeout", "30") as (proc, base):
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_sigterm_finishes_in_flight_chunks(caller: None, processes: str) -> None:
+    with worker("--graceful-timeout", "30", "--processes", processes) as (proc, base):
         sleepy = sf.sleepy.with_options(url=f"{base}/serverless", workers=4, retries=0)
+        assert sleepy([0.0]) == [0.0]  # a server process is up and accepting
         result: dict[str, Any] = {}
 
         def call() -> None:
@@ -210,3 +212,20 @@ def test_factories_read_the_environment(monkeypatch: pytest.MonkeyPatch, caller:
     monkeypatch.setenv("SERVERLESS_THREADS", "3")
     assert serverless.worker_asgi(secret=SECRET).threads == 3
     assert serverless.worker_wsgi(route="/x", secret=SECRET).endpoint.route == "/x"
+
+
+def test_wsgi_health_route_in_process(caller: None) -> None:
+    """The WSGI twin of the health route, called directly (no server needed for this)."""
+    app = serverless.worker_wsgi([MODULE], secret=SECRET)
+    for method, path, status, body in [
+        ("GET", "/healthz", "200 OK", b"ok"),
+        ("HEAD", "/healthz", "200 OK", b""),
+        ("GET", "/_ah/warmup", "200 OK", b"ok"),
+        ("POST", "/healthz", "405 Method Not Allowed", b""),
+        ("GET", "/elsewhere", "404 Not Found", b""),
+    ]:
+        seen: list[str] = []
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "SERVER_NAME": "x"}
+        environ["SERVER_PORT"] = "80"
+        chunks = app(environ, lambda s, h, seen=seen: seen.append(s))
+        assert (seen, b"".join(chunks)) == ([status], body), (method, path)
