@@ -49,7 +49,7 @@ def cluster(request: pytest.FixtureRequest, reset_settings: None) -> Iterator[Cl
 
 
 def io_bound(workers: int) -> Any:
-    return multihost.io_bound.with_options(workers=workers, chunk_size=CHUNK)  # retries=2
+    return multihost.io_bound.with_options(workers=workers, chunk_size=CHUNK)  # default retries
 
 
 def test_io_bound_run_scales_with_hosts(cluster: Cluster) -> None:

@@ -185,21 +185,22 @@ def plain_worker() -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def overloaded_workers() -> Iterator[list[int]]:
-    """Two workers that answer a fifth of their requests 503."""
+    """Two workers that refuse a fifth of their requests: one with 503, one with 429."""
     ports = [free_port(), free_port()]
     args = ["uvicorn", "tests.apps.faulty_app:app", "--log-level", "warning", "--port"]
     with (
         server([*args, str(ports[0])], ports[0], FAULT_503_RATE="0.2"),
-        server([*args, str(ports[1])], ports[1], FAULT_503_RATE="0.2"),
+        server([*args, str(ports[1])], ports[1], FAULT_503_RATE="0.2", FAULT_STATUS="429"),
     ):
         yield ports
 
 
-def test_a_fifth_of_requests_answered_503_loses_nothing(
-    overloaded_workers: list[int], reset_settings: None
+@pytest.mark.parametrize("status, worker", [(503, 0), (429, 1)])
+def test_a_fifth_of_requests_refused_loses_nothing(
+    overloaded_workers: list[int], reset_settings: None, status: int, worker: int
 ) -> None:
     serverless.init(secret=SECRET)
-    url = f"http://127.0.0.1:{overloaded_workers[0]}/serverless"
+    url = f"http://127.0.0.1:{overloaded_workers[worker]}/serverless"
     f = square.with_options(url=url, workers=20, chunk_size=5, retries=8)
     out, stats = f.with_stats(list(range(2000)))
     assert out == [n * n for n in range(2000)]

@@ -38,7 +38,7 @@ class Options:
     workers: int = DEFAULT_WORKERS
     chunk_size: int | None = None
     timeout: float = 300.0
-    retries: int = 2
+    retries: int = 3
     url: str | None = None
     deadline: float | None = None
     idempotent: bool = False

@@ -261,7 +261,7 @@ def _interpret(
     if status == 200 and reply is not None and reply.results is not None:
         return reply
     error = reply.error if reply is not None else None
-    if status in (502, 503, 504):
+    if status in (429, 502, 503, 504):  # a platform at capacity, or no healthy instance
         raise WorkerUnavailable(f"{what}: worker unavailable", url=url, status=status)
     if error is not None and reply is not None and error.kind == "user":
         names = function.split(p.STAGE_SEPARATOR)  # a fused call names every stage

@@ -7,7 +7,7 @@
     ├── DeadlineExceeded (also TimeoutError)   the call's overall deadline passed
     └── WorkerError                            no usable answer from a worker (has .url, .status)
         ├── RequestRejected                    the worker refused the request (4xx): not retried
-        ├── WorkerUnavailable                  connection lost, 502/503/504: retried
+        ├── WorkerUnavailable                  connection lost, 429/502/503/504: retried
         ├── WorkerTimeout (also TimeoutError)  a chunk took longer than its timeout: retried
         └── ProtocolError                      the answer was not wire protocol v1
 
@@ -106,7 +106,7 @@ class RequestRejected(WorkerError):
 
 
 class WorkerUnavailable(WorkerError):
-    """The connection failed or the worker answered 502/503/504: another try may succeed."""
+    """The connection failed or the worker answered 429/502/503/504: another try may succeed."""
 
     retryable = True
 

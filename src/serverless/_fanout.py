@@ -24,7 +24,7 @@ from ._exceptions import DeadlineExceeded, RemoteError, WorkerError
 
 logger = logging.getLogger("serverless.dispatch")
 
-BACKOFF_BASE = 0.05
+BACKOFF_BASE = 0.1
 BACKOFF_CAP = 2.0
 HEDGE_AFTER = 0.75  # hedge only once this share of the chunks is done...
 HEDGE_FACTOR = 2.0  # ...for a chunk running this many times the median chunk time...

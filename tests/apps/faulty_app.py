@@ -1,5 +1,6 @@
-"""A real worker app (run it under uvicorn) that answers a share of its POSTs 503, as an
-overloaded instance behind a platform's front end does. FAULT_503_RATE sets the share."""
+"""A real worker app (run it under uvicorn) that answers a share of its POSTs 503 (or
+FAULT_STATUS, e.g. 429), as an overloaded instance or a platform at its instance limit does.
+FAULT_503_RATE sets the share."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import serverless
 from tests import sample_functions  # noqa: F401  (registers the functions it serves)
 
 RATE = float(os.environ.get("FAULT_503_RATE", "0.2"))
+STATUS = int(os.environ.get("FAULT_STATUS", "503"))
 _worker = serverless.init("/serverless").asgi()
 _rng = random.Random(os.getpid())
 
@@ -20,7 +22,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         while (await receive()).get("more_body"):
             pass
         headers = [(b"content-type", b"text/plain")]
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.start", "status": STATUS, "headers": headers})
         await send({"type": "http.response.body", "body": b"overloaded, try again"})
         return
     await _worker(scope, receive, send)
