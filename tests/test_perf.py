@@ -33,3 +33,17 @@ def test_local_pool_connections_have_nodelay() -> None:
 
     asyncio.run(asyncio.wait_for(main(), 10))
     assert seen and seen[0] != 0
+
+
+def test_tracked_chunk_names_the_item_being_processed() -> None:
+    from serverless._worker import _Tracked
+
+    items = _Tracked([10, 20, 30])
+    assert items.failing_index() is None  # not iterated
+    it = iter(items)
+    assert items.failing_index() is None  # not started
+    next(it)
+    next(it)
+    assert items.failing_index() == 1  # processing 20
+    assert list(it) == [30]
+    assert items.failing_index() is None  # finished: the failure came after the loop

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ._context import Origin, current_origin
-from ._worker import Endpoint, Response
+from ._gate import Gate
+from ._worker import Endpoint, Job, Response
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -30,6 +32,7 @@ class ASGIEndpoint:
         self.app = app
         self.threads = threads
         self._executor: ThreadPoolExecutor | None = None
+        self._gates: dict[str, Gate] = {}  # per sync function: chunks at once (see _gate.py)
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -84,7 +87,20 @@ class ASGIEndpoint:
             return await self.endpoint.run_async(job)
         context = contextvars.copy_context()  # carries the origin into the worker thread
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, context.run, self.endpoint.run, job)
+        gate = self._gates.get(job.entry.name)
+        if gate is None:
+            gate = self._gates[job.entry.name] = Gate(self.threads)
+        await gate.acquire()
+        try:
+            area = gate.area()
+            response, cpu_s, wall_s = await loop.run_in_executor(
+                self.executor, context.run, _timed_run, self.endpoint, job
+            )
+            concurrent = (gate.area() - area) / wall_s if wall_s > 0 else 1.0
+        finally:
+            gate.release()
+        gate.control.observe(cpu_s, wall_s, concurrent)
+        return response
 
     def _origin(self, scope: Scope) -> Origin:
         headers = dict(scope.get("headers") or [])
@@ -94,6 +110,13 @@ class ASGIEndpoint:
         base = f"{scope.get('scheme', 'http')}://{host}{scope.get('root_path', '')}"
         route = self.endpoint.route
         return Origin(url=base + route, route=route, keyring=self.endpoint.keyring)
+
+
+def _timed_run(endpoint: Endpoint, job: Job) -> tuple[Response, float, float]:
+    """Run a chunk in this thread: its response, thread CPU seconds and wall seconds."""
+    wall, cpu = time.perf_counter(), time.thread_time()
+    response = endpoint.run(job)
+    return response, time.thread_time() - cpu, time.perf_counter() - wall
 
 
 async def _send(response: Response, send: Send) -> None:

@@ -61,20 +61,26 @@ def worker_id() -> str:
 
 class _Tracked(list[Any]):
     """The chunk as the user's function sees it: a list that remembers where iteration is,
-    so an exception can name the item being processed."""
+    so an exception can name the item being processed.
 
-    position = -1
-    done = False
+    It hands out the native list iterator (a Python generator here cost 63 ns per item, more
+    than decoding the chunk) and reads the position from it only when something failed: a
+    list iterator's __reduce__ gives the index of the next item, or no index once exhausted.
+    """
+
+    _iterator: Iterator[Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:
-        self.position, self.done = -1, False
-        for i, item in enumerate(list.__iter__(self)):
-            self.position = i
-            yield item
-        self.done = True
+        self._iterator = list.__iter__(self)
+        return self._iterator
 
     def failing_index(self) -> int | None:
-        return None if self.position < 0 or self.done else self.position
+        if self._iterator is None:
+            return None
+        state = self._iterator.__reduce__()
+        if len(state) < 3 or not state[2]:  # exhausted, or not started
+            return None
+        return int(state[2]) - 1
 
 
 def _short_repr(value: Any, limit: int = 200) -> str:
