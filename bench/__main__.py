@@ -60,21 +60,28 @@ def run_tool(tool: str, args: argparse.Namespace, loops: int) -> list[dict[str, 
         done = subprocess.run(
             cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout
         )
-        rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode != 0 or not rows:
-            sys.stderr.write(done.stderr[-3000:])
-            rows = rows or [
-                {"workload": w, "ok": False, "error": f"exit {done.returncode}"}
-                for w in args.workloads.split(",")
-            ]
-    except subprocess.TimeoutExpired:
-        rows = [
-            {"workload": w, "ok": False, "error": f"timeout {args.timeout}s"}
+        out, err, why = done.stdout, done.stderr, f"exit {done.returncode}"
+        failed = done.returncode != 0
+    except subprocess.TimeoutExpired as exc:
+        # keep the workloads that finished before the time ran out
+        out, err = _text(exc.stdout), _text(exc.stderr)
+        why, failed = f"timeout {args.timeout:.0f}s", True
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    if failed:
+        sys.stderr.write(err[-3000:])
+        done_names = {r["workload"] for r in rows}
+        rows += [
+            {"workload": w, "ok": False, "error": why}
             for w in args.workloads.split(",")
+            if w not in done_names
         ]
     for row in rows:
         row["tool"] = tool
     return rows
+
+
+def _text(data: bytes | str | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
 
 
 def with_ratios(rows: list[dict[str, Any]]) -> None:

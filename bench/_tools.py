@@ -80,10 +80,8 @@ class Serverless(Tool):
 
     def stream_items(
         self, fn: str, items: Iterable[Any], chunk: int, args: tuple[Any, ...]
-    ) -> Iterator[Any] | None:
+    ) -> Iterator[Any]:
         step = getattr(self._ours, fn).with_options(workers=self.width, chunk_size=chunk)
-        if not hasattr(step, "stream"):
-            return None
         return step.stream(items, *args)  # type: ignore[no-any-return]
 
     def close(self) -> None:
@@ -199,7 +197,7 @@ class Dask(Tool):
     def __init__(self) -> None:
         import distributed
 
-        self.version = distributed.__version__
+        self.version = str(getattr(distributed, "__version__", "?"))
 
     def start(self, width: int, io: bool) -> None:
         from distributed import Client, LocalCluster
@@ -261,7 +259,7 @@ class Ray(Tool):
 
     def map(self, fn: str, chunks: Chunks, args: tuple[Any, ...]) -> Chunks:
         refs = [self._submit(fn, c, args, n) for n, c in enumerate(chunks)]
-        return self._ray.get(refs)  # type: ignore[no-any-return]
+        return self._ray.get(refs)  # type: ignore[no-any-return, unused-ignore]
 
     def stream(
         self, fn: str, chunks: Iterable[list[Any]], args: tuple[Any, ...]

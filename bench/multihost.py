@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import serverless
+from serverless import StepStats
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTE = "/serverless"
@@ -446,7 +447,7 @@ def measure_kill(
         fn(list(range(hosts * threads * chunk_size)), wait)
         data = list(range(items))
         full = items * wait / (hosts * threads)
-        outcome: dict[str, object] = {}
+        outcome: dict[str, tuple[list[int], StepStats]] = {}
         started = time.perf_counter()
         runner = threading.Thread(target=lambda: outcome.update(run=fn.with_stats(data, wait)))
         runner.start()
@@ -454,7 +455,7 @@ def measure_kill(
         cluster.kill(cluster.members[-1])
         runner.join()
         wall = time.perf_counter() - started
-        result, stats = outcome["run"]  # type: ignore[misc]
+        result, stats = outcome["run"]
         assert result == [2 * x for x in data], "results lost or out of order"
         # a quarter of the work at full strength, the rest with one host fewer
         ideal = full / 4 + full * 3 / 4 * hosts / (hosts - 1)
