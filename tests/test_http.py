@@ -80,11 +80,15 @@ def test_keep_alive_content_length_and_the_request_on_the_wire() -> None:
                 "application/msgpack",
                 b"hello",
             )
+        large = _http.Body(b"y" * 200_000)  # written apart from the head
+        assert (await client.post(url, large, {}, 5)).body == b"hello"
+        assert large.take() == b""  # the client let go of the body once it was written
 
     run(_serve(handler, body))
     assert connections == 1  # the connection was kept alive and reused
     assert seen[2].startswith(b"POST /route HTTP/1.1\r\nHost: 127.0.0.1:")
     assert b"\r\nX-A: b\r\n" in seen[2] and seen[2].endswith(b"Content-Length: 2\r\n\r\nxx")
+    assert seen[3].endswith(b"Content-Length: 200000\r\n\r\n" + b"y" * 200_000)
 
 
 def test_chunked_and_close_delimited_bodies() -> None:

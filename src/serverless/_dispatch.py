@@ -224,7 +224,7 @@ class Dispatcher:
         return _interpret(spec.function, what, url, chunk[1], status, content_type, raw)
 
 
-def _signed(spec: CallSpec, target: Target, chunk: Chunk) -> tuple[bytes, dict[str, str]]:
+def _signed(spec: CallSpec, target: Target, chunk: Chunk) -> tuple[_http.Body, dict[str, str]]:
     """The chunk's envelope and its signed headers, with a request id of its own."""
     index, _, items = chunk
     request_id = p.new_request_id()
@@ -245,7 +245,8 @@ def _signed(spec: CallSpec, target: Target, chunk: Chunk) -> tuple[bytes, dict[s
             f"chunk {index} of {spec.function} encodes to {len(body)} bytes, over the "
             f"{target.max_body}-byte request limit: use a smaller chunk_size or more workers"
         )
-    return body, p.signed_headers(target.keyring, target.route, spec.function, request_id, body)
+    headers = p.signed_headers(target.keyring, target.route, spec.function, request_id, body)
+    return _http.Body(body), headers
 
 
 def _interpret(

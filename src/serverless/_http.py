@@ -45,6 +45,20 @@ class _Origin:
     host_header: str
 
 
+class Body:
+    """A request body the connection lets go of once written, so a caller with many chunks in
+    flight holds each encoded chunk only until the kernel (or asyncio's buffer) has taken it."""
+
+    __slots__ = ("_data", "size")
+
+    def __init__(self, data: bytes) -> None:
+        self._data, self.size = data, len(data)
+
+    def take(self) -> bytes:
+        data, self._data = self._data, b""
+        return data
+
+
 @dataclass(frozen=True)
 class Response:
     status: int
@@ -193,23 +207,24 @@ class Client:
         return None
 
     async def post(
-        self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
+        self, url: str, body: bytes | Body, headers: Mapping[str, str], timeout: float
     ) -> Response:
         """POST `body`; raises TransportError, InvalidURL or asyncio.TimeoutError."""
+        body = body if isinstance(body, Body) else Body(body)
         origin = self._origin(url)
         lines = [f"POST {origin.path} HTTP/1.1", f"Host: {origin.host_header}"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
-        lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+        lines.append(f"Content-Length: {body.size}\r\n\r\n")
         head = "\r\n".join(lines).encode("latin-1")
         return await asyncio.wait_for(self._exchange(origin, head, body), timeout)
 
-    async def _exchange(self, origin: _Origin, head: bytes, body: bytes) -> Response:
+    async def _exchange(self, origin: _Origin, head: bytes, body: Body) -> Response:
         conn = self._take(origin)
         reused = conn is not None
         if conn is None:
             conn = await self._connect(origin)
         try:
-            response = await conn.send(head, body)
+            response = await conn.send(head, body.take())
         except TransportError as exc:
             conn.close()
             if reused and not conn.received_anything:
