@@ -96,6 +96,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._pid = -1
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._http: _http.Client | None = None  # the lean client: see _http.py
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
@@ -106,7 +107,7 @@ class Dispatcher:
                     target=loop.run_forever, name="serverless-dispatch", daemon=True
                 )
                 thread.start()
-                self._loop, self._pid, self._http = loop, os.getpid(), None
+                self._loop, self._thread, self._pid, self._http = loop, thread, os.getpid(), None
             return self._loop
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
@@ -131,13 +132,24 @@ class Dispatcher:
             raise
 
     def close(self) -> None:
-        loop = self._loop
-        if loop is None or self._pid != os.getpid():
-            return
-        if self._http is not None:
-            loop.call_soon_threadsafe(self._http.close)
-        loop.call_soon_threadsafe(loop.stop)
-        self._loop = self._http = None
+        with self._lock:
+            loop, thread, client = self._loop, self._thread, self._http
+            if loop is None or thread is None or self._pid != os.getpid():
+                return
+            self._loop, self._thread, self._http = None, None, None
+
+        def stop() -> None:
+            if client is not None:
+                client.close()
+            loop.stop()
+
+        loop.call_soon_threadsafe(stop)
+        # close the loop once its thread is done with it: a loop left for the garbage
+        # collector at interpreter exit warns about a file descriptor already closed
+        if thread is not threading.current_thread():
+            thread.join(timeout=5)
+        if not thread.is_alive():
+            loop.close()
 
     def _client(self) -> _http.Client:
         if self._http is None:
