@@ -102,7 +102,7 @@ class Dispatcher:
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None or self._pid != os.getpid():
-                loop = asyncio.new_event_loop()
+                loop = _new_loop()
                 thread = threading.Thread(
                     target=loop.run_forever, name="serverless-dispatch", daemon=True
                 )
@@ -298,6 +298,16 @@ def _interpret(
     if 400 <= status < 500:
         raise RequestRejected(f"{what} was refused: {detail}", url=url, status=status)
     raise ProtocolError(f"{what}: not a protocol v1 answer: {detail!r}", url=url, status=status)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed: its cheaper cross-thread wake-up and transports take
+    ~0.07 ms off every call's round trip (W3 0.53 -> 0.46 ms); asyncio's loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - Windows, or a trimmed install
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 _dispatcher = Dispatcher()
