@@ -54,6 +54,28 @@ test_env.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
 @contextlib.contextmanager
+def serving(
+    proc: subprocess.Popen[bytes], port: int, grace: float = 10
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Wait until the started `proc` listens on `port`; when the block ends, stop it (SIGTERM,
+    SIGKILL after `grace` seconds) and close its pipes."""
+    try:
+        wait_for_port(port, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@contextlib.contextmanager
 def server(args: list[str], port: int, **env: str) -> Iterator[subprocess.Popen[bytes]]:
     """Run `python -m <args>` (uvicorn, gunicorn...) until the block ends."""
     proc = subprocess.Popen(
@@ -63,18 +85,8 @@ def server(args: list[str], port: int, **env: str) -> Iterator[subprocess.Popen[
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    try:
-        wait_for_port(port, proc)
+    with serving(proc, port):
         yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -100,14 +112,8 @@ def haproxy(backends: list[int], port: int, tmp: Path) -> Iterator[str]:
     proc = subprocess.Popen(
         [HAPROXY, "-db", "-f", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
-    try:
-        wait_for_port(port, proc)
+    with serving(proc, port):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 @pytest.fixture

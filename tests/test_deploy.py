@@ -21,7 +21,7 @@ import yaml
 
 import serverless
 from tests import sample_functions as sf
-from tests.conftest import SECRET, free_port, test_env, wait_for_port
+from tests.conftest import SECRET, free_port, serving, test_env
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 DEFAULT_ROUTE, DEFAULT_HEALTH = "/serverless", "/healthz"
@@ -179,18 +179,8 @@ def running(argv: list[str], cwd: Path) -> Iterator[str]:
     env = test_env(SERVERLESS_MODULES="tests.sample_functions")
     env["PYTHONPATH"] = f"{cwd}:{env['PYTHONPATH']}"
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(port, proc)
+    with serving(proc, port, grace=20):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
 
 
 @pytest.mark.parametrize(
@@ -231,19 +221,8 @@ def process(cmd: list[str], port: int, **env: str) -> Iterator[subprocess.Popen[
     proc = subprocess.Popen(
         cmd, env=test_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    try:
-        wait_for_port(port, proc)
+    with serving(proc, port, grace=15):
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
 
 @pytest.mark.parametrize("balancer", ["haproxy", "nginx"])

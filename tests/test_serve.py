@@ -18,7 +18,7 @@ import pytest
 
 import serverless
 from tests import sample_functions as sf
-from tests.conftest import SECRET, TESTS, free_port, test_env, wait_for_port
+from tests.conftest import SECRET, TESTS, free_port, serving, test_env
 
 MODULE = "tests.sample_functions"
 
@@ -31,19 +31,8 @@ def worker(*args: str, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], st
     proc = subprocess.Popen(
         cmd, env=test_env(**env), cwd=TESTS.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
-    try:
-        wait_for_port(port, proc)
+    with serving(proc, port, grace=15):
         yield proc, f"http://127.0.0.1:{port}"
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
 
 
 def get(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
@@ -189,16 +178,10 @@ def test_factories_give_one_line_server_commands(caller: None, server: list[str]
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    try:
-        wait_for_port(port, proc)
+    with serving(proc, port, grace=15):
         base = f"http://127.0.0.1:{port}"
         assert sf.square.with_options(url=f"{base}/serverless")([1, 2, 3]) == [1, 4, 9]
         assert get(f"{base}/healthz")[::2] == (200, b"ok")
-    finally:
-        proc.terminate()
-        proc.wait(15)
-        if proc.stdout:
-            proc.stdout.close()
 
 
 def test_factories_read_the_environment(monkeypatch: pytest.MonkeyPatch, caller: None) -> None:
