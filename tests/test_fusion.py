@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 import serverless
+from serverless import _fanout, _registry
 from serverless import _protocol as p
-from serverless import _registry
 from serverless._worker import Endpoint, Response
 from tests import sample_functions as sf
 from tests.conftest import SECRET
@@ -35,6 +35,20 @@ def test_fused_steps_share_one_request_per_chunk_and_keep_per_step_stats() -> No
     )
     assert sf.odd_only.count == 1000 and sf.square.count == 1000  # the seed's step attributes
     assert 'Step "odd_only" took' in run.report()
+
+
+def test_fused_step_figures_stay_exact_beyond_the_kept_chunk_stats(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # per-chunk statistics are kept up to a bound (10,000 chunks); the per-step figures must
+    # come from the exact counters, not from the chunks kept
+    monkeypatch.setattr(_fanout, "MAX_KEPT_STATS", 5)
+    run = serverless.Pipeline(sf.square, sf.odd_only).execute(list(range(1000)))
+    square, odd = run.steps
+    assert len(square.chunks) == 5  # 100 chunks ran, 5 kept
+    assert (square.count, square.count_out) == (1000, 1000)
+    assert (odd.count, odd.count_out) == (1000, 500)
+    assert square.compute_s > sum(c.stages[0].compute_s for c in square.chunks)
 
 
 def test_fuse_false_and_sequential_barriers_send_separate_requests() -> None:

@@ -7,7 +7,7 @@ import copy
 import dataclasses
 import functools
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
@@ -15,7 +15,7 @@ from . import _pool, _registry
 from ._asgi import ASGIApp, ASGIEndpoint
 from ._chunking import AdaptiveChunks, Chunk, chunk_adaptive, chunk_iterable, chunk_sequence
 from ._config import Options, configure, secrets_from_env
-from ._dispatch import CallSpec, ChunkStats, Target, dispatcher
+from ._dispatch import CallSpec, ChunkStats, MapResult, Target, dispatcher
 from ._exceptions import ConfigurationError, ProtocolError
 from ._fanout import Tally, close_batches, next_batch
 from ._protocol import MAX_BODY, STAGE_SEPARATOR, TOLERANCE, Keyring, Stage
@@ -148,9 +148,7 @@ class ParallelFunction(_Step[P, R]):
         if call.count == 0:
             return self._finish([], Tally(), call, "none")
         target = resolve(self.options.url, blocking=True)
-        mapped = dispatcher().run(
-            dispatcher().map(call.spec, target, call.chunks, lazy_input=call.lazy)
-        )
+        mapped = dispatcher().run(call.map(target))
         return self._finish(mapped.results, mapped.tally, call, target.kind)
 
     def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[list[Any]]:
@@ -161,7 +159,7 @@ class ParallelFunction(_Step[P, R]):
         future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
 
         async def go() -> list[Any]:
-            mapped = await dispatcher().map(call.spec, target, call.chunks, lazy_input=call.lazy)
+            mapped = await call.map(target)
             self._finish(mapped.results, mapped.tally, call, target.kind)
             return mapped.results
 
@@ -177,9 +175,7 @@ class ParallelFunction(_Step[P, R]):
         if call.count == 0:
             return []
         target = resolve(self.options.url)
-        mapped = await dispatcher().arun(
-            dispatcher().map(call.spec, target, call.chunks, lazy_input=call.lazy)
-        )
+        mapped = await dispatcher().arun(call.map(target))
         self._finish(mapped.results, mapped.tally, call, target.kind)
         return mapped.results
 
@@ -200,7 +196,7 @@ class ParallelFunction(_Step[P, R]):
             return
         tally = Tally()
         engine = dispatcher()
-        batches = engine.fanout(call.spec, target, call.chunks, tally, lazy_input=call.lazy)
+        batches = call.fanout(target, tally)
         produced = 0
         try:
             while (batch := engine.run(next_batch(batches))) is not None:
@@ -219,7 +215,7 @@ class ParallelFunction(_Step[P, R]):
         target = resolve(self.options.url)
         tally = Tally()
         engine = dispatcher()
-        batches = engine.fanout(call.spec, target, call.chunks, tally, lazy_input=call.lazy)
+        batches = call.fanout(target, tally)
         produced = 0
         try:
             while (batch := await engine.arun(next_batch(batches))) is not None:
@@ -284,6 +280,14 @@ class _Call:
     count: int | None
     lazy: bool  # a generator or other iterator: read it off the loop thread
     started: float = field(default_factory=time.perf_counter)
+
+    def map(self, target: Target) -> Coroutine[Any, Any, MapResult]:
+        """The whole call, to run on the dispatcher's loop."""
+        return dispatcher().map(self.spec, target, self.chunks, lazy_input=self.lazy)
+
+    def fanout(self, target: Target, tally: Tally) -> AsyncIterator[list[Any]]:
+        """The call's results in batches, in order, to iterate on the dispatcher's loop."""
+        return dispatcher().fanout(self.spec, target, self.chunks, tally, lazy_input=self.lazy)
 
 
 class SequentialFunction(_Step[P, R]):
@@ -466,7 +470,6 @@ def _run_fused(group: list[Any], data: Any) -> tuple[list[Any], list[StepStats]]
     parts = [part for part in map(_parallel_part, group) if part]
     first, bind = parts[0]
     call = first._prepare(bind, (data,), {})
-    chunks, count = call.chunks, call.count
     spec = dataclasses.replace(
         call.spec,
         function=STAGE_SEPARATOR.join(fn.entry.name for fn, _ in parts),
@@ -476,24 +479,25 @@ def _run_fused(group: list[Any], data: Any) -> tuple[list[Any], list[StepStats]]
         hedge=all(fn.options.hedging for fn, _ in parts),
         errors="raise",  # an item that failed in one stage has no input for the next
     )
+    call = dataclasses.replace(call, spec=spec)
     tally = Tally()
-    started = time.perf_counter()
     results: list[Any] = []
     done: list[ChunkStats] = []
     kind = "none"
-    if count != 0:
+    if call.count != 0:
         target = resolve(first.options.url, blocking=True)
-        mapped = dispatcher().run(dispatcher().map(spec, target, chunks, lazy_input=call.lazy))
+        mapped = dispatcher().run(call.map(target))
         results, done, kind, tally = mapped.results, mapped.chunks, target.kind, mapped.tally
         if any(len(c.stages) != len(parts) for c in done):
             raise ProtocolError(
                 f"a worker ran {spec.function} without per-stage figures", url=done[0].url
             )
-    duration = time.perf_counter() - started
-    counts = [count if count is not None else sum(c.size for c in done)]
+    duration = time.perf_counter() - call.started
+    # the tally's totals, exact however many chunks there were (per-chunk stats are bounded)
+    counts = [call.count if call.count is not None else tally.count]
+    counts += tally.stage_counts or [0] * len(parts)
     stats = []
     for stage, (fn, _) in enumerate(parts):
-        counts.append(sum(c.stages[stage].count for c in done))
         step_stats = StepStats(
             name=fn.__name__,
             kind=fn.kind,
@@ -501,7 +505,7 @@ def _run_fused(group: list[Any], data: Any) -> tuple[list[Any], list[StepStats]]
             workers=min(tally.done, fn.options.workers),
             count=counts[stage],
             count_out=counts[stage + 1],
-            compute_s=sum(c.stages[stage].compute_s for c in done),
+            compute_s=tally.stage_compute_s[stage] if tally.stage_compute_s else 0.0,
             retries=tally.retries,
             hedges=tally.hedges,
             target=kind,

@@ -52,12 +52,20 @@ class Tally:
     hedges: int = 0
     sent: int = 0  # requests sent, retries and hedges included
     done: int = 0  # chunks answered
+    stage_counts: list[int] = field(default_factory=list)  # a fused call's, per stage: items out
+    stage_compute_s: list[float] = field(default_factory=list)
 
     def add(self, stats: Any) -> None:
         self.done += 1
         self.count += stats.size
         self.compute_s += stats.compute_s
         self.retries += stats.attempts - 1
+        for stage, figures in enumerate(stats.stages):
+            if stage == len(self.stage_counts):
+                self.stage_counts.append(0)
+                self.stage_compute_s.append(0.0)
+            self.stage_counts[stage] += figures.count
+            self.stage_compute_s[stage] += figures.compute_s
         if len(self.chunks) < MAX_KEPT_STATS:
             self.chunks.append(stats)
 
