@@ -265,7 +265,7 @@ class ParallelFunction(_Step[P, R]):
             retries=tally.retries,
             hedges=tally.hedges,
             target=kind,
-            chunks=sorted(tally.chunks, key=lambda c: c.index),
+            chunks=tally.in_order(),
         )
         self._record(stats)
         return results, stats  # type: ignore[return-value]
@@ -487,7 +487,8 @@ def _run_fused(group: list[Any], data: Any) -> tuple[list[Any], list[StepStats]]
     if call.count != 0:
         target = resolve(first.options.url, blocking=True)
         mapped = dispatcher().run(call.map(target))
-        results, done, kind, tally = mapped.results, mapped.chunks, target.kind, mapped.tally
+        results, kind, tally = mapped.results, target.kind, mapped.tally
+        done = tally.in_order()
         if any(len(c.stages) != len(parts) for c in done):
             raise ProtocolError(
                 f"a worker ran {spec.function} without per-stage figures", url=done[0].url

@@ -85,7 +85,6 @@ class ChunkStats:
 @dataclass
 class MapResult:
     results: list[Any]
-    chunks: list[ChunkStats] = field(default_factory=list)
     tally: Tally = field(default_factory=Tally)
 
 
@@ -212,7 +211,7 @@ class Dispatcher:
         results: list[Any] = []
         async for batch in self.fanout(spec, target, chunks, tally, lazy_input=lazy_input):
             results += batch
-        return MapResult(results, sorted(tally.chunks, key=lambda c: c.index), tally)
+        return MapResult(results, tally)
 
     async def _post(
         self, spec: CallSpec, target: Target, url: str, chunk: Chunk, timeout: float

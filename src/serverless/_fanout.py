@@ -69,6 +69,10 @@ class Tally:
         if len(self.chunks) < MAX_KEPT_STATS:
             self.chunks.append(stats)
 
+    def in_order(self) -> list[Any]:
+        """The kept per-chunk statistics, in chunk order (they are added as answers come)."""
+        return sorted(self.chunks, key=lambda c: c.index)
+
 
 # One attempt of one chunk on one URL: (results, the attempt's ChunkStats) or an exception.
 Attempt = Callable[[str, Chunk, int, float], Awaitable[tuple[list[Any], Any]]]
