@@ -51,11 +51,11 @@ def test_chunk_adaptive_reads_lazily_and_asks_the_policy_per_chunk() -> None:
     policy = AdaptiveChunks(start=2)
     source = iter(range(100))
     chunks = chunk_adaptive(source, policy)
-    assert next(chunks) == (0, 0, [0, 1])
+    assert tuple(next(chunks)) == (0, 0, [0, 1])
     assert next(source) == 2  # nothing read ahead
     policy.size = 5
-    assert next(chunks) == (1, 2, [3, 4, 5, 6, 7])  # offsets count what the chunker read
-    rest = list(itertools.chain.from_iterable(c[2] for c in chunks))
+    assert tuple(next(chunks)) == (1, 2, [3, 4, 5, 6, 7])  # offsets count what the chunker read
+    rest = list(itertools.chain.from_iterable(c.items for c in chunks))
     assert rest == list(range(8, 100))
 
 

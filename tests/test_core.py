@@ -35,14 +35,14 @@ def test_chunk_sequence_collates_back_in_order(
     items: list[int], workers: int, size: int | None
 ) -> None:
     chunks = list(chunk_sequence(items, workers, size))
-    assert [c[0] for c in chunks] == list(range(len(chunks)))
-    assert list(itertools.chain.from_iterable(c[2] for c in chunks)) == items
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert list(itertools.chain.from_iterable(c.items for c in chunks)) == items
     for _, offset, part in chunks:
         assert items[offset : offset + len(part)] == part
     if size is None:
         assert len(chunks) <= workers
     else:
-        assert all(len(c[2]) <= size for c in chunks)
+        assert all(len(c.items) <= size for c in chunks)
 
 
 def test_chunk_iterable_reads_lazily() -> None:
@@ -54,9 +54,9 @@ def test_chunk_iterable_reads_lazily() -> None:
             yield i
 
     chunks = chunk_iterable(gen(), 3)
-    assert next(chunks) == (0, 0, [0, 1, 2])
+    assert tuple(next(chunks)) == (0, 0, [0, 1, 2])
     assert consumed == [0, 1, 2]
-    assert list(chunks) == [(1, 3, [3, 4, 5]), (2, 6, [6, 7, 8]), (3, 9, [9])]
+    assert [tuple(c) for c in chunks] == [(1, 3, [3, 4, 5]), (2, 6, [6, 7, 8]), (3, 9, [9])]
 
 
 def test_signature_roundtrip_and_tamper_detection() -> None:

@@ -28,13 +28,18 @@ def test_fused_steps_share_one_request_per_chunk_and_keep_per_step_stats() -> No
     assert (square.count, square.count_out) == (1000, 1000)
     assert (odd.count, odd.count_out) == (1000, 500)
     assert (desc.count, desc.count_out) == (500, 500)
-    assert square.duration == odd.duration  # the group's wall time
+    # each step its own share of the group's wall time, in proportion to its measured compute
+    assert square.duration != odd.duration
+    assert square.duration / odd.duration == pytest.approx(square.compute_s / odd.compute_s)
+    assert (square.fused_with, odd.fused_with, desc.fused_with) == (None, 1, None)
     assert 0 < square.compute_s < square.chunks[0].compute_s * 100 + 1
     assert odd.compute_s > 0 and square.compute_s + odd.compute_s <= sum(
         c.compute_s for c in square.chunks
     )
     assert sf.odd_only.count == 1000 and sf.square.count == 1000  # the seed's step attributes
     assert 'Step "odd_only" took' in run.report()
+    assert "(in the same requests as step 1)" in run.report().splitlines()[3]
+    assert "same requests" not in run.report().splitlines()[2]
 
 
 def test_fused_step_figures_stay_exact_beyond_the_kept_chunk_stats(
@@ -64,9 +69,9 @@ def test_fuse_false_and_sequential_barriers_send_separate_requests() -> None:
 
 def test_different_targets_are_not_fused() -> None:
     elsewhere = sf.odd_only.with_options(url="http://127.0.0.1:9/serverless")
-    groups = serverless._api._fusion_groups([sf.square, elsewhere, sf.odd_only])  # type: ignore[attr-defined]
+    groups = serverless._pipeline._fusion_groups([sf.square, elsewhere, sf.odd_only])
     assert [len(g) for g in groups] == [1, 1, 1]
-    groups = serverless._api._fusion_groups([sf.square, sf.odd_only, descending, sf.square])  # type: ignore[attr-defined]
+    groups = serverless._pipeline._fusion_groups([sf.square, sf.odd_only, descending, sf.square])
     assert [len(g) for g in groups] == [2, 1, 1]
 
 
@@ -77,7 +82,7 @@ def test_partial_binds_arguments_and_may_open_a_fused_group() -> None:
     run = serverless.Pipeline(sf.square.partial(1), sf.odd_only).execute(list(range(10)))
     assert run.steps[0].chunks is run.steps[1].chunks  # fused: the first stage carries args
     assert run.result == [n * n + 1 for n in range(10) if (n * n + 1) % 2]
-    groups = serverless._api._fusion_groups([sf.square, sf.odd_only.partial(1)])  # type: ignore[attr-defined]
+    groups = serverless._pipeline._fusion_groups([sf.square, sf.odd_only.partial(1)])
     assert [len(g) for g in groups] == [1, 1]  # a later stage carries no arguments
 
 

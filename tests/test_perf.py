@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from serverless._pool import listening_socket
+from serverless._local_worker import listening_socket
 
 
 def test_local_pool_connections_have_nodelay() -> None:

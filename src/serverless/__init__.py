@@ -5,17 +5,7 @@ def geolocate(zipcodes):
     return [get_address(zipcode) for zipcode in zipcodes]
 """
 
-from ._api import (
-    ParallelFunction,
-    Pipeline,
-    SequentialFunction,
-    WorkerRoute,
-    init,
-    parallel,
-    sequential,
-)
 from ._config import Options
-from ._dispatch import ChunkStats
 from ._exceptions import (
     ConfigurationError,
     DeadlineExceeded,
@@ -29,9 +19,12 @@ from ._exceptions import (
     WorkerTimeout,
     WorkerUnavailable,
 )
+from ._function import ParallelFunction, SequentialFunction, parallel, sequential
+from ._pipeline import Pipeline
 from ._pool import shutdown
+from ._route import WorkerRoute, init
 from ._serve import worker_asgi, worker_wsgi
-from ._stats import PipelineRun, StepStats
+from ._stats import ChunkStats, PipelineRun, StepStats
 
 __version__ = "0.1.0"
 

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-Chunk = tuple[int, int, list[Any]]  # (chunk index, offset of its first item, items)
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A slice of a call's input: its index among the chunks, the position of its first item
+    in the whole input, and its items. Unpacks as `index, offset, items`."""
+
+    index: int
+    offset: int
+    items: list[Any]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.index, self.offset, self.items))
 
 
 def even_bounds(count: int, parts: int) -> list[tuple[int, int]]:
@@ -28,7 +40,7 @@ def chunk_sequence(items: Sequence[Any], workers: int, chunk_size: int | None) -
     else:
         bounds = [(s, min(s + chunk_size, len(items))) for s in range(0, len(items), chunk_size)]
     for index, (start, stop) in enumerate(bounds):
-        yield index, start, list(items[start:stop])
+        yield Chunk(index, start, list(items[start:stop]))
 
 
 def chunk_iterable(items: Iterable[Any], chunk_size: int) -> Iterator[Chunk]:
@@ -39,7 +51,7 @@ def chunk_iterable(items: Iterable[Any], chunk_size: int) -> Iterator[Chunk]:
         chunk = list(itertools.islice(iterator, chunk_size))
         if not chunk:
             return
-        yield index, offset, chunk
+        yield Chunk(index, offset, chunk)
         offset += len(chunk)
 
 
@@ -89,5 +101,5 @@ def chunk_adaptive(items: Iterable[Any], policy: AdaptiveChunks) -> Iterator[Chu
         chunk = list(itertools.islice(iterator, policy.next_size()))
         if not chunk:
             return
-        yield index, offset, chunk
+        yield Chunk(index, offset, chunk)
         offset += len(chunk)

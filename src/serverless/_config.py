@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from ._exceptions import ConfigurationError
 from ._protocol import MAX_BODY, Keyring
+
+# "raise": the first failure raises; "return": a failed item's RemoteError in its place
+ErrorMode = Literal["raise", "return"]
 
 DEFAULT_WORKERS = 100  # as in the seed
 DEFAULT_STREAM_CHUNK = 32  # chunk size for inputs of unknown length
@@ -43,7 +46,7 @@ class Options:
     deadline: float | None = None
     idempotent: bool = False
     hedge: bool | None = None
-    errors: str = "raise"
+    errors: ErrorMode = "raise"
 
     def __post_init__(self) -> None:
         _positive_int("workers", self.workers)

@@ -1,7 +1,8 @@
-"""The caller's side: one event-loop thread and one keep-alive HTTP client per process.
+"""The caller's engine room: one event-loop thread per process, and one attempt of one chunk.
 
-Each call's fan-out (slots, order, retries, hedges, deadline) is a _fanout.Fanout run on
-that loop; this module posts one signed chunk and interprets the answer.
+Each call's fan-out (slots, order, retries, hedges, deadline) is a _fanout.Fanout run on that
+loop; this module signs a chunk, posts it through a transport (the lean keep-alive HTTP
+client, or a target's own transport) and reads the answer, both halves in _protocol.
 """
 
 from __future__ import annotations
@@ -13,25 +14,19 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-
-import msgspec
 
 from . import _http
 from . import _protocol as p
 from ._chunking import Chunk
-from ._exceptions import (
-    ConfigurationError,
-    ProtocolError,
-    RemoteError,
-    RequestRejected,
-    SerializationError,
-    WorkerTimeout,
-    WorkerUnavailable,
-)
+from ._config import ErrorMode
+from ._exceptions import ConfigurationError, WorkerTimeout, WorkerUnavailable
 from ._fanout import Fanout, Policy, Tally
+from ._registry import Bind
+from ._stats import ChunkStats, TargetKind
+from ._transport import Transport
 
 logger = logging.getLogger("serverless.dispatch")
 T = TypeVar("T")
@@ -44,14 +39,17 @@ class Target:
     urls: tuple[str, ...]
     route: str
     keyring: p.Keyring
-    kind: str  # "url", "self" or "local"
+    kind: TargetKind
     max_body: int = p.MAX_BODY
+    transport: Transport | None = None  # None: the dispatcher's HTTP client
 
 
 @dataclass(frozen=True)
 class CallSpec:
+    """What every chunk of one call carries, and the call's fan-out options."""
+
     function: str
-    bind: str
+    bind: Bind
     args: list[Any]
     kwargs: dict[str, Any]
     workers: int
@@ -60,32 +58,24 @@ class CallSpec:
     then: list[p.Stage] = field(default_factory=list)  # fused pipeline stages after the first
     deadline: float | None = None
     hedge: bool = False
-    errors: str = "raise"
+    errors: ErrorMode = "raise"
     # called on the loop thread with (items, worker compute seconds) of each reply: the hook
     # of the adaptive chunk sizing (_chunking.AdaptiveChunks.observe)
     on_reply: Callable[[int, float], None] | None = None
 
-
-@dataclass
-class ChunkStats:
-    """One chunk as measured: caller-side times are seconds since the call started."""
-
-    index: int
-    size: int
-    worker: str
-    url: str
-    start: float
-    end: float
-    queue_s: float
-    compute_s: float
-    attempts: int
-    stages: list[p.StageFigures] = field(default_factory=list)  # a fused call's, per stage
-
-
-@dataclass
-class MapResult:
-    results: list[Any]
-    tally: Tally = field(default_factory=Tally)
+    def envelope(self, chunk: Chunk) -> p.Call:
+        """One chunk's request envelope, with a request id of its own."""
+        return p.Call(
+            v=p.VERSION,
+            fn=self.function,
+            id=p.new_request_id(),
+            index=chunk.index,
+            items=chunk.items,
+            args=self.args,
+            kwargs=self.kwargs,
+            bind=self.bind,
+            then=self.then,
+        )
 
 
 class Dispatcher:
@@ -165,7 +155,7 @@ class Dispatcher:
         tally: Tally,
         *,
         lazy_input: bool = False,
-    ) -> AsyncIterator[list[Any]]:
+    ) -> AsyncGenerator[list[Any], None]:
         """One call's results in order, in batches (see _fanout.py); iterate on the loop."""
 
         async def attempt(
@@ -175,8 +165,8 @@ class Dispatcher:
             reply = await self._post(spec, target, url, chunk, timeout)
             assert reply.results is not None
             stats = ChunkStats(
-                index=chunk[0],
-                size=len(chunk[2]),
+                index=chunk.index,
+                size=len(chunk.items),
                 worker=reply.worker,
                 url=url,
                 start=start,
@@ -203,24 +193,19 @@ class Dispatcher:
         )
         return fanout.results()
 
-    async def map(
-        self, spec: CallSpec, target: Target, chunks: Iterator[Chunk], *, lazy_input: bool = False
-    ) -> MapResult:
-        """The whole call: every result, in order."""
-        tally = Tally()
-        results: list[Any] = []
-        async for batch in self.fanout(spec, target, chunks, tally, lazy_input=lazy_input):
-            results += batch
-        return MapResult(results, tally)
-
     async def _post(
         self, spec: CallSpec, target: Target, url: str, chunk: Chunk, timeout: float
     ) -> p.Reply:
-        what = f"chunk {chunk[0]} of {spec.function}"
+        """One attempt of one chunk: sign, post through the target's transport, read."""
+        transport = target.transport or self._client()
+        what = f"chunk {chunk.index} of {spec.function}"
         for fresh_connection in (False, True):
-            body, headers = _signed(spec, target, chunk)
+            call = spec.envelope(chunk)  # signed anew on a resend: a new request id
+            body, headers = p.build_request(
+                target.keyring, target.route, call, time.time(), target.max_body
+            )
             try:
-                response = await self._client().post(url, body, headers, timeout)
+                response = await transport.post(url, _http.Body(body), headers, timeout)
                 break
             except _http.StaleConnection as exc:
                 if fresh_connection:  # pragma: no cover - a fresh connection is never stale
@@ -231,72 +216,9 @@ class Dispatcher:
                 raise WorkerTimeout(f"{what} took longer than {timeout:.3g}s", url=url) from exc
             except _http.TransportError as exc:
                 raise WorkerUnavailable(f"{what} failed: {exc}", url=url) from exc
-        raw, status, content_type = response.body, response.status, response.content_type
-        return _interpret(spec.function, what, url, chunk[1], status, content_type, raw)
-
-
-def _signed(spec: CallSpec, target: Target, chunk: Chunk) -> tuple[_http.Body, dict[str, str]]:
-    """The chunk's envelope and its signed headers, with a request id of its own."""
-    index, _, items = chunk
-    request_id = p.new_request_id()
-    call = p.Call(
-        v=p.VERSION,
-        fn=spec.function,
-        id=request_id,
-        index=index,
-        items=items,
-        args=spec.args,
-        kwargs=spec.kwargs,
-        bind=spec.bind,
-        then=spec.then,
-    )
-    body = p.encode(call)
-    if len(body) > target.max_body:
-        raise ConfigurationError(
-            f"chunk {index} of {spec.function} encodes to {len(body)} bytes, over the "
-            f"{target.max_body}-byte request limit: use a smaller chunk_size or more workers"
+        return p.read_reply(
+            response.status, response.content_type, response.body, call, chunk.offset, url
         )
-    headers = p.signed_headers(target.keyring, target.route, spec.function, request_id, body)
-    return _http.Body(body), headers
-
-
-def _interpret(
-    function: str, what: str, url: str, offset: int, status: int, ctype: str | None, raw: bytes
-) -> p.Reply:
-    fmt = p.media_type(ctype)
-    reply: p.Reply | None = None
-    if fmt is not None:
-        try:
-            reply = p.decode_reply(raw, fmt)
-        except msgspec.DecodeError:
-            reply = None
-    if status == 200 and reply is not None and reply.results is not None:
-        return reply
-    error = reply.error if reply is not None else None
-    if status in (429, 502, 503, 504):  # a platform at capacity, or no healthy instance
-        raise WorkerUnavailable(f"{what}: worker unavailable", url=url, status=status)
-    if error is not None and reply is not None and error.kind == "user":
-        names = function.split(p.STAGE_SEPARATOR)  # a fused call names every stage
-        stage = error.stage if 0 < error.stage < len(names) else 0
-        index = None if error.index is None or stage else offset + error.index
-        raise RemoteError(
-            names[stage] if stage else function,
-            error.type,
-            error.message,
-            error.traceback,
-            index=index,
-            item=error.item,
-            worker=reply.worker,
-        )
-    if error is not None and reply is not None and error.kind == "result":
-        raise SerializationError(
-            f"{function} returned a bad result on worker {reply.worker}: "
-            f"{error.type}: {error.message}"
-        )
-    detail = error.message if error is not None else raw[:200].decode("utf-8", "replace")
-    if 400 <= status < 500:
-        raise RequestRejected(f"{what} was refused: {detail}", url=url, status=status)
-    raise ProtocolError(f"{what}: not a protocol v1 answer: {detail!r}", url=url, status=status)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -15,12 +15,14 @@ import logging
 import random
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._chunking import Chunk
+from ._config import ErrorMode
 from ._exceptions import DeadlineExceeded, RemoteError, WorkerError
+from ._stats import ChunkStats
 
 logger = logging.getLogger("serverless.dispatch")
 
@@ -38,14 +40,14 @@ class Policy:
     retries: int
     deadline: float | None = None
     hedge: bool = False
-    errors: str = "raise"  # or "return": a failed item's RemoteError in place of its result
+    errors: ErrorMode = "raise"  # or "return": a failed item's RemoteError in its place
 
 
 @dataclass
 class Tally:
     """What the call measured: exact counters, and per-chunk statistics up to a bound."""
 
-    chunks: list[Any] = field(default_factory=list)
+    chunks: list[ChunkStats] = field(default_factory=list)
     count: int = 0
     compute_s: float = 0.0
     retries: int = 0
@@ -55,7 +57,7 @@ class Tally:
     stage_counts: list[int] = field(default_factory=list)  # a fused call's, per stage: items out
     stage_compute_s: list[float] = field(default_factory=list)
 
-    def add(self, stats: Any) -> None:
+    def add(self, stats: ChunkStats) -> None:
         self.done += 1
         self.count += stats.size
         self.compute_s += stats.compute_s
@@ -69,13 +71,13 @@ class Tally:
         if len(self.chunks) < MAX_KEPT_STATS:
             self.chunks.append(stats)
 
-    def in_order(self) -> list[Any]:
+    def in_order(self) -> list[ChunkStats]:
         """The kept per-chunk statistics, in chunk order (they are added as answers come)."""
         return sorted(self.chunks, key=lambda c: c.index)
 
 
 # One attempt of one chunk on one URL: (results, the attempt's ChunkStats) or an exception.
-Attempt = Callable[[str, Chunk, int, float], Awaitable[tuple[list[Any], Any]]]
+Attempt = Callable[[str, Chunk, int, float], Awaitable[tuple[list[Any], ChunkStats]]]
 
 
 class _Chunk:
@@ -90,7 +92,7 @@ class _Chunk:
 
     @property
     def index(self) -> int:
-        return self.chunk[0]
+        return self.chunk.index
 
     def describe(self) -> str:
         index, offset, items = self.chunk
@@ -130,7 +132,7 @@ class Fanout:
 
     # -- the driver ----------------------------------------------------------------------
 
-    async def results(self) -> AsyncIterator[list[Any]]:
+    async def results(self) -> AsyncGenerator[list[Any], None]:
         """Yield the results in input order, a batch of whole chunks at a time."""
         next_out = 0
         # Chunks launched but not yet yielded, at most: the ones in flight plus some slack for
@@ -244,15 +246,15 @@ class Fanout:
         if at is not None and 0 <= at < len(items):
             left, right = (offset, items[:at]), (offset + at + 1, items[at + 1 :])
             parts = await asyncio.gather(
-                *(self._run(owner, (index, o, p), set(), lane) for o, p in (left, right) if p)
+                *(self._run(owner, Chunk(index, o, p), set(), lane) for o, p in (left, right) if p)
             )
             before = parts[0] if left[1] else []
             after = parts[-1] if right[1] else []
             return [*before, exc, *after]
         half = len(items) // 2  # the error named no item: bisect
         halves = await asyncio.gather(
-            self._run(owner, (index, offset, items[:half]), set(), lane),
-            self._run(owner, (index, offset + half, items[half:]), set(), lane),
+            self._run(owner, Chunk(index, offset, items[:half]), set(), lane),
+            self._run(owner, Chunk(index, offset + half, items[half:]), set(), lane),
         )
         return [*halves[0], *halves[1]]
 
@@ -271,7 +273,7 @@ class Fanout:
             except WorkerError as exc:
                 if not exc.retryable or attempt > self.policy.retries:
                     raise
-                logger.info("retrying chunk %d of %s: %s", chunk[0], self.function, exc)
+                logger.info("retrying chunk %d of %s: %s", chunk.index, self.function, exc)
                 failed.add(url)
                 if exc.status is None:  # no HTTP answer at all: send elsewhere from now on
                     self.down.add(url)

@@ -1,4 +1,6 @@
-"""Wire protocol v1: envelopes, encoding and HMAC signatures. Pure functions, no I/O.
+"""Wire protocol v1 in both directions: envelopes, encoding, HMAC signatures, and the caller's
+half (build a signed request, read a reply into results or an exception). Pure, no I/O: the
+clock is an argument.
 
 docs/protocol.md is the normative description; keep the two in step.
 """
@@ -14,7 +16,14 @@ from typing import Any
 
 import msgspec
 
-from ._exceptions import ConfigurationError, SerializationError
+from ._exceptions import (
+    ConfigurationError,
+    ProtocolError,
+    RemoteError,
+    RequestRejected,
+    SerializationError,
+    WorkerUnavailable,
+)
 
 VERSION = 1
 MSGPACK = "application/msgpack"
@@ -182,10 +191,16 @@ class Keyring:
 
 
 def signed_headers(
-    keyring: Keyring, path: str, function: str, request_id: str, body: bytes, fmt: str = MSGPACK
+    keyring: Keyring,
+    path: str,
+    function: str,
+    request_id: str,
+    body: bytes,
+    fmt: str = MSGPACK,
+    now: float | None = None,
 ) -> dict[str, str]:
     """Headers for one POST of `body`, whose envelope carries `request_id`."""
-    timestamp = f"{time.time():.3f}"
+    timestamp = f"{time.time() if now is None else now:.3f}"
     message = string_to_sign("POST", path, function, timestamp, request_id, body)
     return {
         "Content-Type": fmt,
@@ -196,3 +211,66 @@ def signed_headers(
         "Serverless-Request-Id": request_id,
         "Serverless-Signature": keyring.sign(message),
     }
+
+
+# -- the caller's half ---------------------------------------------------------------------
+
+
+def build_request(
+    keyring: Keyring, route: str, call: Call, now: float, max_body: int = MAX_BODY
+) -> tuple[bytes, dict[str, str]]:
+    """The encoded envelope of `call` and its signed headers, as of the time `now`."""
+    body = encode(call)
+    if len(body) > max_body:
+        raise ConfigurationError(
+            f"chunk {call.index} of {call.fn} encodes to {len(body)} bytes, over the "
+            f"{max_body}-byte request limit: use a smaller chunk_size or more workers"
+        )
+    return body, signed_headers(keyring, route, call.fn, call.id, body, now=now)
+
+
+def read_reply(
+    status: int, content_type: str | None, raw: bytes, call: Call, offset: int, url: str
+) -> Reply:
+    """A reply to `call` (whose first item is item `offset` of the whole input): the Reply if
+    it carries results, else the exception that says what went wrong."""
+    what = f"chunk {call.index} of {call.fn}"
+    fmt = media_type(content_type)
+    reply: Reply | None = None
+    if fmt is not None:
+        try:
+            reply = decode_reply(raw, fmt)
+        except (msgspec.DecodeError, ValueError, RecursionError):
+            reply = None
+    if status == 200 and reply is not None and reply.results is not None:
+        return reply
+    error = reply.error if reply is not None else None
+    worker = reply.worker if reply is not None else ""
+    if status in (429, 502, 503, 504):  # a platform at capacity, or no healthy instance
+        raise WorkerUnavailable(f"{what}: worker unavailable", url=url, status=status)
+    if error is not None and error.kind == "user":
+        names = call.fn.split(STAGE_SEPARATOR)  # a fused call names every stage
+        stage = error.stage if 0 < error.stage < len(names) else 0
+        index = None if error.index is None or stage else offset + error.index
+        raise RemoteError(
+            names[stage] if stage else call.fn,
+            error.type,
+            error.message,
+            error.traceback,
+            index=index,
+            item=error.item,
+            worker=worker,
+        )
+    if error is not None and error.kind == "result":
+        raise SerializationError(
+            f"{call.fn} returned a bad result on worker {worker}: {error.type}: {error.message}"
+        )
+    detail = error.message if error is not None else raw[:200].decode("utf-8", "replace")
+    if status == 404 and "__main__:" in call.fn:
+        detail += (
+            ": a function defined in the script being run (__main__) exists only where that "
+            "script runs; to call it on other workers, define it in a module they import"
+        )
+    if 400 <= status < 500:
+        raise RequestRejected(f"{what} was refused: {detail}", url=url, status=status)
+    raise ProtocolError(f"{what}: not a protocol v1 answer: {detail!r}", url=url, status=status)

@@ -12,16 +12,27 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, Literal
 
 from ._exceptions import ConfigurationError
 
 # multiprocessing's spawn start method imports the parent's main script as "__mp_main__".
 _MAIN_ALIASES = {"__mp_main__": "__main__"}
 
-BIND_NONE = ""
-BIND_INSTANCE = "instance"
-BIND_CLASS = "class"
+# How a worker binds a method before calling it: not at all, to a fresh instance of its
+# class (as the seed does), or to its class (a classmethod).
+Bind = Literal["", "instance", "class"]
+BIND_NONE: Final = ""
+BIND_INSTANCE: Final = "instance"
+BIND_CLASS: Final = "class"
+
+
+def as_bind(value: str) -> Bind | None:
+    """`value` as a Bind, or None if it names none (from the wire: anything may come)."""
+    for bind in (BIND_NONE, BIND_INSTANCE, BIND_CLASS):
+        if value == bind:
+            return bind
+    return None
 
 
 @dataclass(frozen=True)
@@ -46,13 +57,14 @@ class Entry:
             raise ConfigurationError(f"{self.name} is not defined in a class")
         return target
 
-    def bound(self, bind: str) -> Callable[..., Any]:
+    def bound(self, bind: Bind) -> Callable[..., Any]:
         """The callable to run for a chunk: a fresh instance per call, as the seed does."""
         if bind == BIND_NONE:
             return self.func
         owner = self.owner()
         receiver: Any = owner() if bind == BIND_INSTANCE else owner
-        return self.func.__get__(receiver, owner)  # type: ignore[no-any-return]
+        method: Callable[..., Any] = self.func.__get__(receiver, owner)
+        return method
 
 
 _lock = threading.Lock()

@@ -21,10 +21,10 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ._api import WorkerRoute, init
 from ._asgi import ASGIEndpoint, Receive, Scope, Send
 from ._config import secrets_from_env
 from ._exceptions import ConfigurationError
+from ._route import WorkerRoute, init
 from ._wsgi import StartResponse, WSGIEndpoint
 
 logger = logging.getLogger("serverless.serve")

@@ -1,25 +1,50 @@
-"""Statistics of steps and pipeline runs: measured, never estimated."""
+"""Statistics of chunks, steps and pipeline runs: measured, never estimated."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from ._dispatch import ChunkStats
+from ._protocol import StageFigures
+
+StepKind = Literal["parallel", "sequential"]
+# where a step's chunks went: a URL, the app's own route, the local pool, the caller itself
+# (a sequential step), or nowhere (an empty input)
+TargetKind = Literal["url", "self", "local", "caller", "none"]
+
+
+@dataclass
+class ChunkStats:
+    """One chunk as measured: caller-side times are seconds since the call started."""
+
+    index: int
+    size: int
+    worker: str
+    url: str
+    start: float
+    end: float
+    queue_s: float
+    compute_s: float
+    attempts: int
+    stages: list[StageFigures] = field(default_factory=list)  # a fused call's, per stage
 
 
 @dataclass
 class StepStats:
     """One run of one step.
 
-    duration: wall time in the caller; workers: chunks sent (1 for a sequential step);
-    count / count_out: elements in and out; compute_s: the sum of worker-side compute time;
-    retries: extra attempts beyond one per chunk; hedges: duplicates sent for stragglers;
-    chunks: per-chunk measurements (the first 10,000 of a call; the counters are exact).
+    duration: wall time in the caller; in a fused group (steps that ran in the same
+    requests), the group's wall time shared among its steps in proportion to the compute
+    each measured on the workers, so the steps' durations add up to the group's.
+    workers: chunks sent (1 for a sequential step); count / count_out: elements in and out;
+    compute_s: the sum of worker-side compute time; retries: extra attempts beyond one per
+    chunk; hedges: duplicates sent for stragglers; chunks: per-chunk measurements (the first
+    10,000 of a call; the counters are exact); fused_with: in a Pipeline, the number of the
+    step whose requests also ran this one (None when it had requests of its own).
     """
 
     name: str
-    kind: str  # "parallel" or "sequential"
+    kind: StepKind
     duration: float
     workers: int
     count: int
@@ -27,8 +52,9 @@ class StepStats:
     compute_s: float
     retries: int = 0
     hedges: int = 0
-    target: str = "local"
+    target: TargetKind = "local"
     chunks: list[ChunkStats] = field(default_factory=list)
+    fused_with: int | None = None
 
     @property
     def processes(self) -> int:
@@ -37,9 +63,10 @@ class StepStats:
 
     def line(self) -> str:
         plural = "s" if self.workers != 1 else ""
+        shared = f" (in the same requests as step {self.fused_with})" if self.fused_with else ""
         return (
             f'Step "{self.name}" took {self.duration:.2f}s for {self.workers} worker{plural} '
-            f"and {self.count} elements"
+            f"and {self.count} elements{shared}"
         )
 
 

@@ -27,8 +27,6 @@ from ._exceptions import SerializationError
 
 logger = logging.getLogger("serverless.worker")
 
-_BINDS = (_registry.BIND_NONE, _registry.BIND_INSTANCE, _registry.BIND_CLASS)
-
 
 @dataclass
 class Response:
@@ -43,11 +41,11 @@ class Job:
 
     call: p.Call
     entry: _registry.Entry
-    bind: str
+    bind: _registry.Bind
     fmt: str
     received: float = field(default_factory=time.perf_counter)
     # further stages of a fused call, each run on the previous stage's results
-    then: list[tuple[_registry.Entry, str]] = field(default_factory=list)
+    then: list[tuple[_registry.Entry, _registry.Bind]] = field(default_factory=list)
 
     @property
     def is_async(self) -> bool:
@@ -188,8 +186,6 @@ class Endpoint:
         for name, found in zip(names, entries, strict=True):
             if found is None:
                 return self.reject(404, f"function {name!r} is not registered on this worker", fmt)
-        entry = entries[0]
-        assert entry is not None
         content_fmt = p.media_type(headers.get("content-type"))
         if content_fmt is None:
             return self.reject(415, f"content type must be {p.MSGPACK} or {p.JSON}", fmt)
@@ -199,19 +195,20 @@ class Endpoint:
         # on absurd nesting, besides its own DecodeError: all are the sender's fault.
         except (msgspec.DecodeError, ValueError, RecursionError) as exc:
             return self.reject(400, f"malformed envelope: {type(exc).__name__}: {exc}", fmt)
-        bind = call.bind
         if call.v != p.VERSION or call.fn != function or call.id != request_id:
             return self.reject(400, "envelope does not match the signed headers", fmt)
         if [stage.fn for stage in call.then] != names[1:]:
             return self.reject(400, "envelope stages do not match the signed function", fmt)
-        binds = [bind] + [stage.bind for stage in call.then]
-        then: list[tuple[_registry.Entry, str]] = []
-        for name, found, stage_bind in zip(names, entries, binds, strict=True):
+        binds = [call.bind] + [stage.bind for stage in call.then]
+        stages: list[tuple[_registry.Entry, _registry.Bind]] = []
+        for name, found, wire_bind in zip(names, entries, binds, strict=True):
             assert found is not None
-            if stage_bind not in _BINDS or (stage_bind and not found.owner_path):
-                return self.reject(400, f"bad binding {stage_bind!r} for {name}", fmt)
-            then.append((found, stage_bind))
-        return Job(call=call, entry=entry, bind=bind, fmt=fmt, then=then[1:])
+            bind = _registry.as_bind(wire_bind)
+            if bind is None or (bind and not found.owner_path):
+                return self.reject(400, f"bad binding {wire_bind!r} for {name}", fmt)
+            stages.append((found, bind))
+        first, then = stages[0], stages[1:]
+        return Job(call=call, entry=first[0], bind=first[1], fmt=fmt, then=then)
 
     def _lookup(self, function: str) -> _registry.Entry | None:
         entry = _registry.lookup(function)

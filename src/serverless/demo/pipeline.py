@@ -124,13 +124,12 @@ def figures(run: serverless.PipelineRun, count: int, workers: int) -> dict[str, 
     offset = 0.0
     timeline: list[dict[str, Any]] = []
     steps = []
-    for n, step in enumerate(run.steps):
-        fused = n > 0 and step.chunks and step.chunks is run.steps[n - 1].chunks
-        steps.append(_step_figures(step, fused_with=n if fused else None))
-        if fused:
-            timeline_step = timeline[-1]["step"] if timeline else step.name
+    for step in run.steps:
+        steps.append(_step_figures(step))
+        if step.fused_with:  # its chunks are the previous step's: label them with both
             for entry in timeline[-len(step.chunks) :]:
-                entry["step"] = f"{timeline_step}+{step.name}"
+                entry["step"] = f"{entry['step']}+{step.name}"
+            offset += step.duration  # the fused steps' durations add up to their group's
             continue
         for c in step.chunks:
             timeline.append(
@@ -160,7 +159,7 @@ def figures(run: serverless.PipelineRun, count: int, workers: int) -> dict[str, 
     }
 
 
-def _step_figures(s: serverless.StepStats, fused_with: int | None) -> dict[str, Any]:
+def _step_figures(s: serverless.StepStats) -> dict[str, Any]:
     return {
         "name": s.name,
         "kind": s.kind,
@@ -173,7 +172,7 @@ def _step_figures(s: serverless.StepStats, fused_with: int | None) -> dict[str, 
         "hedges": s.hedges,
         "processes": s.processes,
         "target": s.target,
-        "fused_with": fused_with,  # the step number whose requests also ran this one
+        "fused_with": s.fused_with,  # the step number whose requests also ran this one
     }
 
 

@@ -1,0 +1,462 @@
+"""The steps, @parallel and @sequential, and the one path every parallel call takes.
+
+A call is prepared once, in the caller's thread (binding, items, options, target), into an
+`Invocation`; one async generator of ordered result batches runs it on the dispatcher's loop
+and records its statistics when it ends. `__call__`, `with_stats`, `submit`, `aio`, `stream`
+and `astream` are thin shells over that generator. A method bound to an instance or a class
+is the same step carrying its binding, so every calling form keeps it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, cast, overload
+
+from . import _registry
+from ._chunking import AdaptiveChunks, Chunk, chunk_adaptive, chunk_iterable, chunk_sequence
+from ._config import Options
+from ._dispatch import CallSpec, Target, dispatcher
+from ._exceptions import ConfigurationError
+from ._fanout import Tally, close_batches, next_batch
+from ._local_worker import check_not_importing_main
+from ._protocol import STAGE_SEPARATOR, Stage
+from ._registry import BIND_CLASS, BIND_INSTANCE, BIND_NONE, Bind
+from ._stats import StepKind, StepStats, TargetKind
+from ._targets import resolve
+
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S", bound="_Step[Any, Any]")
+
+# how the function was declared: plain (a function, or a method bound when looked up),
+# @staticmethod or @classmethod under the decorator
+Declared = Literal["plain", "static", "class"]
+
+_NOT_ITEMS = (str, bytes, bytearray, dict)
+
+
+class _LastStats:
+    """The statistics of a step's last run, shared by the step and its bound copies."""
+
+    stats: StepStats | None = None
+
+
+class _Step(Generic[P, R]):
+    """What @parallel and @sequential share: the wrapped function, its binding, its last
+    statistics."""
+
+    kind: StepKind
+    __name__: str
+
+    def __init__(self, func: Callable[P, R]) -> None:
+        self._func, self._declared = _unwrap(func)
+        functools.update_wrapper(self, self._func)
+        self._bind: Bind = BIND_NONE
+        self._receiver: Any = None
+        self._last = _LastStats()
+
+    # The seed's main.py reads these from the step after pipeline.run(); they describe the
+    # last run in any thread. PipelineRun.steps holds per-run statistics.
+    @property
+    def stats(self) -> StepStats | None:
+        return self._last.stats
+
+    @property
+    def duration(self) -> float:
+        return self.stats.duration if self.stats else 0.0
+
+    @property
+    def workers(self) -> int:
+        return self.stats.workers if self.stats else 0
+
+    @property
+    def count(self) -> int:
+        return self.stats.count if self.stats else 0
+
+    def __get__(self: S, instance: object, owner: type | None = None) -> S:
+        if self._declared == "static":
+            return self
+        if self._declared == "class":
+            return self._bound_to(BIND_CLASS, owner)
+        if instance is None:
+            return self
+        if isinstance(instance, type) and owner is type(instance):  # classmethod(parallel(f))
+            return self._bound_to(BIND_CLASS, instance)
+        return self._bound_to(BIND_INSTANCE, instance)
+
+    def _clone(self: S) -> S:
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def _bound_to(self: S, bind: Bind, receiver: Any) -> S:
+        clone = self._clone()
+        clone._bind, clone._receiver = bind, receiver
+        return clone
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.with_stats(*args, **kwargs)[0]
+
+    def with_stats(self, *args: Any, **kwargs: Any) -> tuple[R, StepStats]:
+        """Call the step and also return the statistics of this very call."""
+        raise NotImplementedError
+
+    def stage(self) -> StageInfo | None:
+        """How this step can run inside a Pipeline's fused request (None: it cannot)."""
+        return None
+
+    def _split(self, args: tuple[Any, ...]) -> tuple[Bind, Any, tuple[Any, ...]]:
+        """The binding, the receiver and the remaining arguments. An unbound plain method
+        called with an explicit receiver, as in `Cls.method(obj, items)`, is bound to it."""
+        if self._bind != BIND_NONE:
+            return self._bind, self._receiver, args
+        if self._declared == "plain" and len(args) >= 2 and "." in self._func.__qualname__:
+            owner_path = self._func.__qualname__.rsplit(".", 1)[0]
+            first = args[0]
+            if isinstance(first, type) and first.__qualname__ == owner_path:
+                return BIND_CLASS, first, args[1:]
+            if any(c.__qualname__ == owner_path for c in type(first).__mro__):
+                return BIND_INSTANCE, first, args[1:]
+        return BIND_NONE, None, args
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """A parallel step as a Pipeline sees it: where its chunks go, and whether it can run
+    as a later stage of another step's requests (bound arguments only travel with the
+    first stage's)."""
+
+    step: ParallelFunction[Any, Any]
+    url: str | None
+    first_only: bool
+
+
+class ParallelFunction(_Step[P, R]):
+    """A function whose list argument is split into chunks run by workers in parallel."""
+
+    kind: StepKind = "parallel"
+
+    def __init__(self, func: Callable[P, R], options: Options) -> None:
+        super().__init__(func)
+        self.options = options
+        self.entry = _registry.register(self._func)
+        self._bound_args: tuple[Any, ...] = ()
+        self._bound_kwargs: dict[str, Any] = {}
+
+    def with_options(self, **options: Any) -> ParallelFunction[P, R]:
+        """The same registered function with other options, e.g. `f.with_options(workers=8)`."""
+        clone = self._clone()
+        clone.options = self.options.merged(**options)
+        clone._last = _LastStats()
+        return clone
+
+    def partial(self, *args: Any, **kwargs: Any) -> ParallelFunction[P, R]:
+        """The same function with extra arguments bound, as functools.partial does after the
+        items: `Pipeline(geolocate.partial(geocoder_url), cleanup, sort)`."""
+        clone = self.with_options()
+        clone._bound_args = (*self._bound_args, *args)
+        clone._bound_kwargs = {**self._bound_kwargs, **kwargs}
+        return clone
+
+    def stage(self) -> StageInfo:
+        return StageInfo(self, self.options.url, bool(self._bound_args or self._bound_kwargs))
+
+    # -- the calling forms: thin shells over Invocation.batches ----------------------------
+
+    def with_stats(self, *args: Any, **kwargs: Any) -> tuple[R, StepStats]:
+        call = self._prepare(args, kwargs, blocking=True)
+        results = call.run()
+        return cast(R, results), call.stats[0]
+
+    def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[list[Any]]:
+        """Start the call and return a concurrent.futures.Future of its result list."""
+        call = self._prepare(args, kwargs, blocking=False)
+        if call.count == 0:
+            future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
+            future.set_result(call.run())
+            return future
+        return dispatcher().submit(call.collect())
+
+    async def aio(self, *args: Any, **kwargs: Any) -> list[Any]:
+        """The async form: `await fn.aio(items)` from any event loop."""
+        call = self._prepare(args, kwargs, blocking=False)
+        if call.count == 0:
+            return call.run()
+        return await dispatcher().arun(call.collect())
+
+    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """The results one by one, in input order, as soon as each chunk in order is done.
+
+        Memory stays bounded whatever the input's length: a generator is read as slots free,
+        and at most a few times `workers` chunks are held. Closing the iterator (or leaving
+        the loop early) cancels the chunks in flight.
+        """
+        return self._prepare(args, kwargs, blocking=True).stream()
+
+    def astream(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        """`async for result in fn.astream(items)`: stream() for event loops."""
+        return self._prepare(args, kwargs, blocking=False).astream()
+
+    def _prepare(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        blocking: bool,
+        then: Sequence[ParallelFunction[Any, Any]] = (),
+    ) -> Invocation:
+        """The call, prepared once; `then`: further steps fused into the same requests."""
+        check_not_importing_main()
+        bind, _, args = self._split(args)
+        items = _items_argument(self.__name__, args)
+        opts = self.options
+        steps = [self, *then]
+        spec = CallSpec(
+            function=STAGE_SEPARATOR.join(step.entry.name for step in steps),
+            bind=bind,
+            args=[*args[1:], *self._bound_args],
+            kwargs={**self._bound_kwargs, **kwargs},
+            workers=opts.workers,
+            timeout=max(step.options.timeout for step in steps),
+            retries=min(step.options.retries for step in steps),
+            then=[Stage(fn=step.entry.name, bind=step._bind) for step in then],
+            deadline=opts.deadline,
+            hedge=all(step.options.hedging for step in steps),
+            # an item that failed in one stage has no input for the next
+            errors=opts.errors if not then else "raise",
+        )
+        if isinstance(items, Sequence):
+            chunks = chunk_sequence(items, opts.workers, opts.chunk_size)
+            count: int | None = len(items)
+            lazy = False
+        elif opts.chunk_size is None:  # unknown length: sizes follow the measured compute
+            policy = AdaptiveChunks()
+            spec = replace(spec, on_reply=policy.observe)
+            chunks, count, lazy = chunk_adaptive(items, policy), None, True
+        else:
+            chunks, count, lazy = chunk_iterable(items, opts.chunk_size), None, True
+        # the target is chosen here, in the caller's thread: it may be the app serving the
+        # request this thread is handling; an empty input goes nowhere
+        target = None if count == 0 else resolve(opts.url, blocking=blocking)
+        return Invocation(steps, spec, chunks, count, lazy, target)
+
+
+class Invocation:
+    """One prepared call of one or more fused parallel steps, and its statistics once done."""
+
+    def __init__(
+        self,
+        steps: list[ParallelFunction[Any, Any]],
+        spec: CallSpec,
+        chunks: Iterator[Chunk],
+        count: int | None,
+        lazy: bool,  # a generator or other iterator: read it off the loop thread
+        target: Target | None,
+    ) -> None:
+        self.steps, self.spec, self.chunks, self.count = steps, spec, chunks, count
+        self.lazy, self.target = lazy, target
+        self.started = time.perf_counter()
+        self.stats: list[StepStats] = []  # one per step, once the call is done
+
+    async def batches(self) -> AsyncIterator[list[Any]]:
+        """THE primitive: the results in input order, in batches, on the dispatcher's loop."""
+        tally = Tally()
+        produced = 0
+        if self.target is not None:
+            fanout = dispatcher().fanout(
+                self.spec, self.target, self.chunks, tally, lazy_input=self.lazy
+            )
+            async with contextlib.aclosing(fanout):  # cancels what is in flight if closed
+                async for batch in fanout:
+                    produced += len(batch)
+                    yield batch
+        self._finish(produced, tally)
+
+    async def collect(self) -> list[Any]:
+        results: list[Any] = []
+        async for batch in self.batches():
+            results += batch
+        return results
+
+    def run(self) -> list[Any]:
+        """The whole call from a thread that blocks until it is done."""
+        if self.target is None:  # nothing to send: no loop, no pool
+            self._finish(0, Tally())
+            return []
+        return dispatcher().run(self.collect())
+
+    def stream(self) -> Iterator[Any]:
+        engine = dispatcher()
+        batches = self.batches()
+        try:
+            while (batch := engine.run(next_batch(batches))) is not None:
+                yield from batch
+        finally:
+            engine.run(close_batches(batches))
+
+    async def astream(self) -> AsyncIterator[Any]:
+        engine = dispatcher()
+        batches = self.batches()
+        try:
+            while (batch := await engine.arun(next_batch(batches))) is not None:
+                for result in batch:
+                    yield result
+        finally:
+            await engine.arun(close_batches(batches))
+
+    def _finish(self, produced: int, tally: Tally) -> None:
+        """Each step's statistics. In a fused call the worker measured every stage's output
+        count and compute time; the call's wall time is shared among the steps in proportion
+        to their compute, so the steps' durations add up to the call's."""
+        duration = time.perf_counter() - self.started
+        fused = len(self.steps) > 1
+        counts = [self.count if self.count is not None else tally.count]
+        counts += tally.stage_counts if fused else [produced]
+        computes = tally.stage_compute_s if fused else [tally.compute_s]
+        if fused and not tally.done:
+            counts, computes = [counts[0]] + [0] * len(self.steps), [0.0] * len(self.steps)
+        total = sum(computes)
+        kind: TargetKind = self.target.kind if self.target is not None else "none"
+        chunks = tally.in_order()
+        self.stats = []
+        for n, step in enumerate(self.steps):
+            share = computes[n] / total if total > 0 else 1.0 / len(self.steps)
+            stats = StepStats(
+                name=step.__name__,
+                kind=step.kind,
+                duration=duration * share,
+                workers=min(tally.done, step.options.workers),
+                count=counts[n],
+                count_out=counts[n + 1],
+                compute_s=computes[n],
+                retries=tally.retries,
+                hedges=tally.hedges,
+                target=kind,
+                chunks=chunks,
+            )
+            step._last.stats = stats
+            self.stats.append(stats)
+
+
+def run_fused(
+    steps: Sequence[ParallelFunction[Any, Any]], data: Iterable[Any]
+) -> tuple[list[Any], list[StepStats]]:
+    """Run consecutive parallel steps in one request per chunk (a Pipeline's fused group)."""
+    first, *rest = steps
+    call = first._prepare((data,), {}, blocking=True, then=rest)
+    return call.run(), call.stats
+
+
+class SequentialFunction(_Step[P, R]):
+    """A step that runs in the caller, timed like a parallel one."""
+
+    kind: StepKind = "sequential"
+
+    def with_stats(self, *args: Any, **kwargs: Any) -> tuple[R, StepStats]:
+        check_not_importing_main()
+        items = _items_argument(self.__name__, args)
+        fn: Callable[..., R] = self._func
+        if self._bind != BIND_NONE:
+            owner = self._receiver if self._bind == BIND_CLASS else type(self._receiver)
+            fn = fn.__get__(self._receiver, owner)
+        started = time.perf_counter()
+        result = fn(*args, **kwargs)
+        duration = time.perf_counter() - started
+        stats = StepStats(
+            name=self.__name__,
+            kind=self.kind,
+            duration=duration,
+            workers=1,
+            count=len(items) if isinstance(items, Sequence) else 0,
+            count_out=len(result) if isinstance(result, Sequence) else 0,
+            compute_s=duration,
+            target="caller",
+        )
+        self._last.stats = stats
+        return result, stats
+
+
+def _unwrap(func: Any) -> tuple[Callable[..., Any], Declared]:
+    if isinstance(func, staticmethod):
+        return func.__func__, "static"
+    if isinstance(func, classmethod):
+        return func.__func__, "class"
+    if isinstance(func, _Step):
+        raise ConfigurationError(f"{func.__name__} is already decorated")
+    if not callable(func):
+        raise TypeError(f"@serverless.parallel/sequential decorate functions, not {func!r}")
+    return func, "plain"
+
+
+def _items_argument(name: str, args: tuple[Any, ...]) -> Iterable[Any]:
+    if not args:
+        raise TypeError(f"{name}() needs the list of items to process as first argument")
+    items = args[0]
+    if isinstance(items, _NOT_ITEMS) or not isinstance(items, Iterable):
+        raise TypeError(
+            f"the first argument of {name}() must be a list or iterable of items, "
+            f"not {type(items).__name__}"
+        )
+    return items
+
+
+# -- decorators ------------------------------------------------------------------------------
+
+
+@overload
+def parallel(func: Callable[P, R], /) -> ParallelFunction[P, R]: ...
+@overload
+def parallel(
+    *,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    timeout: float | None = None,
+    retries: int | None = None,
+    url: str | None = None,
+    deadline: float | None = None,
+    idempotent: bool | None = None,
+    hedge: bool | None = None,
+    errors: str | None = None,
+) -> Callable[[Callable[P, R]], ParallelFunction[P, R]]: ...
+def parallel(
+    func: Callable[P, R] | None = None,
+    /,
+    *,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    timeout: float | None = None,
+    retries: int | None = None,
+    url: str | None = None,
+    deadline: float | None = None,
+    idempotent: bool | None = None,
+    hedge: bool | None = None,
+    errors: str | None = None,
+) -> ParallelFunction[P, R] | Callable[[Callable[P, R]], ParallelFunction[P, R]]:
+    """Run the function on chunks of its first argument, in parallel, on HTTP workers.
+
+    Use bare (`@serverless.parallel`) or with options (see `serverless.Options`).
+    """
+    options = Options().merged(
+        workers=workers,
+        chunk_size=chunk_size,
+        timeout=timeout,
+        retries=retries,
+        url=url,
+        deadline=deadline,
+        idempotent=idempotent,
+        hedge=hedge,
+        errors=errors,
+    )
+    if func is not None:
+        return ParallelFunction(func, options)
+    return lambda f: ParallelFunction(f, options)
+
+
+def sequential(func: Callable[P, R]) -> SequentialFunction[P, R]:
+    """Run the function in the caller, recording the same statistics as a parallel step."""
+    return SequentialFunction(func)

@@ -1,0 +1,144 @@
+"""A local pool's worker process: it imports the caller's modules and main script, then
+serves the worker route under uvicorn on a loopback port (see _pool.py for the caller's side).
+
+Importing the main script stops at its first parallel call (`StopMainImport`), so a script
+without an `if __name__ == "__main__":` guard still works and its top-level work never runs
+in a worker. A worker dies with its parent (PR_SET_PDEATHSIG plus a watchdog).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import types
+from typing import Any
+
+from . import _registry
+from ._protocol import Keyring
+
+logger = logging.getLogger("serverless.pool")
+
+importing_main = False  # True in a worker while it imports the caller's main script
+
+
+class StopMainImport(BaseException):
+    """Raised by a step called while a worker imports the caller's main script: the functions
+    defined above the call are registered, the script's top-level work is skipped."""
+
+
+def check_not_importing_main() -> None:
+    if importing_main:
+        raise StopMainImport
+
+
+def child() -> None:
+    """Entry point of a local worker process: its configuration arrives on stdin."""
+    config: dict[str, Any] = json.loads(sys.stdin.buffer.read())
+    sys.path[:] = config["sys_path"]
+    _die_with_parent(config["parent"])
+    for name in config["modules"]:
+        if name != "__main__":
+            try:
+                importlib.import_module(name)
+            except Exception:
+                logger.exception("local worker cannot import %s", name)
+    import uvicorn  # before the main script: importing it rebinds sys.modules["__mp_main__"]
+
+    from ._asgi import ASGIEndpoint
+    from ._worker import Endpoint
+
+    if config["main"]:
+        _import_main(config["main"])
+
+    endpoint = Endpoint(config["route"], Keyring(config["secret"]), import_modules=True)
+    app = ASGIEndpoint(endpoint, threads=config["threads"])
+    sock = listening_socket()
+    uvicorn_config = uvicorn.Config(
+        app,
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=75,
+        http="httptools",
+        loop="asyncio",
+        backlog=4096,
+    )
+    server = uvicorn.Server(uvicorn_config)
+    os.write(config["port_fd"], f"{sock.getsockname()[1]}\n".encode())
+    os.close(config["port_fd"])
+    asyncio.run(server.serve(sockets=[sock]))
+
+
+def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening TCP socket for uvicorn.
+
+    proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only when the
+    listening socket names TCP explicitly; without it every response whose headers and body
+    go out in two writes waits ~40 ms for the client's delayed ACK (Nagle).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    return sock
+
+
+def _import_main(reference: dict[str, str]) -> None:
+    """Run the caller's main script as `__mp_main__`, as multiprocessing's spawn does."""
+    global importing_main
+    module = types.ModuleType("__mp_main__")
+    try:
+        if "module" in reference:
+            spec = importlib.util.find_spec(reference["module"])
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot find module {reference['module']}")
+            module.__spec__ = spec
+            module.__file__ = spec.origin
+            code = spec.loader.get_code(reference["module"])  # type: ignore[attr-defined]
+        else:
+            module.__file__ = reference["path"]
+            with open(reference["path"], "rb") as f:
+                code = compile(f.read(), reference["path"], "exec")
+    except Exception:
+        logger.exception("local worker cannot load the main script %s", reference)
+        return
+    sys.modules["__mp_main__"] = module
+    _registry.set_main_module(module)
+    importing_main = True
+    try:  # the script's own output at import time would repeat once per worker: hide it
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(code, module.__dict__)
+    except StopMainImport:
+        pass
+    except BaseException:
+        logger.exception("the main script raised while a local worker imported it")
+    finally:
+        importing_main = False
+
+
+def _die_with_parent(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="serverless-parent-watch", daemon=True).start()

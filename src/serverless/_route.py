@@ -1,0 +1,78 @@
+"""The worker route: `serverless.init()` configures this process and returns it, to mount."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ._asgi import ASGIApp, ASGIEndpoint
+from ._config import configure, secrets_from_env
+from ._exceptions import ConfigurationError
+from ._protocol import MAX_BODY, TOLERANCE, Keyring
+from ._worker import Endpoint
+from ._wsgi import WSGIApp, WSGIEndpoint
+
+
+class WorkerRoute:
+    """The worker endpoint returned by init(), ready to mount in a WSGI or ASGI app.
+
+    app.wsgi_app = route.wsgi(app.wsgi_app)        # Flask
+    application = route.wsgi(get_wsgi_application())  # Django, in wsgi.py
+    app.add_middleware(route.asgi)                  # FastAPI / Starlette
+    """
+
+    def __init__(self, endpoint: Endpoint, threads: int) -> None:
+        self.endpoint = endpoint
+        self.threads = threads
+
+    @property
+    def route(self) -> str:
+        return self.endpoint.route
+
+    def wsgi(self, app: WSGIApp | None = None) -> WSGIEndpoint:
+        """A WSGI app serving the route; wraps `app` for every other path, if given."""
+        return WSGIEndpoint(self.endpoint, app)
+
+    def asgi(self, app: ASGIApp | None = None) -> ASGIEndpoint:
+        """An ASGI app serving the route; wraps `app` for every other path, if given."""
+        return ASGIEndpoint(self.endpoint, app, threads=self.threads)
+
+
+def init(
+    route: str = "/serverless",
+    secret: str | Sequence[str] | None = None,
+    url: str | None = None,
+    *,
+    max_body: int = MAX_BODY,
+    tolerance: float = TOLERANCE,
+    threads: int = 64,
+    local_processes: int | None = None,
+    local_threads: int | None = None,
+) -> WorkerRoute:
+    """Configure this process as caller and return the worker route to mount.
+
+    route: the path of the worker route (also signed, so both sides must agree).
+    secret: the HMAC secret, or several during a key rotation (the first signs, all verify);
+        defaults to $SERVERLESS_SECRET (several separated by commas).
+    url: send chunks to this URL (a load balancer in front of workers) instead of calling
+        back into the current request's app or using the local pool; or $SERVERLESS_URL.
+    threads: threads of the ASGI adapter for sync functions (WSGI uses the server's).
+    """
+    if not isinstance(route, str) or not route.startswith("/"):
+        raise ConfigurationError(f"route must be a path starting with '/', not {route!r}")
+    secret = secret or secrets_from_env()
+    if not secret:
+        raise ConfigurationError("serverless.init() needs a secret (or set SERVERLESS_SECRET)")
+    keyring = Keyring(secret)
+    changes: dict[str, Any] = {
+        "route": route,
+        "keyring": keyring,
+        "url": url,
+        "max_body": max_body,
+        "local_processes": local_processes,
+    }
+    if local_threads is not None:
+        changes["local_threads"] = local_threads
+    configure(**changes)
+    endpoint = Endpoint(route, keyring, max_body=max_body, tolerance=tolerance)
+    return WorkerRoute(endpoint, threads)
