@@ -9,7 +9,7 @@ and the wall time should fall as 1/hosts.
 
     python -m bench.multihost [--hosts 4] [--threads 8] [--items 1280] [--wait 0.05]
 
-Prints a markdown table and writes bench/results/multihost.json. tests/test_multihost.py
+Prints a markdown table and writes bench/results/multihost.json. tests/integration/test_multihost.py
 uses the Cluster below for the kill and key-rotation runs.
 """
 

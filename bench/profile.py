@@ -35,7 +35,7 @@ CATEGORIES = [
     ("HTTP client (_http.py)", ("serverless/_http.py",)),
     ("HTTP server (uvicorn, httptools)", ("uvicorn/", "httptools")),
     ("worker checks and run (_worker, _asgi)", ("serverless/_worker.py", "serverless/_asgi.py")),
-    ("dispatcher (_dispatch, _api, _chunking)", ("serverless/",)),
+    ("dispatcher (_dispatch, _function, _chunking)", ("serverless/",)),
     ("thread pool handoff", ("concurrent/futures", "threading.py")),
     ("asyncio event loop", ("asyncio/",)),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import serverless
@@ -20,7 +21,7 @@ def _record(name: str) -> None:
 
 
 @serverless.parallel
-def square(numbers: list[int], offset: int = 0, *, scale: int = 1) -> list[int]:
+def square(numbers: Iterable[int], offset: int = 0, *, scale: int = 1) -> list[int]:
     _record("square")
     return [(n * n + offset) * scale for n in numbers]
 
@@ -37,10 +38,12 @@ def fail_on(numbers: list[int], bad: int) -> list[int]:
 
 
 @serverless.parallel
-def sleepy(numbers: list[float]) -> list[float]:
+def sleepy(numbers: Iterable[float]) -> list[float]:
+    out = []
     for n in numbers:
         time.sleep(n)
-    return numbers
+        out.append(n)
+    return out
 
 
 @serverless.parallel

@@ -13,13 +13,23 @@ import concurrent.futures
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Generic, Literal, ParamSpec, TypeVar, cast, overload
+from typing import (
+    Any,
+    Concatenate,
+    Generic,
+    Literal,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    cast,
+    overload,
+)
 
 from . import _registry
 from ._chunking import AdaptiveChunks, Chunk, chunk_adaptive, chunk_iterable, chunk_sequence
-from ._config import Options
+from ._config import ErrorMode, Options
 from ._dispatch import CallSpec, Target, dispatcher
 from ._exceptions import ConfigurationError
 from ._fanout import Tally, close_batches, next_batch
@@ -30,6 +40,7 @@ from ._stats import StepKind, StepStats, TargetKind
 from ._targets import resolve
 
 P = ParamSpec("P")
+Q = ParamSpec("Q")
 R = TypeVar("R")
 S = TypeVar("S", bound="_Step[Any, Any]")
 
@@ -78,7 +89,8 @@ class _Step(Generic[P, R]):
     def count(self) -> int:
         return self.stats.count if self.stats else 0
 
-    def __get__(self: S, instance: object, owner: type | None = None) -> S:
+    def _get(self: S, instance: object, owner: type | None) -> S:
+        """The step as `instance.name` or `owner.name` yields it (the subclasses' __get__)."""
         if self._declared == "static":
             return self
         if self._declared == "class":
@@ -165,6 +177,18 @@ class ParallelFunction(_Step[P, R]):
 
     def stage(self) -> StageInfo:
         return StageInfo(self, self.options.url, bool(self._bound_args or self._bound_kwargs))
+
+    # Typed as Python binds a method: looked up on an instance, it loses its first parameter.
+    # mypy sees a @classmethod or @staticmethod under the decorator as a plain function, so
+    # look a staticmethod up on the class, and a classmethod on an instance, to type them.
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> ParallelFunction[P, R]: ...
+    @overload
+    def __get__(
+        self: ParallelFunction[Concatenate[Any, Q], R], instance: object, owner: type | None = None
+    ) -> ParallelFunction[Q, R]: ...
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        return self._get(instance, owner)
 
     # -- the calling forms: thin shells over Invocation.batches ----------------------------
 
@@ -357,6 +381,20 @@ class SequentialFunction(_Step[P, R]):
 
     kind: StepKind = "sequential"
 
+    # Typed as Python binds a method: looked up on an instance, it loses its first parameter.
+    # mypy sees a @classmethod or @staticmethod under the decorator as a plain function, so
+    # look a staticmethod up on the class, and a classmethod on an instance, to type them.
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> SequentialFunction[P, R]: ...
+    @overload
+    def __get__(
+        self: SequentialFunction[Concatenate[Any, Q], R],
+        instance: object,
+        owner: type | None = None,
+    ) -> SequentialFunction[Q, R]: ...
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        return self._get(instance, owner)
+
     def with_stats(self, *args: Any, **kwargs: Any) -> tuple[R, StepStats]:
         check_not_importing_main()
         items = _items_argument(self.__name__, args)
@@ -408,6 +446,18 @@ def _items_argument(name: str, args: tuple[Any, ...]) -> Iterable[Any]:
 # -- decorators ------------------------------------------------------------------------------
 
 
+class _ParallelDecorator(Protocol):
+    """@serverless.parallel(...) with options: a decorator typed like the bare form."""
+
+    @overload
+    def __call__(self, func: Callable[P, Coroutine[Any, Any, R]], /) -> ParallelFunction[P, R]: ...
+    @overload
+    def __call__(self, func: Callable[P, R], /) -> ParallelFunction[P, R]: ...
+
+
+# An async function's step returns what the coroutine returns: the call awaits it on a worker.
+@overload
+def parallel(func: Callable[P, Coroutine[Any, Any, R]], /) -> ParallelFunction[P, R]: ...
 @overload
 def parallel(func: Callable[P, R], /) -> ParallelFunction[P, R]: ...
 @overload
@@ -421,8 +471,8 @@ def parallel(
     deadline: float | None = None,
     idempotent: bool | None = None,
     hedge: bool | None = None,
-    errors: str | None = None,
-) -> Callable[[Callable[P, R]], ParallelFunction[P, R]]: ...
+    errors: ErrorMode | None = None,
+) -> _ParallelDecorator: ...
 def parallel(
     func: Callable[P, R] | None = None,
     /,
@@ -435,8 +485,8 @@ def parallel(
     deadline: float | None = None,
     idempotent: bool | None = None,
     hedge: bool | None = None,
-    errors: str | None = None,
-) -> ParallelFunction[P, R] | Callable[[Callable[P, R]], ParallelFunction[P, R]]:
+    errors: ErrorMode | None = None,
+) -> Any:
     """Run the function on chunks of its first argument, in parallel, on HTTP workers.
 
     Use bare (`@serverless.parallel`) or with options (see `serverless.Options`).

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import importlib
+import importlib.abc
 import importlib.util
 import io
 import json
@@ -106,7 +107,12 @@ def _import_main(reference: dict[str, str]) -> None:
                 raise ImportError(f"cannot find module {reference['module']}")
             module.__spec__ = spec
             module.__file__ = spec.origin
-            code = spec.loader.get_code(reference["module"])  # type: ignore[attr-defined]
+            loader = spec.loader
+            if not isinstance(loader, importlib.abc.InspectLoader):
+                raise ImportError(f"cannot read the code of {reference['module']}")
+            code = loader.get_code(reference["module"])
+            if code is None:
+                raise ImportError(f"no code for {reference['module']}")
         else:
             module.__file__ = reference["path"]
             with open(reference["path"], "rb") as f:

@@ -9,8 +9,8 @@ from ._protocol import StageFigures
 
 StepKind = Literal["parallel", "sequential"]
 # where a step's chunks went: a URL, the app's own route, the local pool, the caller itself
-# (a sequential step), or nowhere (an empty input)
-TargetKind = Literal["url", "self", "local", "caller", "none"]
+# (a sequential step), a worker endpoint in this process (tests), or nowhere (an empty input)
+TargetKind = Literal["url", "self", "local", "caller", "in-process", "none"]
 
 
 @dataclass

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 from . import _pool, _registry
@@ -23,11 +25,29 @@ def _loop_running() -> bool:
     return True
 
 
+_override: Target | None = None
+
+
+@contextlib.contextmanager
+def override(target: Target) -> Iterator[Target]:
+    """Send every call in this process to `target` while the block runs, whatever the
+    configuration: how tests put an in-process transport (`_transport.InProcess`) under the
+    calling forms without sockets."""
+    global _override
+    previous, _override = _override, target
+    try:
+        yield target
+    finally:
+        _override = previous
+
+
 def resolve(url: str | None = None, *, blocking: bool = False) -> Target:
     """In order: `url` / init(url=) / SERVERLESS_URL; the app serving this request; local.
 
     blocking: the caller will block this thread until the call is done.
     """
+    if _override is not None:
+        return _override
     config = settings()
     url = url or config.target_url()
     if url:

@@ -143,9 +143,10 @@ def test_errors_return_puts_each_failure_in_its_place() -> None:
     out = reject.with_options(workers=3, errors="return")(list(range(30)), bad)
     assert [v for i, v in enumerate(out) if i not in bad] == [n for n in range(30) if n not in bad]
     for i in bad:
-        assert isinstance(out[i], RemoteError)
-        assert (out[i].index, out[i].type_name) == (i, "ValueError")
-        assert f"cannot handle {i}" in str(out[i])
+        error: object = out[i]
+        assert isinstance(error, RemoteError)
+        assert (error.index, error.type_name) == (i, "ValueError")
+        assert f"cannot handle {i}" in str(error)
 
 
 def test_errors_raise_is_the_default() -> None:

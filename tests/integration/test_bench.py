@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.conftest import test_env
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 
 
 def test_quick_bench_prints_the_table_and_writes_json(tmp_path: Path) -> None:

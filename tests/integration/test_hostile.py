@@ -345,7 +345,11 @@ CASES: list[tuple[str, int, Callable[[], Request]]] = [
     ("signature over another timestamp", 401, lambda: signed(signing=Signing(timestamp=_now(-1)))),
     ("signature over another request id", 401, lambda: signed(signing=Signing(request_id="x"))),
     ("signature for GET, sent as POST", 401, lambda: signed(signing=Signing(method="GET"))),
-    ("body appended after signing", 401, lambda: replace(r := signed(), body=r.body + b" ")),
+    (
+        "body appended after signing",
+        401,
+        lambda: replace(r := signed(), body=(r.body or b"") + b" "),
+    ),
     (
         "function header swapped after signing",
         401,

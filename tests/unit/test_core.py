@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
@@ -48,7 +50,7 @@ def test_chunk_sequence_collates_back_in_order(
 def test_chunk_iterable_reads_lazily() -> None:
     consumed = []
 
-    def gen():  # type: ignore[no-untyped-def]
+    def gen() -> Iterator[int]:
         for i in range(10):
             consumed.append(i)
             yield i
@@ -135,9 +137,14 @@ def test_exception_tree() -> None:
     assert serverless.WorkerUnavailable.retryable and not serverless.RequestRejected.retryable
 
 
-def test_public_api_is_exported() -> None:
-    for name in serverless.__all__:
-        assert hasattr(serverless, name), name
+def test_all_equals_the_public_names() -> None:
+    public = {
+        name
+        for name, value in vars(serverless).items()
+        if not name.startswith("_") and not inspect.ismodule(value)
+    }
+    assert set(serverless.__all__) - {"__version__"} == public
+    assert len(serverless.__all__) == len(set(serverless.__all__))
 
 
 def test_secrets_from_env_takes_a_comma_separated_rotation(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from serverless import RemoteError, WorkerTimeout, WorkerUnavailable, _fanout
 from serverless._chunking import Chunk, chunk_iterable
-from serverless._dispatch import ChunkStats
 from serverless._fanout import Fanout, Policy, Tally
+from serverless._stats import ChunkStats
 
 URLS = ("http://a/serverless", "http://b/serverless", "http://c/serverless")
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import io
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
 import pytest
 
 import serverless
+from serverless import _pool, _targets
 from serverless import _protocol as p
 from serverless._context import current_origin
-from tests import sample_functions  # registers the functions
 from tests.conftest import SECRET
 
 ROUTE = "/serverless"
@@ -94,6 +95,7 @@ def route(reset_settings: None) -> serverless.WorkerRoute:
 
 @pytest.fixture(params=["wsgi", "asgi"])
 def post(request: pytest.FixtureRequest, route: serverless.WorkerRoute) -> Any:
+    app: Any
     if request.param == "wsgi":
         app = route.wsgi()
         return lambda h, b, path=ROUTE: wsgi_post(app, h, b, path)
@@ -197,19 +199,22 @@ def test_other_paths_404_without_app_and_pass_through_with_app(
 
 
 def test_single_threaded_wsgi_server_does_not_call_back_into_itself(
-    route: serverless.WorkerRoute,
+    route: serverless.WorkerRoute, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A sync WSGI server with one worker could not answer its own chunks: deadlock. The call
-    # is served by the local pool instead.
+    # is served by the local pool instead (a stand-in here: unit tests start no process).
+    pool = SimpleNamespace(urls=["http://127.0.0.1:1/serverless"], route="/serverless")
+    pool.keyring = p.Keyring(SECRET)
+    monkeypatch.setattr(_pool, "get_pool", lambda *args: pool)
+    monkeypatch.setattr(_targets, "_override", None)
     seen: list[Any] = []
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        seen.append(sample_functions.square.with_stats([1, 2, 3]))
+        seen.append(_targets.resolve(blocking=True))
         start_response("200 OK", [])
         return [b""]
 
     wsgi_post(
         route.wsgi(app), {}, b"", "/view"
     )  # the test environ is neither threaded nor multiprocess
-    result, stats = seen[0]
-    assert result == [1, 4, 9] and stats.target == "local"
+    assert seen[0].kind == "local" and seen[0].urls == tuple(pool.urls)

@@ -50,7 +50,7 @@ async def _serve(handler: Handler, body: Callable[[_http.Client, str], Awaitable
 
 
 def run(coro: Awaitable[None]) -> None:
-    asyncio.run(asyncio.wait_for(coro, 10))  # type: ignore[arg-type]
+    asyncio.run(asyncio.wait_for(coro, 10))
 
 
 def test_keep_alive_content_length_and_the_request_on_the_wire() -> None:

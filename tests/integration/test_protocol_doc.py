@@ -25,7 +25,7 @@ import pytest
 
 from tests.conftest import free_port, server
 
-DOC = Path(__file__).parent.parent / "docs" / "protocol.md"
+DOC = Path(__file__).parents[2] / "docs" / "protocol.md"
 ROUTE = "/serverless"
 SECRET = "correct-horse-battery-staple"  # the worked example's; the servers here use it too
 SQUARE = "tests.sample_functions:square"

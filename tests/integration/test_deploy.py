@@ -23,7 +23,7 @@ import serverless
 from tests import sample_functions as sf
 from tests.conftest import SECRET, free_port, serving, test_env
 
-DEPLOY = Path(__file__).parent.parent / "deploy"
+DEPLOY = Path(__file__).parents[2] / "deploy"
 DEFAULT_ROUTE, DEFAULT_HEALTH = "/serverless", "/healthz"
 
 

@@ -1,0 +1,37 @@
+"""The contract suite on the embedded local pool: every calling form times every binding,
+through real worker processes; functions in `__main__` through a script run as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import TESTS, test_env
+from tests.contract import BINDINGS, FORMS, check
+
+# in process, a function can pose as __main__'s; a worker process imports the real main script
+# instead, which tests/scripts/contract_main.py is (test below)
+POOL_BINDINGS = [name for name in BINDINGS if name != "function in __main__"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("binding", POOL_BINDINGS)
+def test_every_form_on_every_binding(binding: str, form: str) -> None:
+    check(binding, form)
+
+
+def test_every_form_on_functions_defined_in_the_main_script() -> None:
+    script = TESTS / "scripts" / "contract_main.py"
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=TESTS.parent,
+        env=test_env(),
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    outcome = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert outcome["failures"] == [] and outcome["cells"] == 5 * len(FORMS)

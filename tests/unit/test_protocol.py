@@ -1,0 +1,122 @@
+"""The wire protocol as a round trip with no I/O: the caller builds and signs a request
+(`build_request`), the worker accepts and runs it (`Endpoint.accept`, `run`), the caller reads
+the reply (`read_reply`). Every protocol change is tested in both directions here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import serverless
+from serverless import _protocol as p
+from serverless._worker import Endpoint, Job
+from tests import sample_functions as sf
+from tests.conftest import SECRET
+
+ROUTE = "/serverless"
+NOW = 1_800_000_000.0
+URL = "inprocess://w/serverless"
+
+
+def envelope(fn: str, items: list[Any], index: int = 0, **fields: Any) -> p.Call:
+    return p.Call(v=p.VERSION, fn=fn, id=p.new_request_id(), index=index, items=items, **fields)
+
+
+def roundtrip(
+    call: p.Call,
+    *,
+    offset: int = 0,
+    sent_at: float = NOW,
+    worker_clock: float = NOW,
+    caller_secret: str = SECRET,
+    tamper: bool = False,
+    endpoint: Endpoint | None = None,
+) -> p.Reply:
+    """Push `call` through build, accept, run and read."""
+    body, headers = p.build_request(p.Keyring(caller_secret), ROUTE, call, sent_at)
+    if tamper:
+        body = body[:-1] + bytes([body[-1] ^ 1])
+    endpoint = endpoint or Endpoint(ROUTE, p.Keyring(SECRET), clock=lambda: worker_clock)
+    job = endpoint.accept("POST", {k.lower(): v for k, v in headers.items()}, body)
+    answer = endpoint.run(job) if isinstance(job, Job) else job
+    content_type = dict(answer.headers)["content-type"]
+    return p.read_reply(answer.status, content_type, answer.body, call, offset, URL)
+
+
+def test_results_come_back_with_worker_timings() -> None:
+    reply = roundtrip(envelope(sf.square.entry.name, [1, 2, 3], args=[1], kwargs={"scale": 2}))
+    assert reply.results == [4, 10, 20]
+    assert reply.worker and reply.compute_s >= 0 and reply.queue_s >= 0
+
+
+def test_a_user_exception_is_a_remote_error_indexed_into_the_whole_input() -> None:
+    call = envelope(sf.fail_on.entry.name, [5, 6, 7], args=[6])
+    with pytest.raises(serverless.RemoteError) as info:
+        roundtrip(call, offset=40)
+    assert info.value.index == 41 and info.value.item == "6"
+    assert info.value.type_name == "ValueError" and "cannot handle 6" in info.value.message
+
+
+def test_a_tampered_body_is_refused() -> None:
+    with pytest.raises(serverless.RequestRejected) as info:
+        roundtrip(envelope(sf.square.entry.name, [1]), tamper=True)
+    assert info.value.status == 401
+
+
+def test_another_secret_is_refused() -> None:
+    with pytest.raises(serverless.RequestRejected) as info:
+        roundtrip(envelope(sf.square.entry.name, [1]), caller_secret="another-secret-0123456789")
+    assert info.value.status == 401
+
+
+@pytest.mark.parametrize("skew", [-301.0, 301.0])
+def test_a_timestamp_outside_the_window_is_refused(skew: float) -> None:
+    with pytest.raises(serverless.RequestRejected) as info:
+        roundtrip(envelope(sf.square.entry.name, [1]), worker_clock=NOW + skew)
+    assert info.value.status == 401
+
+
+def test_a_replay_is_refused() -> None:
+    endpoint = Endpoint(ROUTE, p.Keyring(SECRET), clock=lambda: NOW)
+    call = envelope(sf.square.entry.name, [2])
+    assert roundtrip(call, endpoint=endpoint).results == [4]
+    with pytest.raises(serverless.RequestRejected) as info:
+        roundtrip(call, endpoint=endpoint)
+    assert info.value.status == 409
+
+
+def test_an_unregistered_main_function_says_where_functions_must_live() -> None:
+    with pytest.raises(serverless.RequestRejected) as info:
+        roundtrip(envelope("__main__:nowhere", [1]))
+    assert info.value.status == 404 and "define it in a module" in str(info.value)
+
+
+def test_fused_stages_report_their_own_figures() -> None:
+    names = [sf.square.entry.name, sf.odd_only.entry.name]
+    call = envelope(",".join(names), [1, 2, 3], then=[p.Stage(fn=names[1])])
+    reply = roundtrip(call)
+    assert reply.results == [1, 9]
+    assert reply.stages is not None and [s.count for s in reply.stages] == [3, 2]
+
+
+def test_an_oversized_chunk_is_refused_before_sending() -> None:
+    call = envelope(sf.square.entry.name, list(range(1000)))
+    with pytest.raises(serverless.ConfigurationError, match="request limit"):
+        p.build_request(p.Keyring(SECRET), ROUTE, call, NOW, max_body=100)
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(503, serverless.WorkerUnavailable), (429, serverless.WorkerUnavailable)],
+)
+def test_capacity_answers_are_retryable(status: int, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        p.read_reply(status, "text/plain", b"busy", envelope("m:f", [1]), 0, URL)
+
+
+@pytest.mark.parametrize("body", [b"<html>not ours</html>", b"\xff\xfe", b"\x91" * 5000])
+def test_an_answer_that_is_not_the_protocol_is_a_protocol_error(body: bytes) -> None:
+    for content_type in (None, p.MSGPACK, p.JSON):
+        with pytest.raises(serverless.ProtocolError):
+            p.read_reply(200, content_type, body, envelope("m:f", [1]), 0, URL)
