@@ -1,23 +1,19 @@
 """The transport seam: how the dispatcher posts one signed chunk and gets the raw answer.
 
 One async method, `post(url, body, headers, timeout) -> Response`. The lean HTTP client
-(`_http.Client`) is the transport of every real call; `InProcess` hands the same signed bytes
-to a worker `Endpoint` in this process, with no socket, so the fan-out, the calling forms and
-the protocol are tested end to end without servers (STYLE.md, pattern A).
+(`_http.Client`) is the transport of every real call; `_inprocess.InProcess` hands the same
+signed bytes to a worker `Endpoint` in this process, with no socket, so the fan-out, the
+calling forms and the protocol are tested end to end without servers (STYLE.md, pattern A).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from ._http import Body, Response
-from ._worker import Endpoint, Job
-from ._worker import Response as Answer
 
-__all__ = ["Body", "InProcess", "Response", "Transport"]
+__all__ = ["Body", "Response", "Transport"]
 
 
 class Transport(Protocol):
@@ -30,34 +26,3 @@ class Transport(Protocol):
     ) -> Response: ...
 
     def close(self) -> None: ...
-
-
-class InProcess:
-    """A worker endpoint in this process, for every URL: accept, then run, as a server does
-    (sync functions in a thread pool, async ones on the calling loop)."""
-
-    def __init__(self, endpoint: Endpoint, threads: int = 16) -> None:
-        self.endpoint = endpoint
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="serverless-inprocess")
-        self.requests = 0  # posts received, for tests that count requests
-
-    async def post(
-        self, url: str, body: Body, headers: Mapping[str, str], timeout: float
-    ) -> Response:
-        self.requests += 1
-        lowered = {k.lower(): v for k, v in headers.items()}
-        answer = await asyncio.wait_for(self._answer(lowered, body.take()), timeout)
-        content_type = dict(answer.headers).get("content-type")
-        return Response(answer.status, content_type, answer.body)
-
-    async def _answer(self, headers: dict[str, str], data: bytes) -> Answer:
-        job = self.endpoint.accept("POST", headers, data)
-        if not isinstance(job, Job):
-            return job
-        if job.is_async:
-            return await self.endpoint.run_async(job)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.endpoint.run, job)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False)

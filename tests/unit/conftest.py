@@ -13,8 +13,8 @@ import pytest
 
 from serverless import _pool, _targets
 from serverless._dispatch import Target
+from serverless._inprocess import InProcess
 from serverless._protocol import Keyring
-from serverless._transport import InProcess
 from serverless._worker import Endpoint
 from tests.conftest import SECRET
 
