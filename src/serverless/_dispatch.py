@@ -22,7 +22,7 @@ from . import _http
 from . import _protocol as p
 from ._chunking import Chunk
 from ._config import ErrorMode
-from ._exceptions import ConfigurationError, WorkerTimeout, WorkerUnavailable
+from ._exceptions import ConfigurationError, ProtocolError, WorkerTimeout, WorkerUnavailable
 from ._fanout import Fanout, Policy, Tally
 from ._registry import Bind
 from ._stats import ChunkStats, TargetKind
@@ -142,7 +142,7 @@ class Dispatcher:
 
     def _client(self) -> _http.Client:
         if self._http is None:
-            self._http = _http.Client()
+            self._http = _http.Client(p.MAX_REPLY)
         return self._http
 
     # -- the fan-out, on the loop thread ---------------------------------------------------
@@ -212,6 +212,8 @@ class Dispatcher:
                     raise WorkerUnavailable(f"{what} failed: {exc}", url=url) from exc
             except _http.InvalidURL as exc:
                 raise ConfigurationError(f"invalid worker URL {url!r}") from exc
+            except _http.ReplyTooLarge as exc:
+                raise ProtocolError(f"{what}: {exc}: use a smaller chunk_size", url=url) from exc
             except (asyncio.TimeoutError, TimeoutError) as exc:
                 raise WorkerTimeout(f"{what} took longer than {timeout:.3g}s", url=url) from exc
             except _http.TransportError as exc:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -34,6 +34,10 @@ class StaleConnection(TransportError):
 
 class InvalidURL(ValueError):
     pass
+
+
+class ReplyTooLarge(Exception):
+    """The answer is larger than the caller accepts: nothing a retry would change."""
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,15 @@ class Response:
     status: int
     content_type: str | None
     body: bytes
+    # the answer's Serverless-* headers (lower-case names): the reply's signature
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; at most one request on it at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_reply: int) -> None:
+        self.max_reply = max_reply
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._parser = httptools.HttpResponseParser(self)
@@ -79,7 +86,9 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self._status = 0
         self._content_type: str | None = None
+        self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
+        self._size = 0
         self._received = False
         self._framed = False  # Content-Length or chunked: the end is not the connection's close
 
@@ -109,14 +118,30 @@ class _Connection(asyncio.Protocol):
         lower = name.lower()
         if lower == b"content-type":
             self._content_type = value.decode("latin-1")
-        elif lower in (b"content-length", b"transfer-encoding"):
+        elif lower.startswith(b"serverless-") and len(self._headers) < 16:
+            self._headers[lower.decode("latin-1")] = value.decode("latin-1")
+        elif lower == b"content-length":
+            self._framed = True
+            if value.strip().isdigit() and int(value) > self.max_reply:
+                self._too_large(f"announces {int(value)} bytes")
+        elif lower == b"transfer-encoding":
             self._framed = True
 
     def on_headers_complete(self) -> None:
         self._status = self._parser.get_status_code()
 
     def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > self.max_reply:
+            self._too_large(f"exceeds {self.max_reply} bytes")
+            return
         self._body.append(body)
+
+    def _too_large(self, what: str) -> None:
+        """Stop reading at once: an answer is held in memory, so its size is bounded."""
+        self._body = []
+        self._fail(ReplyTooLarge(f"the answer {what}, over the {self.max_reply}-byte limit"))
+        self.close()
 
     def on_message_complete(self) -> None:
         self._framed = True
@@ -131,7 +156,7 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
             self._body = []  # an idle connection must not keep its last answer alive
-            waiter.set_result(Response(self._status, self._content_type, body))
+            waiter.set_result(Response(self._status, self._content_type, body, self._headers))
 
     def _fail(self, exc: Exception) -> None:
         waiter, self._waiter = self._waiter, None
@@ -162,7 +187,8 @@ class _Connection(asyncio.Protocol):
 class Client:
     """Keep-alive connection pools per origin; use from one event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_reply: int) -> None:
+        self.max_reply = max_reply
         self._origins: dict[str, _Origin] = {}
         self._idle: dict[_Origin, list[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
@@ -192,7 +218,7 @@ class Client:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await loop.create_connection(
-                _Connection, origin.host, origin.port, ssl=context
+                lambda: _Connection(self.max_reply), origin.host, origin.port, ssl=context
             )
         except OSError as exc:
             raise TransportError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from exc

@@ -29,6 +29,7 @@ VERSION = 1
 MSGPACK = "application/msgpack"
 JSON = "application/json"
 MAX_BODY = 32 * 1024 * 1024  # the App Engine and Cloud Run request limit
+MAX_REPLY = 32 * 1024 * 1024  # the caller holds at most this of one answer (Cloud Run's limit)
 TOLERANCE = 300.0  # seconds a timestamp may differ from the worker's clock
 
 H_VERSION = "serverless-version"

@@ -34,7 +34,7 @@ async def _serve(handler: Handler, body: Callable[[_http.Client, str], Awaitable
 
     server = await asyncio.start_server(tracked, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    client = _http.Client()
+    client = _http.Client(1 << 20)
     try:
         await body(client, f"http://127.0.0.1:{port}/route")
     finally:
@@ -156,7 +156,7 @@ def test_failures_are_transport_errors_or_timeouts() -> None:
         port = probe.sockets[0].getsockname()[1]
         probe.close()
         await probe.wait_closed()
-        client = _http.Client()
+        client = _http.Client(1 << 20)
         with pytest.raises(_http.TransportError):
             await client.post(f"http://127.0.0.1:{port}/", b"", {}, 5)
         client.close()
@@ -179,3 +179,34 @@ def test_idle_connections_keep_no_answer_alive() -> None:
         assert len(idle) == 1 and idle[0]._body == []
 
     run(_serve(handler, body))
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "close"])
+def test_an_answer_over_the_reply_limit_is_cut_off_not_buffered(framing: str) -> None:
+    # a hostile or broken server streaming an endless answer: the client stops at the limit
+    sent = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await _read_request(reader)
+        if framing == "content-length":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n")
+        elif framing == "chunked":
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+        block = b"x" * 65536
+        try:
+            for _ in range(1000):  # up to 64 MiB, far over the 1 MiB limit
+                writer.write(b"10000\r\n" + block + b"\r\n" if framing == "chunked" else block)
+                await writer.drain()
+                sent += len(block)
+        except (ConnectionError, OSError):
+            pass
+
+    async def body(client: _http.Client, url: str) -> None:
+        with pytest.raises(_http.ReplyTooLarge, match="1048576-byte limit"):
+            await client.post(url, b"x", {}, 5)
+
+    run(_serve(handler, body))
+    assert sent < 16 * 1024 * 1024  # the client closed the connection early
