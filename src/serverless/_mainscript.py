@@ -54,7 +54,7 @@ def note_call() -> None:
 
     Only the main thread runs the script's top level, and the script's `<module>` frame is on
     its stack during any call there: it is found once, then each call reads its current line
-    (about 0.2 us); once the point is found, nothing more is done."""
+    (about 0.3 us); once the point is found, nothing more is done."""
     global _top
     if _stop is not None or threading.get_ident() != _MAIN_THREAD:
         return
