@@ -27,7 +27,7 @@ from typing import (
     overload,
 )
 
-from . import _registry
+from . import _mainscript, _registry
 from ._chunking import AdaptiveChunks, Chunk, chunk_adaptive, chunk_iterable, chunk_sequence
 from ._config import ErrorMode, Options
 from ._dispatch import CallSpec, Target, dispatcher
@@ -153,10 +153,12 @@ class ParallelFunction(_Step[P, R]):
 
     kind: StepKind = "parallel"
 
-    def __init__(self, func: Callable[P, R], options: Options) -> None:
+    def __init__(self, func: Callable[P, R], options: Options, name: str | None = None) -> None:
         super().__init__(func)
         self.options = options
-        self.entry = _registry.register(self._func)
+        self.entry = _registry.register(self._func, name)
+        if name is not None:  # statistics and reports call the step by this name
+            self.__name__ = name.rpartition(".")[2]
         self._bound_args: tuple[Any, ...] = ()
         self._bound_kwargs: dict[str, Any] = {}
 
@@ -235,7 +237,7 @@ class ParallelFunction(_Step[P, R]):
         then: Sequence[ParallelFunction[Any, Any]] = (),
     ) -> Invocation:
         """The call, prepared once; `then`: further steps fused into the same requests."""
-        check_not_importing_main()
+        _on_call()
         bind, _, args = self._split(args)
         items = _items_argument(self.__name__, args)
         opts = self.options
@@ -266,7 +268,10 @@ class ParallelFunction(_Step[P, R]):
             chunks, count, lazy = chunk_iterable(items, opts.chunk_size), None, True
         # the target is chosen here, in the caller's thread: it may be the app serving the
         # request this thread is handling; an empty input goes nowhere
-        target = None if count == 0 else resolve(opts.url, blocking=blocking)
+        target = None
+        if count != 0:
+            entries = [step.entry for step in steps]
+            target = resolve(opts.url, blocking=blocking, functions=entries)
         return Invocation(steps, spec, chunks, count, lazy, target)
 
 
@@ -396,7 +401,7 @@ class SequentialFunction(_Step[P, R]):
         return self._get(instance, owner)
 
     def with_stats(self, *args: Any, **kwargs: Any) -> tuple[R, StepStats]:
-        check_not_importing_main()
+        _on_call()
         items = _items_argument(self.__name__, args)
         fn: Callable[..., R] = self._func
         if self._bind != BIND_NONE:
@@ -417,6 +422,14 @@ class SequentialFunction(_Step[P, R]):
         )
         self._last.stats = stats
         return result, stats
+
+
+def _on_call() -> None:
+    """Every step call starts here. In a local worker importing the caller's main script, a
+    call ends that import; in the caller, the first call from the script's unguarded top level
+    marks where such an import stops."""
+    check_not_importing_main()
+    _mainscript.note_call()
 
 
 def _unwrap(func: Any) -> tuple[Callable[..., Any], Declared]:
@@ -472,6 +485,7 @@ def parallel(
     idempotent: bool | None = None,
     hedge: bool | None = None,
     errors: ErrorMode | None = None,
+    name: str | None = None,
 ) -> _ParallelDecorator: ...
 def parallel(
     func: Callable[P, R] | None = None,
@@ -486,10 +500,13 @@ def parallel(
     idempotent: bool | None = None,
     hedge: bool | None = None,
     errors: ErrorMode | None = None,
+    name: str | None = None,
 ) -> Any:
     """Run the function on chunks of its first argument, in parallel, on HTTP workers.
 
-    Use bare (`@serverless.parallel`) or with options (see `serverless.Options`).
+    Use bare (`@serverless.parallel`) or with options (see `serverless.Options`). `name`
+    registers the function under that name in its module instead of its own (a lambda's is
+    `<lambda>`); workers find it by that name, as their import of the module runs this too.
     """
     options = Options().merged(
         workers=workers,
@@ -503,8 +520,8 @@ def parallel(
         errors=errors,
     )
     if func is not None:
-        return ParallelFunction(func, options)
-    return lambda f: ParallelFunction(f, options)
+        return ParallelFunction(func, options, name)
+    return lambda f: ParallelFunction(f, options, name)
 
 
 def sequential(func: Callable[P, R]) -> SequentialFunction[P, R]:

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 
+from . import _mainscript
 from ._exceptions import ConfigurationError
 from ._protocol import Keyring
 
@@ -47,6 +48,7 @@ class LocalPool:
         self._closed = threading.Event()
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * processes
         self.urls: list[str] = [""] * processes
+        self.code_version = 0  # the registry's redefinition count when the workers started
 
     @property
     def pids(self) -> list[int]:
@@ -89,7 +91,7 @@ class LocalPool:
             "route": self.route,
             "threads": self.threads,
             "modules": self._modules,
-            "main": _main_reference(),
+            "main": _mainscript.reference(),
             "sys_path": sys.path,
             "parent": os.getpid(),
             "port_fd": write_fd,
@@ -158,12 +160,20 @@ _pool_pid = -1
 _pool_lock = threading.Lock()
 
 
-def get_pool(processes: int | None, threads: int, modules: list[str]) -> LocalPool:
-    """The process's pool, started on first use and started anew if this process was forked."""
+def get_pool(
+    processes: int | None, threads: int, modules: list[str], code_version: int = 0
+) -> LocalPool:
+    """The process's pool, started on first use and started anew if this process was forked
+    or if `code_version` changed (a function was redefined: its workers hold the old code)."""
     global _pool, _pool_pid
     with _pool_lock:
+        if _pool is not None and _pool_pid == os.getpid() and _pool.code_version != code_version:
+            logger.info("restarting the local pool: a function was redefined (module reloaded)")
+            _pool.close()
+            _pool = None
         if _pool is None or _pool_pid != os.getpid():
             pool = LocalPool(processes or os.cpu_count() or 1, threads, modules)
+            pool.code_version = code_version
             pool.start()
             _pool, _pool_pid = pool, os.getpid()
         pool = _pool
@@ -181,15 +191,3 @@ def shutdown() -> None:
 
 
 atexit.register(shutdown)
-
-
-def _main_reference() -> dict[str, str] | None:
-    """How a worker can import the caller's main script, if it has one."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name not in ("__main__", None):
-        return {"module": spec.name}  # python -m package.module
-    path = getattr(main, "__file__", None)
-    if path and os.path.exists(path):
-        return {"path": os.path.abspath(path)}
-    return None  # an interactive session: its functions cannot be imported by workers

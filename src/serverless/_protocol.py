@@ -267,11 +267,26 @@ def read_reply(
             f"{call.fn} returned a bad result on worker {worker}: {error.type}: {error.message}"
         )
     detail = error.message if error is not None else raw[:200].decode("utf-8", "replace")
-    if status == 404 and "__main__:" in call.fn:
-        detail += (
-            ": a function defined in the script being run (__main__) exists only where that "
-            "script runs; to call it on other workers, define it in a module they import"
-        )
+    if status == 404 and error is not None:
+        detail += _unregistered_hint(call.fn, detail)
     if 400 <= status < 500:
         raise RequestRejected(f"{what} was refused: {detail}", url=url, status=status)
     raise ProtocolError(f"{what}: not a protocol v1 answer: {detail!r}", url=url, status=status)
+
+
+def _unregistered_hint(fn: str, detail: str) -> str:
+    """How to get a function that a worker does not know registered there (a 404)."""
+    names = fn.split(STAGE_SEPARATOR)
+    name = next((n for n in names if repr(n) in detail), names[0])
+    module = name.partition(":")[0]
+    if module == "__main__":
+        return (
+            ". A function of the script being run (__main__) is registered on a worker only "
+            "if the worker runs that same script as its main program; move it into a module "
+            "that both the script and the worker app import (with `serverless worker`, name "
+            "that module)"
+        )
+    return (
+        f". The worker has not imported {module} or runs other code: import {module} in the "
+        "worker app (with `serverless worker`, name it) and deploy the caller's code there"
+    )

@@ -2,6 +2,11 @@
 
 A worker never looks up an arbitrary module attribute named on the wire: a name resolves only
 if importing the function's module ran `@serverless.parallel` on it in this process.
+
+A name therefore identifies one function. Two different functions that would share a name
+(two lambdas in one module, two functions bound under other names) are refused when the second
+is decorated: the workers would run whichever registered last. A redefinition of the same
+function replaces it silently: a module reloaded or re-executed, a notebook cell run again.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import importlib
 import inspect
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -42,6 +47,9 @@ class Entry:
     qualname: str
     func: Callable[..., Any]  # the undecorated function
     is_async: bool
+    # registration order in this process; an identical redefinition keeps its predecessor's
+    # (see _mainscript: a worker's import of the main script registers a prefix of this order)
+    seq: int = 0
 
     @property
     def owner_path(self) -> list[str]:
@@ -69,6 +77,8 @@ class Entry:
 
 _lock = threading.Lock()
 _entries: dict[str, Entry] = {}
+_sequence = 0
+_redefined = 0  # replacements by a function with other code (see redefinitions())
 
 
 def module_name(module: str) -> str:
@@ -89,8 +99,10 @@ def module_object(module: str) -> Any:
     return sys.modules.get(module) or importlib.import_module(module)
 
 
-def register(func: Callable[..., Any]) -> Entry:
-    """Register `func` under its module and qualified name; the worker finds it by that."""
+def register(func: Callable[..., Any], name: str | None = None) -> Entry:
+    """Register `func` under its module and qualified name (or `name`, for a lambda); the
+    worker finds it by that."""
+    global _sequence, _redefined
     qualname = getattr(func, "__qualname__", "")
     module = module_name(getattr(func, "__module__", "") or "")
     if not qualname or not module:
@@ -100,20 +112,100 @@ def register(func: Callable[..., Any]) -> Entry:
             f"{module}.{qualname} is defined inside a function: workers cannot import it. "
             "Define it at module level or in a module-level class."
         )
-    entry = Entry(
-        name=f"{module}:{qualname}",
-        module=module,
-        qualname=qualname,
-        func=func,
-        is_async=inspect.iscoroutinefunction(func),
-    )
+    if name is not None and not (
+        isinstance(name, str) and all(part.isidentifier() for part in name.split("."))
+    ):
+        raise ConfigurationError(f"name must be a Python identifier such as 'add_one': {name!r}")
+    key = name or qualname
+    full = f"{module}:{key}"
     with _lock:
-        _entries[entry.name] = entry
+        old = _entries.get(full)
+        if old is not None and old.func is func:  # the same function decorated again
+            return old
+        same = old is not None and _same_code(old.func, func)
+        if old is not None and not same and not _rebinds(old.func, func, key):
+            raise ConfigurationError(_ambiguous(full, old.func, func))
+        if old is None or not same:
+            _sequence += 1
+        if old is not None and not same:
+            _redefined += 1
+        entry = Entry(
+            name=full,
+            module=module,
+            qualname=qualname,
+            func=func,
+            is_async=inspect.iscoroutinefunction(func),
+            seq=old.seq if old is not None and same else _sequence,
+        )
+        _entries[full] = entry
     return entry
+
+
+def _same_code(old: Callable[..., Any], new: Callable[..., Any]) -> bool:
+    """The same definition compiled again: equal code objects (name, first line, bytecode,
+    constants, line table; not the file name, which a notebook changes per cell run) and
+    equal defaults (a loop can make lambdas with the same code and different defaults)."""
+    code = getattr(old, "__code__", None)
+    if code is None or code != getattr(new, "__code__", None):
+        return False
+    try:
+        return bool(
+            getattr(old, "__defaults__", None) == getattr(new, "__defaults__", None)
+            and getattr(old, "__kwdefaults__", None) == getattr(new, "__kwdefaults__", None)
+        )
+    except Exception:  # defaults that cannot be compared (arrays): call them different
+        return False
+
+
+def _rebinds(old: Callable[..., Any], new: Callable[..., Any], key: str) -> bool:
+    """Whether `new` is a new definition of the name that still holds `old` (or its step) in
+    the namespace `new` is defined in: a `def` run again, a module reloaded, a class body
+    re-executed (`A.m`: the old class is still bound while the new body runs)."""
+    namespace: Any = getattr(new, "__globals__", None)
+    if namespace is None:
+        namespace = getattr(sys.modules.get(getattr(new, "__module__", "")), "__dict__", {})
+    target: Any = namespace
+    for part in key.split("."):
+        if not isinstance(target, Mapping):
+            target = getattr(target, "__dict__", {})  # no descriptor runs
+        target = target.get(part)
+        if target is None:
+            return False
+    if isinstance(target, staticmethod | classmethod):
+        target = target.__func__
+    return target is old or getattr(target, "__wrapped__", None) is old
+
+
+def _ambiguous(full: str, old: Callable[..., Any], new: Callable[..., Any]) -> str:
+    return (
+        f"two different functions would both be registered as {full!r}: {_where(old)} and "
+        f"{_where(new)}. Workers find a function by this name, so one would silently run in "
+        "place of the other. Give each its own name: define it with `def` under a name of "
+        'its own, or name it, as in `serverless.parallel(name="add_one")(lambda xs: ...)`.'
+    )
+
+
+def _where(func: Callable[..., Any]) -> str:
+    code = getattr(func, "__code__", None)
+    name = getattr(func, "__qualname__", repr(func))
+    if code is None:
+        return name
+    return f"{name} at {code.co_filename}:{code.co_firstlineno}"
 
 
 def lookup(name: str) -> Entry | None:
     return _entries.get(name)
+
+
+def sequence() -> int:
+    """The number of registrations so far (an Entry's `seq` is at most this)."""
+    return _sequence
+
+
+def redefinitions() -> int:
+    """How many times a registered function was replaced by one with other code (a module
+    reloaded after an edit): worker processes that imported the old code are out of date."""
+    return _redefined
 
 
 def modules() -> list[str]:

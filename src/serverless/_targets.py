@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
-from . import _pool, _registry
+from . import _mainscript, _pool, _registry
 from ._config import settings
 from ._context import current_origin
 from ._dispatch import Target
@@ -41,10 +41,16 @@ def override(target: Target) -> Iterator[Target]:
         _override = previous
 
 
-def resolve(url: str | None = None, *, blocking: bool = False) -> Target:
+def resolve(
+    url: str | None = None,
+    *,
+    blocking: bool = False,
+    functions: Sequence[_registry.Entry] = (),
+) -> Target:
     """In order: `url` / init(url=) / SERVERLESS_URL; the app serving this request; local.
 
     blocking: the caller will block this thread until the call is done.
+    functions: the call's functions; the local pool's workers must be able to register them.
     """
     if _override is not None:
         return _override
@@ -71,5 +77,11 @@ def resolve(url: str | None = None, *, blocking: bool = False) -> Target:
             "`await f.aio(items)` there); using the local pool instead",
             origin.url,
         )
-    pool = _pool.get_pool(config.local_processes, config.local_threads, _registry.modules())
+    _mainscript.check(functions)  # before a pool starts or a request is sent
+    pool = _pool.get_pool(
+        config.local_processes,
+        config.local_threads,
+        _registry.modules(),
+        _registry.redefinitions(),
+    )
     return Target(tuple(pool.urls), pool.route, pool.keyring, "local", config.max_body)

@@ -89,7 +89,7 @@ def test_a_replay_is_refused() -> None:
 def test_an_unregistered_main_function_says_where_functions_must_live() -> None:
     with pytest.raises(serverless.RequestRejected) as info:
         roundtrip(envelope("__main__:nowhere", [1]))
-    assert info.value.status == 404 and "define it in a module" in str(info.value)
+    assert info.value.status == 404 and "move it into a module" in str(info.value)
 
 
 def test_fused_stages_report_their_own_figures() -> None:
