@@ -238,6 +238,10 @@ class Cluster:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, path))
         env["SERVERLESS_SECRET"] = secret
         env.pop("SERVERLESS_URL", None)
+        # Each stands for a machine: its own replay store (one per host, docs/security.md).
+        state = self._dir / f"{host.name}-state"
+        state.mkdir(mode=0o700, exist_ok=True)
+        env["SERVERLESS_STATE_DIR"] = str(state)
         host.log = self._dir / f"{host.name}.log"
         with open(host.log, "ab") as log:
             host.proc = subprocess.Popen(

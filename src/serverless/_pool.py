@@ -33,6 +33,7 @@ from typing import Any
 
 from . import _registry
 from ._exceptions import ConfigurationError
+from ._pool_modules import Announcer
 from ._protocol import Keyring
 
 logger = logging.getLogger("serverless.pool")
@@ -54,6 +55,7 @@ class LocalPool:
         self._secret = secrets.token_hex(32)
         self.keyring = Keyring(self._secret)
         self._modules = modules
+        self.announcer = Announcer(modules)  # which modules workers may import, and no other
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * processes
@@ -100,6 +102,7 @@ class LocalPool:
             "route": self.route,
             "threads": self.threads,
             "modules": self._modules,
+            "modules_file": str(self.announcer.path),
             "main": _main_reference(),
             "sys_path": sys.path,
             "parent": os.getpid(),
@@ -149,6 +152,7 @@ class LocalPool:
         self._closed.set()
         with self._lock:
             self._close()
+        self.announcer.remove()
 
     def _close(self) -> None:
         procs = [p for p in self._procs if p is not None]
@@ -178,6 +182,7 @@ def get_pool(processes: int | None, threads: int, modules: list[str]) -> LocalPo
             pool.start()
             _pool, _pool_pid = pool, os.getpid()
         pool = _pool
+    pool.announcer.announce(modules)
     pool.revive()
     return pool
 
@@ -235,12 +240,15 @@ def child() -> None:
     import uvicorn  # before the main script: importing it rebinds sys.modules["__mp_main__"]
 
     from ._asgi import ASGIEndpoint
+    from ._pool_modules import announced
+    from ._uvserver import uvicorn_settings
     from ._worker import Endpoint
 
     if config["main"]:
         _import_main(config["main"])
 
-    endpoint = Endpoint(config["route"], Keyring(config["secret"]), import_modules=True)
+    importable = announced(config["modules_file"])
+    endpoint = Endpoint(config["route"], Keyring(config["secret"]), importable=importable)
     app = ASGIEndpoint(endpoint, threads=config["threads"])
     sock = listening_socket()
     uvicorn_config = uvicorn.Config(
@@ -248,10 +256,9 @@ def child() -> None:
         lifespan="off",
         access_log=False,
         log_level="warning",
-        timeout_keep_alive=75,
-        http="httptools",
         loop="asyncio",
         backlog=4096,
+        **uvicorn_settings(),
     )
     server = uvicorn.Server(uvicorn_config)
     os.write(config["port_fd"], f"{sock.getsockname()[1]}\n".encode())
