@@ -9,6 +9,7 @@ legitimate callers upload at full speed and finish, stalled uploads are the old 
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -21,7 +22,8 @@ MAX_FUNCTION = 1024  # characters of Serverless-Function (fused names included)
 
 PREAUTH_BYTES = 48 * 1024 * 1024  # per process, see docs/security.md
 MIN_AGE = 1.0  # seconds a holder keeps its bytes before a newcomer may displace it
-BODY_IDLE = 10.0  # seconds a body may go without a byte before the request is dropped
+# seconds a body may go without a byte before the request is dropped
+BODY_IDLE = float(os.environ.get("SERVERLESS_BODY_TIMEOUT") or 10.0)
 
 
 def known_signature(header: str, key_ids: list[str]) -> bool | None:
