@@ -28,11 +28,7 @@ import pytest
 import serverless
 from serverless import _pool
 from serverless import _protocol as p
-from serverless._admission import Budget
-from serverless._bounds import too_many_containers
 from serverless._exceptions import ConfigurationError
-from serverless._origin import OriginPolicy
-from serverless._replay import HostReplayStore
 from tests import import_canary
 from tests.conftest import SECRET, TESTS, free_port, server, serving, test_env
 from tests.test_adapters import asgi_post, signed, wsgi_post
@@ -45,8 +41,14 @@ SQUARE = "tests.sample_functions:square"
 # -- finding 1: the callback origin --------------------------------------------------------------
 
 
+def _policy(*args: Any, **kwargs: Any) -> Any:
+    from serverless._origin import OriginPolicy
+
+    return OriginPolicy.configured(*args, **kwargs)
+
+
 def test_self_url_wins_over_any_host() -> None:
-    policy = OriginPolicy.configured("https://app.example.com/serverless", environ={})
+    policy = _policy("https://app.example.com/serverless", environ={})
     url, _ = policy.resolve(ROUTE, "127.0.0.1:6666", "http", "", ("127.0.0.1", 8000))
     assert url == "https://app.example.com/serverless"
 
@@ -69,7 +71,7 @@ def test_self_url_wins_over_any_host() -> None:
     ],
 )
 def test_trusted_hosts_match_name_and_port(host: str, scheme: str, trusted: bool) -> None:
-    policy = OriginPolicy.configured(
+    policy = _policy(
         trusted_hosts=["app.example.com", ".api.example.org", "10.0.0.5:8080"], environ={}
     )
     url, refusal = policy.resolve(ROUTE, host, scheme, "", None)
@@ -82,17 +84,17 @@ def test_trusted_hosts_match_name_and_port(host: str, scheme: str, trusted: bool
 @pytest.mark.parametrize("entry", ["*", "", "evil.com/x", "a b"])
 def test_a_wildcard_or_malformed_trusted_host_is_a_configuration_error(entry: str) -> None:
     with pytest.raises(ConfigurationError):
-        OriginPolicy.configured(trusted_hosts=[entry], environ={})
+        _policy(trusted_hosts=[entry], environ={})
 
 
 def test_root_path_cannot_extend_the_host() -> None:
-    policy = OriginPolicy.configured(trusted_hosts=["app.example.com"], environ={})
+    policy = _policy(trusted_hosts=["app.example.com"], environ={})
     url, _ = policy.resolve(ROUTE, "app.example.com", "https", ".evil.com", None)
     assert url == "https://app.example.com/serverless"
 
 
 def test_loopback_socket_is_the_only_default() -> None:
-    policy = OriginPolicy.configured(environ={})
+    policy = _policy(environ={})
     assert policy.resolve(ROUTE, "evil.com", "http", "", ("127.0.0.1", 8000))[0] == (
         "http://127.0.0.1:8000/serverless"
     )
@@ -122,14 +124,14 @@ GAE = {
     ],
 )
 def test_app_engine_vouches_for_its_own_appspot_hosts(host: str, url: str | None) -> None:
-    policy = OriginPolicy.configured(environ=GAE)
+    policy = _policy(environ=GAE)
     got, refusal = policy.resolve(ROUTE, host, "http", "", ("169.254.8.1", 8081))
     assert got == (url + ROUTE if url else None)
     assert bool(refusal) == (url is None)
 
 
 def test_cloud_run_without_self_url_names_the_setting() -> None:
-    policy = OriginPolicy.configured(environ={"K_SERVICE": "worker", "PORT": "8080"})
+    policy = _policy(environ={"K_SERVICE": "worker", "PORT": "8080"})
     url, refusal = policy.resolve(ROUTE, "worker-abc-uc.a.run.app", "http", "", ("10.0.0.2", 8080))
     assert url is None and "Cloud Run" in refusal and "SERVERLESS_SELF_URL" in refusal
 
@@ -441,6 +443,8 @@ def test_a_captured_request_runs_once_across_processes_and_restarts(
 
 
 def test_the_host_store_shares_ids_between_processes(tmp_path: Path) -> None:
+    from serverless._replay import HostReplayStore
+
     a, b = HostReplayStore(300, tmp_path / "s"), HostReplayStore(300, tmp_path / "s")
     assert a.claim("a" * 32, 1000.0) and not b.claim("a" * 32, 1001.0)
     assert b.claim("a" * 32, 1000.0 + 601)  # expired: not a replay any more
@@ -448,6 +452,8 @@ def test_the_host_store_shares_ids_between_processes(tmp_path: Path) -> None:
 
 
 def test_the_host_store_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
+    from serverless._replay import HostReplayStore
+
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o777)
     shared.chmod(0o777)
@@ -495,6 +501,8 @@ def test_four_mib_of_empty_arrays_is_refused_before_decoding(post: Any) -> None:
 
 @pytest.mark.parametrize("json", [True, False])
 def test_container_count_is_exact_where_it_matters(json: bool) -> None:
+    from serverless._bounds import too_many_containers
+
     fmt = p.JSON if json else p.MSGPACK
     legit = p.encode({"items": ["[" * 50, {"a": [1, 2]}, [[3.5], "\x90\x91"]] * 1000}, fmt)
     assert not too_many_containers(legit, json, limit=4002)  # 4,002 containers, no more
@@ -533,6 +541,8 @@ def test_a_non_ascii_function_name_is_served(reset_settings: None) -> None:
 
 
 def test_the_budget_gives_way_to_newcomers_only_after_min_age() -> None:
+    from serverless._admission import Budget
+
     now = [0.0]
     budget = Budget(limit=100, min_age=1.0, clock=lambda: now[0])
     evicted: list[str] = []
