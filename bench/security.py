@@ -72,7 +72,7 @@ def replay_cost(state: Path, n: int = 20000) -> None:
     for i in ids:
         store.claim(i, 1000.0)
     store_us = (time.perf_counter() - started) / n * 1e6
-    print(f"replay check per request: in-process {local_us:.1f} us, per-host store {store_us:.1f} us")
+    print(f"replay check per request: in-process {local_us:.1f} us, host store {store_us:.1f} us")
 
 
 def main() -> None:

@@ -97,8 +97,8 @@ def post(request: pytest.FixtureRequest, route: serverless.WorkerRoute) -> Any:
     if request.param == "wsgi":
         app = route.wsgi()
         return lambda h, b, path=ROUTE: wsgi_post(app, h, b, path)
-    app = route.asgi()
-    return lambda h, b, path=ROUTE: asyncio.run(asgi_post(app, h, b, path))
+    asgi = route.asgi()
+    return lambda h, b, path=ROUTE: asyncio.run(asgi_post(asgi, h, b, path))
 
 
 @pytest.mark.parametrize("fmt", [p.MSGPACK, p.JSON])
