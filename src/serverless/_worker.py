@@ -147,6 +147,8 @@ class Endpoint:
         self.origins = origins if origins is not None else OriginPolicy.configured()
         self.max_containers = max_containers
         self.budget = budget if budget is not None else process_budget()
+        # a body of max_body bytes must fit, or a legitimate chunk could never be read
+        self.budget.limit = max(self.budget.limit, max_body)
         self._clock = clock
         self._replays = ReplayGuard(tolerance, shared=shared_replay)
 
