@@ -238,6 +238,10 @@ class Cluster:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, path))
         env["SERVERLESS_SECRET"] = secret
         env.pop("SERVERLESS_URL", None)
+        # Each stands for a machine: its own replay store (one per host, docs/security.md).
+        state = self._dir / f"{host.name}-state"
+        state.mkdir(mode=0o700, exist_ok=True)
+        env["SERVERLESS_STATE_DIR"] = str(state)
         host.log = self._dir / f"{host.name}.log"
         with open(host.log, "ab") as log:
             host.proc = subprocess.Popen(
@@ -365,6 +369,8 @@ def haproxy_config(
         "    timeout server 330s   # > the callers' chunk timeout (300 s by default)",
         "    timeout queue 300s",
         "    timeout http-keep-alive 60s",
+        "    timeout http-request 10s   # the whole request head: slowloris (docs/security.md)",
+        "    option http-buffer-request   # the body arrives whole before a worker sees it",
         "    retries 3",
         "    option redispatch 1   # each retry goes to another server",
         "    # A chunk is safe to resend (the caller resends on 502/503 too): retry a request",

@@ -1,8 +1,10 @@
-"""Fault injection with real sockets: a TCP proxy that resets connections mid-response."""
+"""Fault injection with real sockets: a TCP proxy that resets connections mid-response, and
+an attacker's server that records what a forged Host header makes an app send it."""
 
 from __future__ import annotations
 
 import asyncio
+import http.server
 import random
 import socket
 import struct
@@ -72,3 +74,40 @@ class ResetProxy:
                 dst.close()
 
         await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
+
+
+class Attacker:
+    """An HTTP server on loopback that records every request it gets and answers a forged
+    result list: what a forged Host header must never make an app call."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                outer.requests.append((self.path, dict(self.headers)))
+                body = b'{"v":1,"worker":"attacker","results":[-666,-666,-666]}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Attacker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)

@@ -140,3 +140,20 @@ def reject(numbers: list[int], bad: list[int]) -> list[int]:
             raise ValueError(f"cannot handle {n}")
         out.append(n)
     return out
+
+
+@serverless.parallel
+def nested(numbers: list[int], depth: int = 1000) -> list[Any]:
+    """Each result is a list nested `depth` deep: deeper than msgspec will encode."""
+    out: list[Any] = []
+    for n in numbers:
+        value: Any = n
+        for _ in range(depth):
+            value = [value]
+        out.append(value)
+    return out
+
+
+@serverless.parallel
+def квадрат(numbers: list[int]) -> list[int]:  # a non-ASCII name (issue 14)
+    return [n * n for n in numbers]

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
+import hashlib
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ._admission import BODY_IDLE, Hold
 from ._context import Origin, current_origin
 from ._gate import Gate
+from ._origin import OriginPolicy
 from ._worker import Endpoint, Job, Response
 
 Scope = MutableMapping[str, Any]
@@ -60,27 +64,25 @@ class ASGIEndpoint:
 
     async def _handle(self, scope: Scope, receive: Receive) -> Response:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        endpoint = self.endpoint
         try:
-            length: int | None = int(headers.get("content-length") or 0) or None
+            length = int(headers["content-length"]) if "content-length" in headers else None
         except ValueError:
-            return self.endpoint.reject(400, "bad Content-Length")
-        rejected = self.endpoint.too_large(length)
-        if rejected is not None:
-            return rejected
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return self.endpoint.reject(400, "client disconnected")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.endpoint.max_body:
-                return self.endpoint.reject(413, f"body exceeds {self.endpoint.max_body} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        job = self.endpoint.accept(scope["method"], headers, b"".join(chunks))
+            return endpoint.reject(400, "bad Content-Length", close=True)
+        head = endpoint.check_head(scope["method"], headers, length)
+        if isinstance(head, Response):
+            return head
+        body = await _read_body(endpoint, receive, head.length, head.fmt)
+        if isinstance(body, Response):
+            return body
+        chunks, digest, hold = body
+        try:
+            refused = endpoint.authenticate(head, digest)
+        finally:
+            hold.release()  # authenticated or refused: no longer anonymous bytes
+        if refused is not None:
+            return refused
+        job = endpoint.admit(head, b"".join(chunks))
         if isinstance(job, Response):
             return job
         if job.is_async:
@@ -103,13 +105,93 @@ class ASGIEndpoint:
         return response
 
     def _origin(self, scope: Scope) -> Origin:
-        headers = dict(scope.get("headers") or [])
-        host = headers.get(b"host", b"").decode("latin-1")
-        if not host and scope.get("server"):
-            host = "{}:{}".format(*scope["server"])
-        base = f"{scope.get('scheme', 'http')}://{host}{scope.get('root_path', '')}"
+        host = ""
+        for name, value in scope.get("headers") or ():
+            if name == b"host":
+                host = value.decode("latin-1")
+        server = scope.get("server")
         route = self.endpoint.route
-        return Origin(url=base + route, route=route, keyring=self.endpoint.keyring)
+        url, refusal = resolve_origin(
+            self.endpoint.origins,
+            route,
+            host,
+            scope.get("scheme", "http"),
+            scope.get("root_path", ""),
+            (str(server[0]), int(server[1])) if server and server[1] is not None else None,
+        )
+        return Origin(url or "", route, self.endpoint.keyring, refusal=refusal)
+
+
+async def _read_body(
+    endpoint: Endpoint, receive: Receive, length: int, fmt: str
+) -> tuple[list[bytes], str, Hold] | Response:
+    """Read a body of the declared `length`, hashing it as it arrives, within the process's
+    budget for unauthenticated bytes and with an idle timeout (slow or stalled uploads)."""
+    task = asyncio.current_task()
+    assert task is not None
+    state: list[str] = []  # why the task was interrupted, if it was
+
+    def interrupt(reason: str) -> None:
+        if not state:
+            state.append(reason)
+            task.cancel()
+
+    hold = endpoint.budget.hold(lambda: interrupt("evicted"))
+    hasher = hashlib.sha256()
+    chunks: list[bytes] = []
+    size = 0
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            timer = loop.call_later(BODY_IDLE, interrupt, "idle")
+            try:
+                message = await receive()
+            except asyncio.CancelledError:
+                if not state:
+                    raise
+                uncancel = getattr(task, "uncancel", None)
+                if uncancel is not None:
+                    uncancel()
+                hold.release()
+                if state[0] == "idle":
+                    return endpoint.reject(408, "request body timed out", fmt, close=True)
+                return endpoint.reject(503, "too many uploads in progress", fmt, close=True)
+            finally:
+                timer.cancel()
+            if message["type"] == "http.disconnect":
+                hold.release()
+                return endpoint.reject(400, "client disconnected", fmt, close=True)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > length:
+                hold.release()
+                return endpoint.reject(400, "body longer than Content-Length", fmt, close=True)
+            if chunk and not hold.take(len(chunk)):
+                hold.release()
+                return endpoint.reject(503, "too many uploads in progress", fmt, close=True)
+            hasher.update(chunk)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+    except BaseException:
+        hold.release()
+        raise
+    if state:  # interrupted after the last receive: the cancellation is still pending
+        hold.release()
+        return endpoint.reject(503, "too many uploads in progress", fmt, close=True)
+    return chunks, hasher.hexdigest(), hold
+
+
+@functools.lru_cache(maxsize=256)
+def resolve_origin(
+    policy: OriginPolicy,
+    route: str,
+    host: str,
+    scheme: str,
+    root_path: str,
+    server: tuple[str, int] | None,
+) -> tuple[str | None, str]:
+    return policy.resolve(route, host, scheme, root_path, server)
 
 
 def _timed_run(endpoint: Endpoint, job: Job) -> tuple[Response, float, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from ._exceptions import ConfigurationError
 from ._protocol import Keyring
 
 
@@ -18,6 +19,13 @@ class Origin:
     # False when the server runs one request at a time (a single sync WSGI worker): calling
     # back into it from a request would deadlock, so the local pool serves instead.
     concurrent: bool = True
+    # Why there is no trusted URL (url is then ""): a call that would call back raises it.
+    refusal: str = ""
+
+    def checked_url(self) -> str:
+        if self.refusal:
+            raise ConfigurationError(self.refusal)
+        return self.url
 
 
 current_origin: ContextVar[Origin | None] = ContextVar("serverless_origin", default=None)

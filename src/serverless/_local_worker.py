@@ -58,12 +58,20 @@ def child() -> None:
     import uvicorn  # before the main script: importing it rebinds sys.modules["__mp_main__"]
 
     from ._asgi import ASGIEndpoint
+    from ._pool_modules import announced
+    from ._uvserver import uvicorn_settings
     from ._worker import Endpoint
 
     if config["main"]:
         _import_main(config["main"])
 
-    endpoint = Endpoint(config["route"], Keyring(config["secret"]), import_modules=True)
+    importable = announced(config["modules_file"])
+    # Replays are refused per process only: the pool's secret is random, lives in its parent's
+    # memory and never leaves this host's loopback, so whoever could capture a request could
+    # read the secret too; the per-host store would add ~36 us to every request (W3 ~0.5 ms).
+    endpoint = Endpoint(
+        config["route"], Keyring(config["secret"]), importable=importable, shared_replay=False
+    )
     app = ASGIEndpoint(endpoint, threads=config["threads"])
     sock = listening_socket()
     uvicorn_config = uvicorn.Config(
@@ -71,10 +79,9 @@ def child() -> None:
         lifespan="off",
         access_log=False,
         log_level="warning",
-        timeout_keep_alive=75,
-        http="httptools",
         loop="asyncio",
         backlog=4096,
+        **uvicorn_settings(),
     )
     server = uvicorn.Server(uvicorn_config)
     os.write(config["port_fd"], f"{sock.getsockname()[1]}\n".encode())

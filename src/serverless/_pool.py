@@ -23,6 +23,7 @@ import time
 
 from . import _mainscript
 from ._exceptions import ConfigurationError
+from ._pool_modules import Announcer
 from ._protocol import Keyring
 
 logger = logging.getLogger("serverless.pool")
@@ -44,6 +45,7 @@ class LocalPool:
         self._secret = secrets.token_hex(32)
         self.keyring = Keyring(self._secret)
         self._modules = modules
+        self.announcer = Announcer(modules)  # which modules workers may import, and no other
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * processes
@@ -91,6 +93,7 @@ class LocalPool:
             "route": self.route,
             "threads": self.threads,
             "modules": self._modules,
+            "modules_file": str(self.announcer.path),
             "main": _mainscript.reference(),
             "sys_path": sys.path,
             "parent": os.getpid(),
@@ -140,6 +143,7 @@ class LocalPool:
         self._closed.set()
         with self._lock:
             self._close()
+        self.announcer.remove()
 
     def _close(self) -> None:
         procs = [p for p in self._procs if p is not None]
@@ -177,6 +181,7 @@ def get_pool(
             pool.start()
             _pool, _pool_pid = pool, os.getpid()
         pool = _pool
+    pool.announcer.announce(modules)
     pool.revive()
     return pool
 

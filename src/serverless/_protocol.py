@@ -150,6 +150,13 @@ def string_to_sign(
     method: str, path: str, function: str, timestamp: str, request_id: str, body: bytes
 ) -> bytes:
     digest = hashlib.sha256(body).hexdigest()
+    return signing_message(method, path, function, timestamp, request_id, digest)
+
+
+def signing_message(
+    method: str, path: str, function: str, timestamp: str, request_id: str, digest: str
+) -> bytes:
+    """string_to_sign for a body already hashed (the worker hashes it as it arrives)."""
     fields = (f"v{VERSION}", method.upper(), path, function, timestamp, request_id, digest)
     return "\n".join(fields).encode()
 

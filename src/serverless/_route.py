@@ -8,6 +8,7 @@ from typing import Any
 from ._asgi import ASGIApp, ASGIEndpoint
 from ._config import configure, secrets_from_env
 from ._exceptions import ConfigurationError
+from ._origin import OriginPolicy
 from ._protocol import MAX_BODY, TOLERANCE, Keyring
 from ._worker import Endpoint
 from ._wsgi import WSGIApp, WSGIEndpoint
@@ -48,6 +49,8 @@ def init(
     threads: int = 64,
     local_processes: int | None = None,
     local_threads: int | None = None,
+    self_url: str | None = None,
+    trusted_hosts: Sequence[str] | None = None,
 ) -> WorkerRoute:
     """Configure this process as caller and return the worker route to mount.
 
@@ -57,6 +60,8 @@ def init(
     url: send chunks to this URL (a load balancer in front of workers) instead of calling
         back into the current request's app or using the local pool; or $SERVERLESS_URL.
     threads: threads of the ASGI adapter for sync functions (WSGI uses the server's).
+    self_url, trusted_hosts: where call-back-to-self may go ($SERVERLESS_SELF_URL,
+        $SERVERLESS_TRUSTED_HOSTS); never taken from a request's headers (docs/security.md).
     """
     if not isinstance(route, str) or not route.startswith("/"):
         raise ConfigurationError(f"route must be a path starting with '/', not {route!r}")
@@ -74,5 +79,6 @@ def init(
     if local_threads is not None:
         changes["local_threads"] = local_threads
     configure(**changes)
-    endpoint = Endpoint(route, keyring, max_body=max_body, tolerance=tolerance)
+    origins = OriginPolicy.configured(self_url, trusted_hosts)
+    endpoint = Endpoint(route, keyring, max_body=max_body, tolerance=tolerance, origins=origins)
     return WorkerRoute(endpoint, threads)

@@ -10,6 +10,10 @@ SERVERLESS_SECRET   the HMAC secret, or several separated by commas during a key
 SERVERLESS_ROUTE    the worker route (default /serverless)
 SERVERLESS_THREADS  threads per process for sync functions (ASGI; default 64)
 SERVERLESS_HEALTH   the health route (default /healthz)
+SERVERLESS_SELF_URL, SERVERLESS_TRUSTED_HOSTS  where a function that fans out again from a
+                    worker may call back (docs/security.md)
+SERVERLESS_HEADER_TIMEOUT  seconds a request's headers may take (default 10)
+SERVERLESS_STATE_DIR  the directory of the per-host replay store
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ._asgi import ASGIEndpoint, Receive, Scope, Send
 from ._config import secrets_from_env
 from ._exceptions import ConfigurationError
 from ._route import WorkerRoute, init
+from ._uvserver import raise_open_files_limit, uvicorn_settings
 from ._wsgi import StartResponse, WSGIEndpoint
 
 logger = logging.getLogger("serverless.serve")
@@ -193,6 +198,7 @@ def serve(
     os.environ["SERVERLESS_HEALTH"] = health
     os.environ["SERVERLESS_THREADS"] = str(threads)
     _route(modules, route, None, threads)
+    raise_open_files_limit()
     uvicorn.run(
         "serverless._serve:worker_asgi",
         factory=True,
@@ -202,8 +208,8 @@ def serve(
         lifespan="off",
         access_log=False,
         log_level=log_level,
-        timeout_keep_alive=keep_alive,
         timeout_graceful_shutdown=graceful_timeout,
         backlog=4096,
         server_header=False,
+        **uvicorn_settings(keep_alive),
     )

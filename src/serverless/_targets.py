@@ -69,7 +69,9 @@ def resolve(
         return Target((url,), parts.path or "/", keyring, "url", config.max_body)
     origin = current_origin.get()
     if origin is not None and origin.concurrent and not (blocking and _loop_running()):
-        return Target((origin.url,), origin.route, origin.keyring, "self", config.max_body)
+        return Target(
+            (origin.checked_url(),), origin.route, origin.keyring, "self", config.max_body
+        )
     if origin is not None:
         logger.warning(
             "not calling back into %s: the server could not answer while this request waits "

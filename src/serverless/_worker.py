@@ -7,14 +7,13 @@ before the signature checks out. The WSGI and ASGI adapters only move bytes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib
 import logging
 import os
 import socket
-import threading
 import time
 import traceback
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +22,11 @@ import msgspec
 
 from . import _protocol as p
 from . import _registry
+from ._admission import MAX_FUNCTION, REQUEST_ID, Budget, known_signature, process_budget
+from ._bounds import MAX_CONTAINERS, too_many_containers
 from ._exceptions import SerializationError
+from ._origin import OriginPolicy
+from ._replay import ReplayGuard
 
 logger = logging.getLogger("serverless.worker")
 
@@ -81,36 +84,42 @@ class _Tracked(list[Any]):
         return int(state[2]) - 1
 
 
+def _text(value: str) -> str | None:
+    """A header value as text: servers hand headers over as Latin-1, the caller sends UTF-8
+    (a function may be called `квадрат`); None if it is not UTF-8."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeEncodeError:
+        return value  # already text (an in-process transport)
+    except UnicodeDecodeError:
+        return None
+
+
 def _short_repr(value: Any, limit: int = 200) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class _ReplayCache:
-    """Request ids seen within the timestamp window; a replay inside it is refused."""
+@dataclass
+class Head:
+    """A request whose headers passed every check that needs no body."""
 
-    def __init__(self, window: float, limit: int = 1_000_000) -> None:
-        self._window = window
-        self._limit = limit
-        self._seen: OrderedDict[str, float] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def add(self, request_id: str, now: float) -> bool:
-        """False if `request_id` was seen recently."""
-        with self._lock:
-            while self._seen:
-                oldest, expiry = next(iter(self._seen.items()))
-                if expiry > now and len(self._seen) < self._limit:
-                    break
-                del self._seen[oldest]
-            if request_id in self._seen:
-                return False
-            self._seen[request_id] = now + 2 * self._window
-            return True
+    method: str
+    function: str
+    timestamp: str
+    request_id: str
+    signature: str
+    content_type: str | None
+    fmt: str
+    length: int
 
 
 class Endpoint:
-    """Authenticates, decodes and runs chunks for the functions in the registry."""
+    """Authenticates, decodes and runs chunks for the functions in the registry.
+
+    Three phases, so the adapters read a body only when its headers justify it: check_head
+    (no body), authenticate (the body's SHA-256, hashed as it arrived), admit (decode).
+    """
 
     def __init__(
         self,
@@ -119,76 +128,141 @@ class Endpoint:
         *,
         max_body: int = p.MAX_BODY,
         tolerance: float = p.TOLERANCE,
-        import_modules: bool = False,
+        importable: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.time,
+        origins: OriginPolicy | None = None,
+        shared_replay: bool = True,
+        max_containers: int = MAX_CONTAINERS,
+        budget: Budget | None = None,
     ) -> None:
         self.route = route
         self.keyring = keyring
         self.max_body = max_body
         self.tolerance = tolerance
-        self.import_modules = import_modules  # only the local pool, whose caller is its parent
+        # Only the local pool: modules its parent announced on a private channel, never
+        # whatever a request names (docs/protocol.md section 5).
+        self.importable = importable
+        self.origins = origins if origins is not None else OriginPolicy.configured()
+        self.max_containers = max_containers
+        self.budget = budget if budget is not None else process_budget()
+        # a body of max_body bytes must fit, or a legitimate chunk could never be read
+        self.budget.limit = max(self.budget.limit, max_body)
         self._clock = clock
-        self._replays = _ReplayCache(tolerance)
+        self._replays = ReplayGuard(tolerance, shared=shared_replay)
 
     # -- responses -------------------------------------------------------------------------
 
-    def reject(self, status: int, message: str, fmt: str = p.MSGPACK) -> Response:
+    def reject(
+        self, status: int, message: str, fmt: str = p.MSGPACK, *, close: bool = False
+    ) -> Response:
+        """A refusal. It names no worker: an anonymous client learns nothing about the host.
+        close: the body was not read, so the connection cannot carry another request."""
         error = p.ErrorInfo(kind="rejected", type=f"HTTP{status}", message=message)
-        return self._reply(status, p.Reply(v=p.VERSION, worker=worker_id(), error=error), fmt)
+        response = self._reply(status, p.Reply(v=p.VERSION, error=error), fmt)
+        if close:
+            response.headers.append(("connection", "close"))
+        if status == 503:
+            response.headers.append(("retry-after", "1"))
+        return response
 
     def _reply(self, status: int, reply: p.Reply, fmt: str) -> Response:
-        body = p.encode(reply, fmt)
+        try:
+            body = p.encode(reply, fmt)
+        except RecursionError as exc:  # msgspec on a result nested too deep
+            raise SerializationError(f"cannot encode for the wire: {exc}") from exc
         headers = [("content-type", fmt), ("content-length", str(len(body)))]
         return Response(status, headers, body)
 
     def too_large(self, content_length: int | None) -> Response | None:
         """Called by adapters before they read the body."""
         if content_length is not None and content_length > self.max_body:
-            return self.reject(413, f"body of {content_length} bytes exceeds {self.max_body}")
+            message = f"body of {content_length} bytes exceeds {self.max_body}"
+            return self.reject(413, message, close=True)
         return None
 
     # -- authentication and decoding -------------------------------------------------------
 
     def accept(self, method: str, headers: Mapping[str, str], body: bytes) -> Job | Response:
-        """Check a request in protocol order; a Job only if every check passes.
+        """All three phases on a body already in memory (in-process transports, tests).
 
         `headers` must have lower-case names.
         """
+        head = self.check_head(method, headers, len(body))
+        if isinstance(head, Response):
+            return head
+        refused = self.authenticate(head, hashlib.sha256(body).hexdigest())
+        return refused if refused is not None else self.admit(head, body)
+
+    def check_head(
+        self, method: str, headers: Mapping[str, str], length: int | None
+    ) -> Head | Response:
+        """Every check that needs no body, cheapest first; `length` is the declared
+        Content-Length (None if absent). Refusals here close the connection."""
         fmt = p.media_type(headers.get("accept")) or p.media_type(headers.get("content-type"))
         fmt = fmt or p.MSGPACK
+        if length is not None and length > self.max_body:
+            message = f"body of {length} bytes exceeds {self.max_body}"
+            return self.reject(413, message, fmt, close=True)
         if method != "POST":
-            return self.reject(405, "only POST is allowed", fmt)
-        if len(body) > self.max_body:
-            return self.reject(413, f"body of {len(body)} bytes exceeds {self.max_body}", fmt)
+            return self.reject(405, "only POST is allowed", fmt, close=True)
+        if length is None:
+            return self.reject(411, "a Content-Length header is required", fmt, close=True)
         if headers.get(p.H_VERSION) != str(p.VERSION):
-            return self.reject(400, f"unsupported or missing {p.H_VERSION} header", fmt)
-        function = headers.get(p.H_FUNCTION, "")
+            message = f"unsupported or missing {p.H_VERSION} header"
+            return self.reject(400, message, fmt, close=True)
         timestamp = headers.get(p.H_TIMESTAMP, "")
-        request_id = headers.get(p.H_REQUEST_ID, "")
-        signature = headers.get(p.H_SIGNATURE, "")
-        now = self._clock()
         try:
-            skew = abs(now - float(timestamp))
+            skew = abs(self._clock() - float(timestamp))
         except ValueError:
-            return self.reject(401, "missing or malformed timestamp", fmt)
+            return self.reject(401, "missing or malformed timestamp", fmt, close=True)
         if not skew <= self.tolerance:  # also false for NaN
-            return self.reject(401, "timestamp outside the tolerance window", fmt)
-        message = p.string_to_sign(method, self.route, function, timestamp, request_id, body)
-        verdict = self.keyring.verify(message, signature)
-        if verdict is None:
-            return self.reject(401, "no signature with a known key id", fmt)
-        if not verdict:
-            return self.reject(401, "bad signature", fmt)
-        if not request_id or not self._replays.add(request_id, now):
-            return self.reject(409, "request id missing or already used", fmt)
+            return self.reject(401, "timestamp outside the tolerance window", fmt, close=True)
+        signature = headers.get(p.H_SIGNATURE, "")
+        known = known_signature(signature, self.keyring.key_ids)
+        if known is None:
+            return self.reject(401, "malformed signature header", fmt, close=True)
+        if not known:
+            return self.reject(401, "no signature with a known key id", fmt, close=True)
+        request_id = headers.get(p.H_REQUEST_ID, "")
+        if REQUEST_ID.fullmatch(request_id) is None:
+            message = "the request id must be 32 lower-case hex digits"
+            return self.reject(400, message, fmt, close=True)
+        function = _text(headers.get(p.H_FUNCTION, ""))
+        if function is None or len(function) > MAX_FUNCTION:
+            message = f"{p.H_FUNCTION} must be UTF-8, at most {MAX_FUNCTION} characters"
+            return self.reject(400, message, fmt, close=True)
+        content_type = headers.get("content-type")
+        return Head(method, function, timestamp, request_id, signature, content_type, fmt, length)
+
+    def authenticate(self, head: Head, digest: str) -> Response | None:
+        """The signature over the body's SHA-256, then the request id's first use."""
+        message = p.signing_message(
+            head.method, self.route, head.function, head.timestamp, head.request_id, digest
+        )
+        verdict = self.keyring.verify(message, head.signature)
+        if not verdict:  # None cannot happen after check_head, but refuse it all the same
+            return self.reject(401, "bad signature", head.fmt)
+        fresh = self._replays.add(head.request_id, self._clock())
+        if fresh is None:
+            return self.reject(503, "replay protection unavailable", head.fmt)
+        if not fresh:
+            return self.reject(409, "request id already used", head.fmt)
+        return None
+
+    def admit(self, head: Head, body: bytes) -> Job | Response:
+        """Decode an authenticated body into a Job."""
+        fmt, function, request_id = head.fmt, head.function, head.request_id
         names = function.split(p.STAGE_SEPARATOR)
         entries = [self._lookup(name) for name in names]
         for name, found in zip(names, entries, strict=True):
             if found is None:
                 return self.reject(404, f"function {name!r} is not registered on this worker", fmt)
-        content_fmt = p.media_type(headers.get("content-type"))
+        content_fmt = p.media_type(head.content_type)
         if content_fmt is None:
             return self.reject(415, f"content type must be {p.MSGPACK} or {p.JSON}", fmt)
+        if too_many_containers(body, content_fmt == p.JSON, self.max_containers):
+            message = f"the envelope holds more than {self.max_containers} lists and maps"
+            return self.reject(413, message, fmt)
         try:
             call = p.decode_call(body, content_fmt)
         # msgspec raises UnicodeDecodeError (a ValueError) on invalid UTF-8 and RecursionError
@@ -213,8 +287,8 @@ class Endpoint:
     def _lookup(self, function: str) -> _registry.Entry | None:
         entry = _registry.lookup(function)
         module = function.partition(":")[0]
-        if entry is None and self.import_modules and module and module != "__main__":
-            try:  # the signature proved the caller is our parent process
+        if entry is None and self.importable is not None and self.importable(module):
+            try:  # announced by our parent process, which registered a function there
                 importlib.import_module(module)
             except Exception:
                 logger.exception("cannot import %s", module)

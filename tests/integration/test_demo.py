@@ -22,6 +22,7 @@ import zipcodes
 from serverless.demo import pipeline
 from serverless.demo.geocoder import Geocoder, lookups_served
 from tests.conftest import free_port, haproxy, server, test_env
+from tests.faults import Attacker
 
 CHROMIUM = "/usr/bin/chromium"
 DEMO = [sys.executable, "-m", "serverless._cli", "demo"]
@@ -166,6 +167,21 @@ def test_web_api_rejects_bad_parameters(web_demo: str) -> None:
         urllib.request.urlopen(request, timeout=10)
     assert error.value.code == 400
     assert json.load(error.value) == {"error": "count must be between 0 and 20000"}
+
+
+def test_web_demo_ignores_a_forged_host(web_demo: str) -> None:
+    """Issue 14, finding 1: `serverless demo --web` sent its signed chunks wherever the Host
+    header pointed and showed the attacker's answers (or an internal service's) on the page."""
+    with Attacker() as attacker:
+        request = urllib.request.Request(
+            f"{web_demo}/api/run?count=20&workers=4&latency=0",
+            method="POST",
+            headers={"Host": f"127.0.0.1:{attacker.port}"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            figures = json.load(response)
+    assert attacker.requests == [], "signed chunks went to the attacker"
+    assert len(figures["steps"]) == 3 and "-666" not in json.dumps(figures)
 
 
 @pytest.mark.skipif(

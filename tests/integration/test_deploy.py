@@ -247,9 +247,14 @@ def test_local_load_balancer_recipe_survives_a_killed_worker(
         command = [program, "-e", "stderr", "-c", str(config)]
     worker = [sys.executable, "-m", "serverless._cli", "worker", "tests.sample_functions"]
     with contextlib.ExitStack() as stack:
+        states = [tmp_path / f"host{n}" for n in range(3)]  # each stands for a host
         workers = [
-            stack.enter_context(process([*worker, "--port", str(p), "--threads", "32"], p))
-            for p in ports
+            stack.enter_context(
+                process(
+                    [*worker, "--port", str(p), "--threads", "32"], p, SERVERLESS_STATE_DIR=str(s)
+                )
+            )
+            for p, s in zip(ports, states, strict=True)
         ]
         stack.enter_context(process(command, lb_port))
         serverless.init(DEFAULT_ROUTE, SECRET)

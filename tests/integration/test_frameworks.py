@@ -23,6 +23,7 @@ import pytest
 import serverless
 from tests import sample_functions as sf
 from tests.conftest import SECRET, free_port, server
+from tests.faults import Attacker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -133,6 +134,21 @@ def test_a_view_calls_back_into_its_own_app(app: App) -> None:
     assert json.loads(body) == [n * n for n in range(300)]
     assert headers["x-serverless-target"] == "self"  # neither the local pool nor a URL
     assert 1 <= int(headers["x-serverless-processes"]) <= len(app.pids)
+
+
+@pytest.mark.parametrize("header", ["Host", "X-Forwarded-Host"])
+def test_a_forged_host_never_redirects_call_back_to_self(app: App, header: str) -> None:
+    """Issue 14, finding 1: `Host: 127.0.0.1:<attacker>` made the app POST its chunks, signed
+    with its secret, to the attacker, and serve the attacker's forged results. The callback
+    now goes to the server's own loopback socket, whatever the request says."""
+    with Attacker() as attacker:
+        request = urllib.request.Request(
+            app.base + "/square?n=6", headers={header: f"127.0.0.1:{attacker.port}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body, target = response.read(), response.headers["X-Serverless-Target"]
+    assert attacker.requests == [], "signed chunks went to the attacker"
+    assert json.loads(body) == [n * n for n in range(6)] and target == "self"
 
 
 def test_remote_error_carries_type_message_traceback_and_index(caller: App) -> None:

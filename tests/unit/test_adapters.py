@@ -69,7 +69,7 @@ async def asgi_post(
         "path": path,
         "scheme": "http",
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        + [(b"host", b"testserver")],
+        + [(b"host", b"testserver"), (b"content-length", str(len(body)).encode())],
     }
     sent: list[dict[str, Any]] = []
 
@@ -99,8 +99,8 @@ def post(request: pytest.FixtureRequest, route: serverless.WorkerRoute) -> Any:
     if request.param == "wsgi":
         app = route.wsgi()
         return lambda h, b, path=ROUTE: wsgi_post(app, h, b, path)
-    app = route.asgi()
-    return lambda h, b, path=ROUTE: asyncio.run(asgi_post(app, h, b, path))
+    asgi = route.asgi()
+    return lambda h, b, path=ROUTE: asyncio.run(asgi_post(asgi, h, b, path))
 
 
 @pytest.mark.parametrize("fmt", [p.MSGPACK, p.JSON])
@@ -194,8 +194,12 @@ def test_other_paths_404_without_app_and_pass_through_with_app(
         return [b""]
 
     wsgi_post(route.wsgi(app), {}, b"", "/elsewhere")
-    assert seen[0].url == "http://testserver/serverless"  # the seed's call-back-to-self
+    # The Host header alone is not trusted (issue 14): no callback URL, a refusal instead.
+    assert seen[0].url == "" and "SERVERLESS_SELF_URL" in seen[0].refusal
     assert current_origin.get() is None
+    trusting = serverless.init(ROUTE, SECRET, trusted_hosts=["testserver"])
+    wsgi_post(trusting.wsgi(app), {}, b"", "/elsewhere")
+    assert seen[1].url == "http://testserver/serverless"  # the seed's call-back-to-self
 
 
 def test_single_threaded_wsgi_server_does_not_call_back_into_itself(

@@ -20,6 +20,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 import serverless
+from serverless._uvserver import raise_open_files_limit, uvicorn_settings
 
 from .pipeline import run
 
@@ -64,6 +65,15 @@ def _parameters(query: Any) -> tuple[int, int, float, int | None] | str:
     return count, workers, latency, seed
 
 
+def self_url(host: str, port: int) -> str:
+    """The worker route on the address the server binds (loopback for a wildcard)."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{ROUTE}"
+
+
 def create_app() -> Any:
     """The ASGI app: uvicorn's factory (each process builds its own)."""
     route = serverless.init(ROUTE, threads=256)  # secret from $SERVERLESS_SECRET
@@ -78,15 +88,19 @@ def serve(args: argparse.Namespace, geocoder_url: str) -> int:
 
     os.environ["SERVERLESS_DEMO_GEOCODER"] = geocoder_url
     os.environ.setdefault("SERVERLESS_SECRET", secrets.token_hex(32))
+    # The steps call back into this very server, through its own address: never to the Host
+    # a browser (or anyone) sends (docs/security.md).
+    os.environ.setdefault("SERVERLESS_SELF_URL", self_url(args.host, args.port))
+    raise_open_files_limit()
     uvicorn.run(
         "serverless.demo.web:create_app",
         factory=True,
         host=args.host,
         port=args.port,
         workers=args.processes,
-        http="httptools",
         backlog=2048,
         log_level="warning",
         timeout_graceful_shutdown=5,
+        **uvicorn_settings(keep_alive=5),
     )
     return 0
