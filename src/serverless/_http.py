@@ -241,7 +241,7 @@ class Client:
         lines = [f"POST {origin.path} HTTP/1.1", f"Host: {origin.host_header}"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
         lines.append(f"Content-Length: {body.size}\r\n\r\n")
-        head = "\r\n".join(lines).encode("latin-1")
+        head = "\r\n".join(lines).encode()  # UTF-8: a function may have a non-ASCII name
         return await asyncio.wait_for(self._exchange(origin, head, body), timeout)
 
     async def _exchange(self, origin: _Origin, head: bytes, body: Body) -> Response:

@@ -242,3 +242,9 @@ def test_a_script_that_fails_at_import_still_gets_its_functions(tmp_path: Path) 
     """
     out, err = run_script(tmp_path, source, "go").communicate(timeout=90)
     assert out.splitlines() == ["[3, 6]"], err
+
+
+def test_a_function_with_a_non_ascii_name_runs_on_the_pool() -> None:
+    # the caller sends the name's UTF-8 bytes in the signed Serverless-Function header (it
+    # raised UnicodeEncodeError building the request head before)
+    assert sf.квадрат([2, 3]) == [4, 9]
