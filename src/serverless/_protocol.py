@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 
+from . import _values
 from ._exceptions import (
     ConfigurationError,
     ProtocolError,
@@ -75,8 +76,23 @@ class Call(msgspec.Struct, forbid_unknown_fields=False):
     then: list[Stage] = []
 
 
+class WireCall(msgspec.Struct, forbid_unknown_fields=False):
+    """A Call as a worker first decodes it: the values stay raw until the function is known,
+    then each decodes into its annotated type (_values)."""
+
+    v: int
+    fn: str
+    id: str
+    index: int
+    items: msgspec.Raw
+    args: list[msgspec.Raw] = []
+    kwargs: dict[str, msgspec.Raw] = {}
+    bind: str = ""
+    then: list[Stage] = []
+
+
 class ErrorInfo(msgspec.Struct, forbid_unknown_fields=False):
-    """A structured error. kind: rejected | user | result | internal."""
+    """A structured error. kind: rejected | input | user | result | internal."""
 
     kind: str
     type: str
@@ -100,12 +116,34 @@ class Reply(msgspec.Struct, forbid_unknown_fields=False):
     stages: list[StageFigures] | None = None  # a fused call: one entry per stage
 
 
+class WireReply(msgspec.Struct, forbid_unknown_fields=False):
+    """A Reply as the caller decodes it: the results stay raw until decoded into the return
+    type of the function (_values). Absent or null results read as no results."""
+
+    v: int
+    worker: str = ""
+    results: msgspec.Raw = msgspec.Raw()
+    error: ErrorInfo | None = None
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    stages: list[StageFigures] | None = None
+
+
+def _null(raw: msgspec.Raw) -> bool:
+    """An absent field, MessagePack nil or JSON null (a result list is never that short)."""
+    return len(raw) <= 4 and bytes(raw) in (b"", b"\xc0", b"null")
+
+
 _msgpack_encoder = msgspec.msgpack.Encoder()
 _json_encoder = msgspec.json.Encoder()
 _call_msgpack = msgspec.msgpack.Decoder(Call)
 _call_json = msgspec.json.Decoder(Call)
 _reply_msgpack = msgspec.msgpack.Decoder(Reply)
 _reply_json = msgspec.json.Decoder(Reply)
+_wire_call_msgpack = msgspec.msgpack.Decoder(WireCall)
+_wire_call_json = msgspec.json.Decoder(WireCall)
+_wire_reply_msgpack = msgspec.msgpack.Decoder(WireReply)
+_wire_reply_json = msgspec.json.Decoder(WireReply)
 
 
 def media_type(content_type: str | None) -> str | None:
@@ -134,6 +172,33 @@ def decode_call(body: bytes, fmt: str) -> Call:
 
 def decode_reply(body: bytes, fmt: str) -> Reply:
     return _reply_json.decode(body) if fmt == JSON else _reply_msgpack.decode(body)
+
+
+def decode_wire_call(body: bytes, fmt: str) -> WireCall:
+    return _wire_call_json.decode(body) if fmt == JSON else _wire_call_msgpack.decode(body)
+
+
+def typed_call(wire: WireCall, shape: _values.Shape, fmt: str) -> Call | _values.Mismatch:
+    """The Call, its values decoded into the types `shape` gives; a Mismatch if one does not
+    match its annotation. Raises msgspec's errors on a malformed envelope."""
+    items = _values.decode_items(shape, wire.items, fmt)
+    if isinstance(items, _values.Mismatch):
+        return items
+    arguments = _values.decode_args(shape, wire.args, wire.kwargs, fmt)
+    if isinstance(arguments, _values.Mismatch):
+        return arguments
+    args, kwargs = arguments
+    return Call(
+        v=wire.v,
+        fn=wire.fn,
+        id=wire.id,
+        index=wire.index,
+        items=items,
+        args=args,
+        kwargs=kwargs,
+        bind=wire.bind,
+        then=wire.then,
+    )
 
 
 def new_request_id() -> str:
@@ -230,20 +295,41 @@ def build_request(
 
 
 def read_reply(
-    status: int, content_type: str | None, raw: bytes, call: Call, offset: int, url: str
+    status: int,
+    content_type: str | None,
+    raw: bytes,
+    call: Call,
+    offset: int,
+    url: str,
+    shape: _values.Shape = _values.UNTYPED,
 ) -> Reply:
     """A reply to `call` (whose first item is item `offset` of the whole input): the Reply if
-    it carries results, else the exception that says what went wrong."""
+    it carries results, decoded into the element type of `shape`'s return where it has one,
+    else the exception that says what went wrong."""
     what = f"chunk {call.index} of {call.fn}"
     fmt = media_type(content_type)
-    reply: Reply | None = None
+    reply: WireReply | None = None
     if fmt is not None:
         try:
-            reply = decode_reply(raw, fmt)
+            reply = (_wire_reply_json if fmt == JSON else _wire_reply_msgpack).decode(raw)
         except (msgspec.DecodeError, ValueError, RecursionError):
             reply = None
-    if status == 200 and reply is not None and reply.results is not None:
-        return reply
+    if status == 200 and reply is not None and not _null(reply.results):
+        assert fmt is not None
+        try:
+            results = _values.decode_results(shape, reply.results, fmt, offset)
+        except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+            raise ProtocolError(
+                f"{what}: malformed results: {exc}", url=url, status=status
+            ) from exc
+        return Reply(
+            v=reply.v,
+            worker=reply.worker,
+            results=results,
+            queue_s=reply.queue_s,
+            compute_s=reply.compute_s,
+            stages=reply.stages,
+        )
     error = reply.error if reply is not None else None
     worker = reply.worker if reply is not None else ""
     if status in (429, 502, 503, 504):  # a platform at capacity, or no healthy instance
@@ -262,9 +348,21 @@ def read_reply(
             worker=worker,
         )
     if error is not None and error.kind == "result":
+        if error.index is not None:  # a result that would not arrive as returned
+            raise SerializationError(
+                f"result {offset + error.index} of {shape.function or call.fn} on worker "
+                f"{worker}, {error.message}"
+            )
         raise SerializationError(
             f"{call.fn} returned a bad result on worker {worker}: {error.type}: {error.message}"
         )
+    if error is not None and error.kind == "input":  # a value did not match its annotation
+        first = call.fn.split(STAGE_SEPARATOR)[0]
+        if error.index is not None:
+            raise SerializationError(
+                f"item {offset + error.index} of {first}'s input {error.message}"
+            )
+        raise SerializationError(f"{first}: {error.message}")
     detail = error.message if error is not None else raw[:200].decode("utf-8", "replace")
     if status == 404 and "__main__:" in call.fn:
         detail += (
