@@ -153,7 +153,10 @@ def shape_of(func: Callable[..., Any], name: str, bound: bool) -> Shape:
 def precise(tp: Any) -> bool:
     """Whether `tp` says what every value inside it is (no Any, object, type variable or bare
     container anywhere) and msgspec can decode into it."""
-    return _precise(tp) and _decodable(tp)
+    try:
+        return _precise(tp) and _decodable(tp)
+    except TypeError:  # metadata that cannot be hashed, as in Annotated[int, {"a": 1}]
+        return False
 
 
 def _precise(tp: Any) -> bool:
@@ -217,6 +220,7 @@ def decode_items(shape: Shape, raw: msgspec.Raw, fmt: str) -> list[Any] | Mismat
         found = _PATH.search(str(exc))
         if shape.items is None or found is None:
             raise
+        decoder(Any, fmt).decode(raw)  # malformed bytes (bad UTF-8...) are a 400, not this
         detail = _PATH.sub("", str(exc)) + (f" (at {found[2]} inside it)" if found[2] else "")
         annotation = f"{shape.items_name}: list[{_type_name(shape.items)}]"
         return Mismatch(int(found[1]), f"does not match the annotation `{annotation}`: {detail}")
@@ -240,6 +244,7 @@ def decode_args(
         except msgspec.ValidationError as exc:
             if param.type is None:
                 raise
+            decoder(Any, fmt).decode(raw)  # malformed bytes are the envelope's fault
             annotation = f"{param.declared or param.name}: {_type_name(param.type)}"
             return Mismatch(
                 None, f"argument `{param.name}` does not match the annotation `{annotation}`: {exc}"
