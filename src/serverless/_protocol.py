@@ -7,10 +7,12 @@ docs/protocol.md is the normative description; keep the two in step.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
 import time
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -116,24 +118,6 @@ class Reply(msgspec.Struct, forbid_unknown_fields=False):
     stages: list[StageFigures] | None = None  # a fused call: one entry per stage
 
 
-class WireReply(msgspec.Struct, forbid_unknown_fields=False):
-    """A Reply as the caller decodes it: the results stay raw until decoded into the return
-    type of the function (_values). Absent or null results read as no results."""
-
-    v: int
-    worker: str = ""
-    results: msgspec.Raw = msgspec.Raw()
-    error: ErrorInfo | None = None
-    queue_s: float = 0.0
-    compute_s: float = 0.0
-    stages: list[StageFigures] | None = None
-
-
-def _null(raw: msgspec.Raw) -> bool:
-    """An absent field, MessagePack nil or JSON null (a result list is never that short)."""
-    return len(raw) <= 4 and bytes(raw) in (b"", b"\xc0", b"null")
-
-
 _msgpack_encoder = msgspec.msgpack.Encoder()
 _json_encoder = msgspec.json.Encoder()
 _call_msgpack = msgspec.msgpack.Decoder(Call)
@@ -142,8 +126,6 @@ _reply_msgpack = msgspec.msgpack.Decoder(Reply)
 _reply_json = msgspec.json.Decoder(Reply)
 _wire_call_msgpack = msgspec.msgpack.Decoder(WireCall)
 _wire_call_json = msgspec.json.Decoder(WireCall)
-_wire_reply_msgpack = msgspec.msgpack.Decoder(WireReply)
-_wire_reply_json = msgspec.json.Decoder(WireReply)
 
 
 def media_type(content_type: str | None) -> str | None:
@@ -172,6 +154,23 @@ def decode_call(body: bytes, fmt: str) -> Call:
 
 def decode_reply(body: bytes, fmt: str) -> Reply:
     return _reply_json.decode(body) if fmt == JSON else _reply_msgpack.decode(body)
+
+
+@functools.lru_cache(maxsize=256)
+def _reply_decoder(
+    result: Any, fmt: str
+) -> msgspec.msgpack.Decoder[Reply] | msgspec.json.Decoder[Reply]:
+    """Replies whose results decode, in the same pass, into `list[result]` (where `result` is
+    None: as plain data)."""
+    if result is None:
+        return _reply_json if fmt == JSON else _reply_msgpack
+    typed = msgspec.defstruct(
+        "Reply",
+        [("results", types.GenericAlias(list, (result,)) | None, None)],
+        bases=(Reply,),
+        forbid_unknown_fields=False,
+    )
+    return msgspec.json.Decoder(typed) if fmt == JSON else msgspec.msgpack.Decoder(typed)
 
 
 def decode_wire_call(body: bytes, fmt: str) -> WireCall:
@@ -308,28 +307,18 @@ def read_reply(
     else the exception that says what went wrong."""
     what = f"chunk {call.index} of {call.fn}"
     fmt = media_type(content_type)
-    reply: WireReply | None = None
+    reply: Reply | None = None
     if fmt is not None:
         try:
-            reply = (_wire_reply_json if fmt == JSON else _wire_reply_msgpack).decode(raw)
+            reply = _reply_decoder(shape.result, fmt).decode(raw)
+        except msgspec.ValidationError as exc:
+            mismatch = _values.result_mismatch(shape, exc, raw, fmt, offset)
+            if status == 200 and mismatch is not None:
+                raise mismatch from None
         except (msgspec.DecodeError, ValueError, RecursionError):
             reply = None
-    if status == 200 and reply is not None and not _null(reply.results):
-        assert fmt is not None
-        try:
-            results = _values.decode_results(shape, reply.results, fmt, offset)
-        except (msgspec.DecodeError, ValueError, RecursionError) as exc:
-            raise ProtocolError(
-                f"{what}: malformed results: {exc}", url=url, status=status
-            ) from exc
-        return Reply(
-            v=reply.v,
-            worker=reply.worker,
-            results=results,
-            queue_s=reply.queue_s,
-            compute_s=reply.compute_s,
-            stages=reply.stages,
-        )
+    if status == 200 and reply is not None and reply.results is not None:
+        return reply
     error = reply.error if reply is not None else None
     worker = reply.worker if reply is not None else ""
     if status in (429, 502, 503, 504):  # a platform at capacity, or no healthy instance

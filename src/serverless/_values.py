@@ -48,6 +48,7 @@ _ITEMS_ORIGINS: Final = frozenset(
 _RESULT_ORIGINS: Final = _ITEMS_ORIGINS | {abc.Iterator, abc.Generator}
 _BARE: Final = frozenset({list, dict, set, frozenset, tuple, type})
 _PATH = re.compile(r" - at `\$\[(\d+)\](.*)`$")
+_RESULTS_PATH = re.compile(r" - at `\$\.results\[(\d+)\](.*)`$")
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,8 @@ def decode_args(
     fmt: str,
 ) -> tuple[list[Any], dict[str, Any]] | Mismatch:
     """The extra arguments, each decoded into its parameter's type where it is precise."""
+    if not args and not kwargs:
+        return [], {}
     params = [shape.arg(i) for i in range(len(args))] + [shape.kwarg(k) for k in kwargs]
     values: list[Any] = []
     for raw, param in zip([*args, *kwargs.values()], params, strict=True):
@@ -252,23 +255,25 @@ def decode_args(
     return values[: len(args)], dict(zip(kwargs, values[len(args) :], strict=True))
 
 
-def decode_results(shape: Shape, raw: msgspec.Raw, fmt: str, offset: int) -> list[Any]:
-    """A reply's results, decoded into the return's element type where it is precise;
-    SerializationError if they do not match it (`offset`: the chunk's first item's index)."""
+def result_mismatch(
+    shape: Shape, exc: msgspec.ValidationError, raw: bytes, fmt: str, offset: int
+) -> SerializationError | None:
+    """The error to raise when a reply's results did not decode into the return's element
+    type (`offset`: the chunk's first item's index), or None if `exc` is about something
+    else: the reply's shape, or bytes that do not decode at all."""
+    found = _RESULTS_PATH.search(str(exc))
+    if shape.result is None or found is None:
+        return None
     try:
-        results = decoder(shape.results_list, fmt).decode(raw)
-    except msgspec.ValidationError as exc:
-        found = _PATH.search(str(exc))
-        if shape.result is None or found is None:
-            raise
-        where = f"result {offset + int(found[1])}{found[2]}"
-        raise SerializationError(
-            f"{where} of {shape.function} does not match its return annotation "
-            f"`list[{_type_name(shape.result)}]`: {_PATH.sub('', str(exc))}"
-        ) from None
-    if not isinstance(results, list):
-        raise msgspec.ValidationError("Expected `array`")
-    return results
+        decoder(Any, fmt).decode(raw)
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        return None
+    where = f"result {offset + int(found[1])}{found[2]}"
+    detail = _RESULTS_PATH.sub("", str(exc))
+    return SerializationError(
+        f"{where} of {shape.function} does not match its return annotation "
+        f"`list[{_type_name(shape.result)}]`: {detail}"
+    )
 
 
 # -- the exactness check of untyped values -----------------------------------------------------
