@@ -297,6 +297,8 @@ def check_items(shape: Shape, items: Sequence[Any], offset: int = 0) -> None:
 
 def check_args(shape: Shape, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
     """SerializationError if an argument of an untyped parameter would not arrive as sent."""
+    if not args and not kwargs:
+        return
     named = [(shape.arg(i), v) for i, v in enumerate(args)]
     named += [(shape.kwarg(k), v) for k, v in kwargs.items()]
     for param, value in named:
