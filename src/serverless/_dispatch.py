@@ -27,6 +27,7 @@ from ._fanout import Fanout, Policy, Tally
 from ._registry import Bind
 from ._stats import ChunkStats, TargetKind
 from ._transport import Transport
+from ._values import UNTYPED, Shape
 
 logger = logging.getLogger("serverless.dispatch")
 T = TypeVar("T")
@@ -62,6 +63,7 @@ class CallSpec:
     # called on the loop thread with (items, worker compute seconds) of each reply: the hook
     # of the adaptive chunk sizing (_chunking.AdaptiveChunks.observe)
     on_reply: Callable[[int, float], None] | None = None
+    results: Shape = UNTYPED  # how the (last) function's results decode
 
     def envelope(self, chunk: Chunk) -> p.Call:
         """One chunk's request envelope, with a request id of its own."""
@@ -219,7 +221,13 @@ class Dispatcher:
             except _http.TransportError as exc:
                 raise WorkerUnavailable(f"{what} failed: {exc}", url=url) from exc
         return p.read_reply(
-            response.status, response.content_type, response.body, call, chunk.offset, url
+            response.status,
+            response.content_type,
+            response.body,
+            call,
+            chunk.offset,
+            url,
+            spec.results,
         )
 
 

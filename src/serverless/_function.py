@@ -38,6 +38,7 @@ from ._protocol import STAGE_SEPARATOR, Stage
 from ._registry import BIND_CLASS, BIND_INSTANCE, BIND_NONE, Bind
 from ._stats import StepKind, StepStats, TargetKind
 from ._targets import resolve
+from ._values import Shape, check_args, check_items
 
 P = ParamSpec("P")
 Q = ParamSpec("Q")
@@ -242,6 +243,9 @@ class ParallelFunction(_Step[P, R]):
         items = _items_argument(self.__name__, args)
         opts = self.options
         steps = [self, *then]
+        # only the first stage's input and the last stage's results cross the wire
+        shape = self.entry.shape(bind)
+        last = then[-1].entry.shape(then[-1]._bind) if then else shape
         spec = CallSpec(
             function=STAGE_SEPARATOR.join(step.entry.name for step in steps),
             bind=bind,
@@ -255,8 +259,11 @@ class ParallelFunction(_Step[P, R]):
             hedge=all(step.options.hedging for step in steps),
             # an item that failed in one stage has no input for the next
             errors=opts.errors if not then else "raise",
+            results=last,
         )
+        check_args(shape, spec.args, spec.kwargs)
         if isinstance(items, Sequence):
+            check_items(shape, items)  # before any request
             chunks = chunk_sequence(items, opts.workers, opts.chunk_size)
             count: int | None = len(items)
             lazy = False
@@ -266,6 +273,8 @@ class ParallelFunction(_Step[P, R]):
             chunks, count, lazy = chunk_adaptive(items, policy), None, True
         else:
             chunks, count, lazy = chunk_iterable(items, opts.chunk_size), None, True
+        if lazy and shape.items is None:
+            chunks = _checked(chunks, shape)
         # the target is chosen here, in the caller's thread: it may be the app serving the
         # request this thread is handling; an empty input goes nowhere
         target = None
@@ -442,6 +451,13 @@ def _unwrap(func: Any) -> tuple[Callable[..., Any], Declared]:
     if not callable(func):
         raise TypeError(f"@serverless.parallel/sequential decorate functions, not {func!r}")
     return func, "plain"
+
+
+def _checked(chunks: Iterator[Chunk], shape: Shape) -> Iterator[Chunk]:
+    """The chunks of an untyped input read lazily, each checked as it is read."""
+    for chunk in chunks:
+        check_items(shape, chunk.items, chunk.offset)
+        yield chunk
 
 
 def _items_argument(name: str, args: tuple[Any, ...]) -> Iterable[Any]:

@@ -7,15 +7,18 @@ docs/protocol.md is the normative description; keep the two in step.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
 import time
+import types
 from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
+from . import _values
 from ._exceptions import (
     ConfigurationError,
     ProtocolError,
@@ -76,8 +79,23 @@ class Call(msgspec.Struct, forbid_unknown_fields=False):
     then: list[Stage] = []
 
 
+class WireCall(msgspec.Struct, forbid_unknown_fields=False):
+    """A Call as a worker first decodes it: the values stay raw until the function is known,
+    then each decodes into its annotated type (_values)."""
+
+    v: int
+    fn: str
+    id: str
+    index: int
+    items: msgspec.Raw
+    args: list[msgspec.Raw] = []
+    kwargs: dict[str, msgspec.Raw] = {}
+    bind: str = ""
+    then: list[Stage] = []
+
+
 class ErrorInfo(msgspec.Struct, forbid_unknown_fields=False):
-    """A structured error. kind: rejected | user | result | internal."""
+    """A structured error. kind: rejected | input | user | result | internal."""
 
     kind: str
     type: str
@@ -107,6 +125,8 @@ _call_msgpack = msgspec.msgpack.Decoder(Call)
 _call_json = msgspec.json.Decoder(Call)
 _reply_msgpack = msgspec.msgpack.Decoder(Reply)
 _reply_json = msgspec.json.Decoder(Reply)
+_wire_call_msgpack = msgspec.msgpack.Decoder(WireCall)
+_wire_call_json = msgspec.json.Decoder(WireCall)
 
 
 def media_type(content_type: str | None) -> str | None:
@@ -135,6 +155,50 @@ def decode_call(body: bytes, fmt: str) -> Call:
 
 def decode_reply(body: bytes, fmt: str) -> Reply:
     return _reply_json.decode(body) if fmt == JSON else _reply_msgpack.decode(body)
+
+
+@functools.lru_cache(maxsize=256)
+def _reply_decoder(
+    result: Any, fmt: str
+) -> msgspec.msgpack.Decoder[Reply] | msgspec.json.Decoder[Reply]:
+    """Replies whose results decode, in the same pass, into `list[result]` (where `result` is
+    None: as plain data)."""
+    if result is None:
+        return _reply_json if fmt == JSON else _reply_msgpack
+    typed = msgspec.defstruct(
+        "Reply",
+        [("results", types.GenericAlias(list, (result,)) | None, None)],
+        bases=(Reply,),
+        forbid_unknown_fields=False,
+    )
+    return msgspec.json.Decoder(typed) if fmt == JSON else msgspec.msgpack.Decoder(typed)
+
+
+def decode_wire_call(body: bytes, fmt: str) -> WireCall:
+    return _wire_call_json.decode(body) if fmt == JSON else _wire_call_msgpack.decode(body)
+
+
+def typed_call(wire: WireCall, shape: _values.Shape, fmt: str) -> Call | _values.Mismatch:
+    """The Call, its values decoded into the types `shape` gives; a Mismatch if one does not
+    match its annotation. Raises msgspec's errors on a malformed envelope."""
+    items = _values.decode_items(shape, wire.items, fmt)
+    if isinstance(items, _values.Mismatch):
+        return items
+    arguments = _values.decode_args(shape, wire.args, wire.kwargs, fmt)
+    if isinstance(arguments, _values.Mismatch):
+        return arguments
+    args, kwargs = arguments
+    return Call(
+        v=wire.v,
+        fn=wire.fn,
+        id=wire.id,
+        index=wire.index,
+        items=items,
+        args=args,
+        kwargs=kwargs,
+        bind=wire.bind,
+        then=wire.then,
+    )
 
 
 def new_request_id() -> str:
@@ -238,16 +302,27 @@ def build_request(
 
 
 def read_reply(
-    status: int, content_type: str | None, raw: bytes, call: Call, offset: int, url: str
+    status: int,
+    content_type: str | None,
+    raw: bytes,
+    call: Call,
+    offset: int,
+    url: str,
+    shape: _values.Shape = _values.UNTYPED,
 ) -> Reply:
     """A reply to `call` (whose first item is item `offset` of the whole input): the Reply if
-    it carries results, else the exception that says what went wrong."""
+    it carries results, decoded into the element type of `shape`'s return where it has one,
+    else the exception that says what went wrong."""
     what = f"chunk {call.index} of {call.fn}"
     fmt = media_type(content_type)
     reply: Reply | None = None
     if fmt is not None:
         try:
-            reply = decode_reply(raw, fmt)
+            reply = _reply_decoder(shape.result, fmt).decode(raw)
+        except msgspec.ValidationError as exc:
+            mismatch = _values.result_mismatch(shape, exc, raw, fmt, offset)
+            if status == 200 and mismatch is not None:
+                raise mismatch from None
         except (msgspec.DecodeError, ValueError, RecursionError):
             reply = None
     if status == 200 and reply is not None and reply.results is not None:
@@ -270,9 +345,21 @@ def read_reply(
             worker=worker,
         )
     if error is not None and error.kind == "result":
+        if error.index is not None:  # a result that would not arrive as returned
+            raise SerializationError(
+                f"result {offset + error.index} of {shape.function or call.fn} on worker "
+                f"{worker}, {error.message}"
+            )
         raise SerializationError(
             f"{call.fn} returned a bad result on worker {worker}: {error.type}: {error.message}"
         )
+    if error is not None and error.kind == "input":  # a value did not match its annotation
+        first = call.fn.split(STAGE_SEPARATOR)[0]
+        if error.index is not None:
+            raise SerializationError(
+                f"item {offset + error.index} of {first}'s input {error.message}"
+            )
+        raise SerializationError(f"{first}: {error.message}")
     detail = error.message if error is not None else raw[:200].decode("utf-8", "replace")
     if status == 404 and error is not None:
         detail += _unregistered_hint(call.fn, detail)

@@ -11,6 +11,7 @@ function replaces it silently: a module reloaded or re-executed, a notebook cell
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import sys
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from ._exceptions import ConfigurationError
+from ._values import Shape, shape_of
 
 # multiprocessing's spawn start method imports the parent's main script as "__mp_main__".
 _MAIN_ALIASES = {"__mp_main__": "__main__"}
@@ -64,6 +66,15 @@ class Entry:
         if not isinstance(target, type):
             raise ConfigurationError(f"{self.name} is not defined in a class")
         return target
+
+    def shape(self, bind: Bind) -> Shape:
+        """How the function's values travel (from its annotations), called with `bind`."""
+        return self._shapes[bind != BIND_NONE]
+
+    @functools.cached_property
+    def _shapes(self) -> tuple[Shape, Shape]:
+        # computed on first use: annotations may name classes defined after the decorator
+        return shape_of(self.func, self.name, False), shape_of(self.func, self.name, True)
 
     def bound(self, bind: Bind) -> Callable[..., Any]:
         """The callable to run for a chunk: a fresh instance per call, as the seed does."""

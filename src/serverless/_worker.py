@@ -27,6 +27,7 @@ from ._bounds import MAX_CONTAINERS, too_many_containers
 from ._exceptions import SerializationError
 from ._origin import OriginPolicy
 from ._replay import ReplayGuard
+from ._values import Mismatch, inexact_result
 
 logger = logging.getLogger("serverless.worker")
 
@@ -264,16 +265,16 @@ class Endpoint:
             message = f"the envelope holds more than {self.max_containers} lists and maps"
             return self.reject(413, message, fmt)
         try:
-            call = p.decode_call(body, content_fmt)
+            wire = p.decode_wire_call(body, content_fmt)
         # msgspec raises UnicodeDecodeError (a ValueError) on invalid UTF-8 and RecursionError
         # on absurd nesting, besides its own DecodeError: all are the sender's fault.
         except (msgspec.DecodeError, ValueError, RecursionError) as exc:
             return self.reject(400, f"malformed envelope: {type(exc).__name__}: {exc}", fmt)
-        if call.v != p.VERSION or call.fn != function or call.id != request_id:
+        if wire.v != p.VERSION or wire.fn != function or wire.id != request_id:
             return self.reject(400, "envelope does not match the signed headers", fmt)
-        if [stage.fn for stage in call.then] != names[1:]:
+        if [stage.fn for stage in wire.then] != names[1:]:
             return self.reject(400, "envelope stages do not match the signed function", fmt)
-        binds = [call.bind] + [stage.bind for stage in call.then]
+        binds = [wire.bind] + [stage.bind for stage in wire.then]
         stages: list[tuple[_registry.Entry, _registry.Bind]] = []
         for name, found, wire_bind in zip(names, entries, binds, strict=True):
             assert found is not None
@@ -281,8 +282,17 @@ class Endpoint:
             if bind is None or (bind and not found.owner_path):
                 return self.reject(400, f"bad binding {wire_bind!r} for {name}", fmt)
             stages.append((found, bind))
-        first, then = stages[0], stages[1:]
-        return Job(call=call, entry=first[0], bind=first[1], fmt=fmt, then=then)
+        (entry, bind), then = stages[0], stages[1:]
+        try:  # the values, into the types the first function's annotations give
+            call = p.typed_call(wire, entry.shape(bind), content_fmt)
+        except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+            return self.reject(400, f"malformed envelope: {type(exc).__name__}: {exc}", fmt)
+        if isinstance(call, Mismatch):
+            error = p.ErrorInfo(
+                kind="input", type="SerializationError", message=call.message, index=call.index
+            )
+            return self._reply(422, p.Reply(v=p.VERSION, worker=worker_id(), error=error), fmt)
+        return Job(call=call, entry=entry, bind=bind, fmt=fmt, then=then)
 
     def _lookup(self, function: str) -> _registry.Entry | None:
         entry = _registry.lookup(function)
@@ -345,6 +355,28 @@ class Endpoint:
     def _success(
         self, job: Job, results: list[Any], started: float, figures: list[p.StageFigures]
     ) -> Response:
+        entry, bind = job.then[-1] if job.then else (job.entry, job.bind)
+        try:
+            inexact = inexact_result(entry.shape(bind), results)
+        except SerializationError as exc:  # nested too deep to check, or to encode
+            return self._failure(job, "result", exc, None, started, len(job.then))
+        if inexact is not None:  # untyped results that would not arrive as returned
+            error = p.ErrorInfo(
+                kind="result",
+                type="SerializationError",
+                message=inexact.message,
+                index=inexact.index,
+                item=_short_repr(results[inexact.index]) if inexact.index is not None else None,
+                stage=len(job.then),
+            )
+            reply = p.Reply(
+                v=p.VERSION,
+                worker=worker_id(),
+                error=error,
+                queue_s=started - job.received,
+                compute_s=time.perf_counter() - started,
+            )
+            return self._reply(500, reply, job.fmt)
         done = time.perf_counter()
         reply = p.Reply(
             v=p.VERSION,

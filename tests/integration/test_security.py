@@ -30,6 +30,7 @@ from serverless import _pool
 from serverless import _protocol as p
 from serverless._exceptions import ConfigurationError
 from tests import import_canary
+from tests import sample_functions as sf
 from tests.conftest import SECRET, TESTS, free_port, server, serving, test_env
 from tests.unit.test_adapters import asgi_post, signed, wsgi_post
 
@@ -475,7 +476,7 @@ def post(request: pytest.FixtureRequest, reset_settings: None) -> Any:
 
 
 def test_a_result_nested_a_thousand_deep_is_a_protocol_error(post: Any) -> None:
-    status, reply = post(*signed("tests.sample_functions:nested", [1, 2]))
+    status, reply = post(*signed(sf.nested.entry.name, [1, 2]))
     assert status == 500 and reply is not None and reply.error is not None
     assert reply.error.kind == "result"
 

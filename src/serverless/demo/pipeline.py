@@ -13,6 +13,7 @@ import json
 import random
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -73,7 +74,7 @@ def geolocate(zipcodes: list[int], geocoder: str) -> list[Entry]:
 
 
 @serverless.parallel(idempotent=True)
-def cleanup(addresses: list[Entry]) -> Any:
+def cleanup(addresses: list[Entry]) -> Iterable[Entry]:
     # run in parallel on a cluster
     return filter(lambda entry: entry[2], addresses)
 
