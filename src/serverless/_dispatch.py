@@ -224,9 +224,11 @@ class Dispatcher:
             response.status,
             response.content_type,
             response.body,
+            response.headers,
             call,
             chunk.offset,
             url,
+            target.keyring,
             spec.results,
         )
 

@@ -30,8 +30,8 @@ class InProcess:
         self.requests += 1
         lowered = {k.lower(): v for k, v in headers.items()}
         answer = await asyncio.wait_for(self._answer(lowered, body.take()), timeout)
-        content_type = dict(answer.headers).get("content-type")
-        return Response(answer.status, content_type, answer.body)
+        headers = {k.lower(): v for k, v in answer.headers}
+        return Response(answer.status, headers.get("content-type"), answer.body, headers)
 
     async def _answer(self, headers: dict[str, str], data: bytes) -> Answer:
         job = self.endpoint.accept("POST", headers, data)

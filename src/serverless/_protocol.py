@@ -7,13 +7,14 @@ docs/protocol.md is the normative description; keep the two in step.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import hmac
 import secrets
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -28,7 +29,7 @@ from ._exceptions import (
     WorkerUnavailable,
 )
 
-VERSION = 1
+VERSION = 2  # 2: replies are signed and bound to their request (v1 callers cannot check them)
 MSGPACK = "application/msgpack"
 JSON = "application/json"
 MAX_BODY = 32 * 1024 * 1024  # the App Engine and Cloud Run request limit
@@ -40,6 +41,7 @@ H_FUNCTION = "serverless-function"
 H_TIMESTAMP = "serverless-timestamp"
 H_REQUEST_ID = "serverless-request-id"
 H_SIGNATURE = "serverless-signature"
+H_REPLY_SIGNATURE = "serverless-reply-signature"
 
 
 STAGE_SEPARATOR = ","  # fused stages: "mod:a,mod:b" (never in a Python qualified name)
@@ -225,6 +227,13 @@ def signing_message(
     return "\n".join(fields).encode()
 
 
+def reply_signing_message(status: int, request_id: str, body: bytes) -> bytes:
+    """What a worker signs in its answer: the status, the request it answers, the body. A
+    reply cannot be forged, nor moved to another request, nor changed in transit."""
+    fields = (f"reply-v{VERSION}", str(status), request_id, hashlib.sha256(body).hexdigest())
+    return "\n".join(fields).encode()
+
+
 class Keyring:
     """Secrets known to this process: the first signs, all verify.
 
@@ -242,13 +251,15 @@ class Keyring:
     def key_ids(self) -> list[str]:
         return list(self._keys)
 
-    def sign(self, message: bytes) -> str:
-        """The Serverless-Signature header value, `kid=hex`, with the signing key."""
-        kid, key = next(iter(self._keys.items()))
-        return f"{kid}={hmac.new(key, message, hashlib.sha256).hexdigest()}"
+    def sign(self, message: bytes, kid: str | None = None) -> str:
+        """A signature header value, `kid=hex`: with the signing key, or with the key `kid`
+        (a worker answers with the key that signed the request, which its caller holds)."""
+        kid = kid if kid is not None else next(iter(self._keys))
+        return f"{kid}={hmac.new(self._keys[kid], message, hashlib.sha256).hexdigest()}"
 
-    def verify(self, message: bytes, header: str) -> bool | None:
-        """True if a signature checks out, False if none does, None if no key id is known."""
+    def verify(self, message: bytes, header: str) -> str | bool | None:
+        """The key id of a signature that checks out; False if none does, None if no key id
+        is known."""
         known = False
         for part in header.split(","):
             kid, sep, sig = part.strip().partition("=")
@@ -258,7 +269,7 @@ class Keyring:
             known = True
             expected = hmac.new(key, message, hashlib.sha256).hexdigest()
             if hmac.compare_digest(expected.encode(), sig.strip().encode("ascii", "replace")):
-                return True
+                return kid
         return False if known else None
 
 
@@ -305,32 +316,49 @@ def read_reply(
     status: int,
     content_type: str | None,
     raw: bytes,
+    headers: Mapping[str, str],
     call: Call,
     offset: int,
     url: str,
+    keyring: Keyring,
     shape: _values.Shape = _values.UNTYPED,
 ) -> Reply:
     """A reply to `call` (whose first item is item `offset` of the whole input): the Reply if
     it carries results, decoded into the element type of `shape`'s return where it has one,
-    else the exception that says what went wrong."""
+    else the exception that says what went wrong.
+
+    Nothing of the body is decoded before its signature checks out for this very request:
+    an unsigned answer may only say "retry later" (a load balancer's 429/502/503/504) or
+    "refused" (an anonymous refusal: a wrong secret, clock or route), never carry results."""
     what = f"chunk {call.index} of {call.fn}"
-    fmt = media_type(content_type)
-    reply: Reply | None = None
-    if fmt is not None:
-        try:
-            reply = _reply_decoder(shape.result, fmt).decode(raw)
-        except msgspec.ValidationError as exc:
-            mismatch = _values.result_mismatch(shape, exc, raw, fmt, offset)
-            if status == 200 and mismatch is not None:
-                raise mismatch from None
-        except (msgspec.DecodeError, ValueError, RecursionError):
-            reply = None
-    if status == 200 and reply is not None and reply.results is not None:
-        return reply
-    error = reply.error if reply is not None else None
-    worker = reply.worker if reply is not None else ""
     if status in (429, 502, 503, 504):  # a platform at capacity, or no healthy instance
         raise WorkerUnavailable(f"{what}: worker unavailable", url=url, status=status)
+    message = reply_signing_message(status, call.id, raw)
+    if not keyring.verify(message, headers.get(H_REPLY_SIGNATURE, "")):
+        _unsigned(status, content_type, raw, what, url)
+    fmt = media_type(content_type) or MSGPACK
+    try:
+        reply = _reply_decoder(shape.result, fmt).decode(raw)
+    except msgspec.ValidationError as exc:
+        mismatch = _values.result_mismatch(shape, exc, raw, fmt, offset)
+        if status == 200 and mismatch is not None:
+            raise mismatch from None
+        raise ProtocolError(f"{what}: a signed answer of the wrong shape: {exc}", url=url) from exc
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(
+            f"{what}: a signed answer that does not decode: {exc}", url=url
+        ) from exc
+    if reply.v != VERSION:
+        raise ProtocolError(_versions(what, reply.v), url=url, status=status)
+    if status == 200 and reply.results is not None:
+        if call.then and (
+            reply.stages is None
+            or len(reply.stages) != len(call.then) + 1
+            or reply.stages[-1].count != len(reply.results)
+        ):
+            raise ProtocolError(f"{what}: its per-stage figures do not match", url=url)
+        return reply
+    error, worker = reply.error, reply.worker
     if error is not None and error.kind == "user":
         names = call.fn.split(STAGE_SEPARATOR)  # a fused call names every stage
         stage = error.stage if 0 < error.stage < len(names) else 0
@@ -360,12 +388,40 @@ def read_reply(
                 f"item {offset + error.index} of {first}'s input {error.message}"
             )
         raise SerializationError(f"{first}: {error.message}")
-    detail = error.message if error is not None else raw[:200].decode("utf-8", "replace")
+    detail = error.message if error is not None else "neither results nor an error"
     if status == 404 and error is not None:
         detail += _unregistered_hint(call.fn, detail)
     if 400 <= status < 500:
         raise RequestRejected(f"{what} was refused: {detail}", url=url, status=status)
-    raise ProtocolError(f"{what}: not a protocol v1 answer: {detail!r}", url=url, status=status)
+    raise ProtocolError(f"{what}: not a protocol answer: {detail!r}", url=url, status=status)
+
+
+def _unsigned(status: int, content_type: str | None, raw: bytes, what: str, url: str) -> None:
+    """Raise for an answer that no worker holding the secret signed. Its text only helps a
+    person diagnose (a wrong secret, an old worker, a proxy's page): nothing in it is used."""
+    version: int | None = None
+    with contextlib.suppress(Exception):  # best effort, on bytes anyone may have sent
+        version = decode_reply(raw, media_type(content_type) or MSGPACK).v
+    if version is not None and version != VERSION:
+        raise ProtocolError(_versions(what, version), url=url, status=status)
+    text = raw[:200].decode("utf-8", "replace")
+    excerpt = text if text.isprintable() else f"{len(raw)} bytes"
+    if 400 <= status < 500:
+        message = f"{what} was refused (an unsigned answer: {excerpt!r})"
+        raise RequestRejected(message, url=url, status=status)
+    raise ProtocolError(
+        f"{what}: the answer is not signed by a worker holding the secret, so it was not "
+        f"read (not a worker route, or a forged answer): {excerpt!r}",
+        url=url,
+        status=status,
+    )
+
+
+def _versions(what: str, theirs: int) -> str:
+    return (
+        f"{what}: the worker speaks wire protocol v{theirs} and this caller v{VERSION}: "
+        "upgrade simple-serverless on callers and workers together (docs/protocol.md)"
+    )
 
 
 def _unregistered_hint(fn: str, detail: str) -> str:

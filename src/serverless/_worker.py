@@ -48,6 +48,7 @@ class Job:
     bind: _registry.Bind
     fmt: str
     received: float = field(default_factory=time.perf_counter)
+    kid: str = ""  # the key that signed the request: it signs the answer
     # further stages of a fused call, each run on the previous stage's results
     then: list[tuple[_registry.Entry, _registry.Bind]] = field(default_factory=list)
 
@@ -113,6 +114,7 @@ class Head:
     content_type: str | None
     fmt: str
     length: int
+    kid: str = ""  # the key that signed it, once authenticated: it signs the answer
 
 
 class Endpoint:
@@ -154,24 +156,40 @@ class Endpoint:
     # -- responses -------------------------------------------------------------------------
 
     def reject(
-        self, status: int, message: str, fmt: str = p.MSGPACK, *, close: bool = False
+        self,
+        status: int,
+        message: str,
+        fmt: str = p.MSGPACK,
+        *,
+        close: bool = False,
+        head: Head | None = None,
     ) -> Response:
         """A refusal. It names no worker: an anonymous client learns nothing about the host.
-        close: the body was not read, so the connection cannot carry another request."""
+        close: the body was not read, so the connection cannot carry another request.
+        head: the request, once authenticated: the refusal is then signed for its caller."""
         error = p.ErrorInfo(kind="rejected", type=f"HTTP{status}", message=message)
-        response = self._reply(status, p.Reply(v=p.VERSION, error=error), fmt)
+        signer = (head.kid, head.request_id) if head is not None and head.kid else None
+        response = self._reply(status, p.Reply(v=p.VERSION, error=error), fmt, signer)
         if close:
             response.headers.append(("connection", "close"))
         if status == 503:
             response.headers.append(("retry-after", "1"))
         return response
 
-    def _reply(self, status: int, reply: p.Reply, fmt: str) -> Response:
+    def _reply(
+        self, status: int, reply: p.Reply, fmt: str, signer: tuple[str, str] | None = None
+    ) -> Response:
+        """The answer's bytes; signed when `signer` (key id, request id) names the request it
+        answers, so that its caller can tell it from a forgery."""
         try:
             body = p.encode(reply, fmt)
         except RecursionError as exc:  # msgspec on a result nested too deep
             raise SerializationError(f"cannot encode for the wire: {exc}") from exc
         headers = [("content-type", fmt), ("content-length", str(len(body)))]
+        if signer is not None:
+            kid, request_id = signer
+            message = p.reply_signing_message(status, request_id, body)
+            headers.append((p.H_REPLY_SIGNATURE, self.keyring.sign(message, kid)))
         return Response(status, headers, body)
 
     def too_large(self, content_length: int | None) -> Response | None:
@@ -209,7 +227,10 @@ class Endpoint:
         if length is None:
             return self.reject(411, "a Content-Length header is required", fmt, close=True)
         if headers.get(p.H_VERSION) != str(p.VERSION):
-            message = f"unsupported or missing {p.H_VERSION} header"
+            message = (
+                f"this worker speaks wire protocol v{p.VERSION}; the request's "
+                f"{p.H_VERSION} header is {headers.get(p.H_VERSION)!r}"
+            )
             return self.reject(400, message, fmt, close=True)
         timestamp = headers.get(p.H_TIMESTAMP, "")
         try:
@@ -241,13 +262,14 @@ class Endpoint:
             head.method, self.route, head.function, head.timestamp, head.request_id, digest
         )
         verdict = self.keyring.verify(message, head.signature)
-        if not verdict:  # None cannot happen after check_head, but refuse it all the same
+        if not isinstance(verdict, str):  # None cannot happen after check_head; refuse it too
             return self.reject(401, "bad signature", head.fmt)
+        head.kid = verdict  # from now on, every answer is signed with this key
         fresh = self._replays.add(head.request_id, self._clock())
         if fresh is None:
-            return self.reject(503, "replay protection unavailable", head.fmt)
+            return self.reject(503, "replay protection unavailable", head.fmt, head=head)
         if not fresh:
-            return self.reject(409, "request id already used", head.fmt)
+            return self.reject(409, "request id already used", head.fmt, head=head)
         return None
 
     def admit(self, head: Head, body: bytes) -> Job | Response:
@@ -257,42 +279,51 @@ class Endpoint:
         entries = [self._lookup(name) for name in names]
         for name, found in zip(names, entries, strict=True):
             if found is None:
-                return self.reject(404, f"function {name!r} is not registered on this worker", fmt)
+                return self.reject(
+                    404, f"function {name!r} is not registered on this worker", fmt, head=head
+                )
         content_fmt = p.media_type(head.content_type)
         if content_fmt is None:
-            return self.reject(415, f"content type must be {p.MSGPACK} or {p.JSON}", fmt)
+            return self.reject(415, f"content type must be {p.MSGPACK} or {p.JSON}", fmt, head=head)
         if too_many_containers(body, content_fmt == p.JSON, self.max_containers):
             message = f"the envelope holds more than {self.max_containers} lists and maps"
-            return self.reject(413, message, fmt)
+            return self.reject(413, message, fmt, head=head)
         try:
             wire = p.decode_wire_call(body, content_fmt)
         # msgspec raises UnicodeDecodeError (a ValueError) on invalid UTF-8 and RecursionError
         # on absurd nesting, besides its own DecodeError: all are the sender's fault.
         except (msgspec.DecodeError, ValueError, RecursionError) as exc:
-            return self.reject(400, f"malformed envelope: {type(exc).__name__}: {exc}", fmt)
+            return self.reject(
+                400, f"malformed envelope: {type(exc).__name__}: {exc}", fmt, head=head
+            )
         if wire.v != p.VERSION or wire.fn != function or wire.id != request_id:
-            return self.reject(400, "envelope does not match the signed headers", fmt)
+            return self.reject(400, "envelope does not match the signed headers", fmt, head=head)
         if [stage.fn for stage in wire.then] != names[1:]:
-            return self.reject(400, "envelope stages do not match the signed function", fmt)
+            return self.reject(
+                400, "envelope stages do not match the signed function", fmt, head=head
+            )
         binds = [wire.bind] + [stage.bind for stage in wire.then]
         stages: list[tuple[_registry.Entry, _registry.Bind]] = []
         for name, found, wire_bind in zip(names, entries, binds, strict=True):
             assert found is not None
             bind = _registry.as_bind(wire_bind)
             if bind is None or (bind and not found.owner_path):
-                return self.reject(400, f"bad binding {wire_bind!r} for {name}", fmt)
+                return self.reject(400, f"bad binding {wire_bind!r} for {name}", fmt, head=head)
             stages.append((found, bind))
         (entry, bind), then = stages[0], stages[1:]
         try:  # the values, into the types the first function's annotations give
             call = p.typed_call(wire, entry.shape(bind), content_fmt)
         except (msgspec.DecodeError, ValueError, RecursionError) as exc:
-            return self.reject(400, f"malformed envelope: {type(exc).__name__}: {exc}", fmt)
+            return self.reject(
+                400, f"malformed envelope: {type(exc).__name__}: {exc}", fmt, head=head
+            )
         if isinstance(call, Mismatch):
             error = p.ErrorInfo(
                 kind="input", type="SerializationError", message=call.message, index=call.index
             )
-            return self._reply(422, p.Reply(v=p.VERSION, worker=worker_id(), error=error), fmt)
-        return Job(call=call, entry=entry, bind=bind, fmt=fmt, then=then)
+            reply = p.Reply(v=p.VERSION, worker=worker_id(), error=error)
+            return self._reply(422, reply, fmt, (head.kid, head.request_id))
+        return Job(call=call, entry=entry, bind=bind, fmt=fmt, then=then, kid=head.kid)
 
     def _lookup(self, function: str) -> _registry.Entry | None:
         entry = _registry.lookup(function)
@@ -376,7 +407,7 @@ class Endpoint:
                 queue_s=started - job.received,
                 compute_s=time.perf_counter() - started,
             )
-            return self._reply(500, reply, job.fmt)
+            return self._reply(500, reply, job.fmt, (job.kid, job.call.id))
         done = time.perf_counter()
         reply = p.Reply(
             v=p.VERSION,
@@ -387,7 +418,7 @@ class Endpoint:
             stages=figures if job.then else None,
         )
         try:
-            return self._reply(200, reply, job.fmt)
+            return self._reply(200, reply, job.fmt, (job.kid, job.call.id))
         except SerializationError as exc:
             return self._failure(job, "result", exc, None, started)
 
@@ -420,7 +451,7 @@ class Endpoint:
             queue_s=started - job.received,
             compute_s=time.perf_counter() - started,
         )
-        return self._reply(500, reply, job.fmt)
+        return self._reply(500, reply, job.fmt, (job.kid, job.call.id))
 
 
 class _ResultError(Exception):

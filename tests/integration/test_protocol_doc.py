@@ -31,6 +31,7 @@ SECRET = "correct-horse-battery-staple"  # the worked example's; the servers her
 SQUARE = "tests.sample_functions:square"
 FAIL_ON = "tests.sample_functions:fail_on"
 TIMEOUT = 10.0
+VERSION = 2  # section 2
 
 # The worked example of docs/protocol.md, section 10.
 EXAMPLE_TIMESTAMP = "1700000000.000"
@@ -71,7 +72,7 @@ def string_to_sign(
     method: str, route: str, function: str, timestamp: str, request_id: str, body: bytes
 ) -> bytes:
     """Section 4: seven lines joined by LF, no trailing newline."""
-    lines = ["v1", method.upper(), route, function, timestamp, request_id]
+    lines = [f"v{VERSION}", method.upper(), route, function, timestamp, request_id]
     return "\n".join([*lines, hashlib.sha256(body).hexdigest()]).encode("utf-8")
 
 
@@ -83,6 +84,13 @@ def sign(message: bytes, *secrets_: str) -> str:
     )
 
 
+def reply_is_signed(answer: Answer, request_id: str, secret: str = SECRET) -> bool:
+    """Section 6.1: the worker's Serverless-Reply-Signature over status, request id, body."""
+    lines = [f"reply-v{VERSION}", str(answer.status), request_id]
+    message = "\n".join([*lines, hashlib.sha256(answer.body).hexdigest()]).encode("utf-8")
+    return answer.reply_signature == sign(message, secret)
+
+
 def json_envelope(
     function: str,
     request_id: str,
@@ -92,7 +100,7 @@ def json_envelope(
 ) -> bytes:
     """Section 5, as compact JSON."""
     call = {
-        "v": 1,
+        "v": VERSION,
         "fn": function,
         "id": request_id,
         "index": 0,
@@ -119,7 +127,7 @@ def headers_for(
     return {
         "Content-Type": content_type,
         "Accept": content_type,
-        "Serverless-Version": "1",
+        "Serverless-Version": str(VERSION),
         "Serverless-Function": function,
         "Serverless-Timestamp": timestamp,
         "Serverless-Request-Id": request_id,
@@ -132,6 +140,7 @@ class Answer:
     status: int
     content_type: str
     body: bytes
+    reply_signature: str | None
 
     def json(self) -> Any:
         assert self.content_type == "application/json"
@@ -142,10 +151,20 @@ def post(url: str, headers: dict[str, str], body: bytes) -> Answer:
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            return Answer(response.status, response.headers["Content-Type"], response.read())
+            return Answer(
+                response.status,
+                response.headers["Content-Type"],
+                response.read(),
+                response.headers["Serverless-Reply-Signature"],
+            )
     except urllib.error.HTTPError as error:
         with error:
-            return Answer(error.code, error.headers["Content-Type"], error.read())
+            return Answer(
+                error.code,
+                error.headers["Content-Type"],
+                error.read(),
+                error.headers["Serverless-Reply-Signature"],
+            )
 
 
 # -- servers -----------------------------------------------------------------------------------
@@ -181,9 +200,17 @@ def worker(
 # -- the worked example ------------------------------------------------------------------------
 
 
+EXAMPLE_REPLY = (
+    b'{"v":2,"worker":"host:4242","results":[22,28,38],"error":null,"queue_s":2.6e-06,'
+    b'"compute_s":1.9e-05,"stages":null}'
+)
+
+
 def _example() -> dict[str, str]:
     body = json_envelope(SQUARE, EXAMPLE_REQUEST_ID, [1, 2, 3], args=[10], kwargs={"scale": 2})
     message = string_to_sign("POST", ROUTE, SQUARE, EXAMPLE_TIMESTAMP, EXAMPLE_REQUEST_ID, body)
+    digest = hashlib.sha256(EXAMPLE_REPLY).hexdigest()
+    reply_message = "\n".join(["reply-v2", "200", EXAMPLE_REQUEST_ID, digest]).encode()
     return {
         "key id": key_id(SECRET),
         "old key id": key_id(EXAMPLE_OLD_SECRET),
@@ -193,6 +220,8 @@ def _example() -> dict[str, str]:
         "string to sign": "```\n" + message.decode() + "\n```",
         "signature": "Serverless-Signature: " + sign(message, SECRET) + "\n",
         "rotation": "Serverless-Signature: " + sign(message, SECRET, EXAMPLE_OLD_SECRET) + "\n",
+        "reply's string to sign": "```\n" + reply_message.decode() + "\n```",
+        "reply's signature": "Serverless-Reply-Signature: " + sign(reply_message, SECRET) + "\n",
     }
 
 
@@ -213,10 +242,10 @@ def test_the_doc_client_agrees_with_the_library() -> None:
     assert ours == theirs
     ring = p.Keyring([SECRET, EXAMPLE_OLD_SECRET])
     assert sign(ours, SECRET) == ring.sign(theirs)  # the library sends its signing key's only
-    assert ring.verify(theirs, sign(ours, SECRET, EXAMPLE_OLD_SECRET)) is True
-    assert ring.verify(theirs, sign(ours, EXAMPLE_OLD_SECRET)) is True
+    assert ring.verify(theirs, sign(ours, SECRET, EXAMPLE_OLD_SECRET)) == key_id(SECRET)
+    assert ring.verify(theirs, sign(ours, EXAMPLE_OLD_SECRET)) == key_id(EXAMPLE_OLD_SECRET)
     assert p.decode_call(body, p.JSON) == p.Call(
-        v=1,
+        v=p.VERSION,
         fn=SQUARE,
         id=EXAMPLE_REQUEST_ID,
         index=0,
@@ -246,8 +275,10 @@ def test_stdlib_client_runs_square_with_items_args_and_kwargs(worker: Worker) ->
     body = json_envelope(SQUARE, request_id, [1, 2, 3, 4], args=[10], kwargs={"scale": 2})
     answer = post(worker.url, headers_for(SQUARE, request_id, body), body)
     assert answer.status == 200, answer.body
+    assert reply_is_signed(answer, request_id)
+    assert not reply_is_signed(answer, secrets.token_hex(16))  # bound to its request
     reply = answer.json()
-    assert reply["v"] == 1
+    assert reply["v"] == VERSION
     assert reply["results"] == [22, 28, 38, 52]
     assert reply["error"] is None
     assert isinstance(reply["worker"], str) and ":" in reply["worker"]
@@ -258,7 +289,7 @@ def test_stdlib_client_runs_square_with_items_args_and_kwargs(worker: Worker) ->
 
 def test_defaults_of_optional_envelope_fields(worker: Worker) -> None:
     request_id = secrets.token_hex(16)
-    call = {"v": 1, "fn": SQUARE, "id": request_id, "index": 7, "items": [3], "extra": "ignored"}
+    call = {"v": VERSION, "fn": SQUARE, "id": request_id, "index": 7, "items": [3], "x": "ignored"}
     body = json.dumps(call).encode()
     answer = post(worker.url, headers_for(SQUARE, request_id, body), body)
     assert (answer.status, answer.json()["results"]) == (200, [9])
@@ -280,7 +311,7 @@ def test_user_error_is_a_structured_500(worker: Worker) -> None:
     request_id = secrets.token_hex(16)
     body = json_envelope(FAIL_ON, request_id, [5, 6, 7], args=[6])
     answer = post(worker.url, headers_for(FAIL_ON, request_id, body), body)
-    assert answer.status == 500
+    assert answer.status == 500 and reply_is_signed(answer, request_id)
     reply = answer.json()
     assert reply["results"] is None
     error = reply["error"]
@@ -300,7 +331,7 @@ def test_replay_is_409_and_stale_timestamp_is_401(worker: Worker) -> None:
     assert post(worker.url, headers, body).status == 200
     before = worker.runs()
     replay = post(worker.url, headers, body)
-    assert replay.status == 409
+    assert replay.status == 409 and reply_is_signed(replay, request_id)
     assert replay.json()["error"]["kind"] == "rejected"
     assert replay.json()["error"]["type"] == "HTTP409"
 
@@ -309,6 +340,7 @@ def test_replay_is_409_and_stale_timestamp_is_401(worker: Worker) -> None:
     stale = f"{time.time() - 301:.3f}"
     answer = post(worker.url, headers_for(SQUARE, request_id, body, timestamp=stale), body)
     assert answer.status == 401 and answer.json()["error"]["type"] == "HTTP401"
+    assert answer.reply_signature is None  # not authenticated: not signed
     assert worker.runs() == before
 
 
@@ -317,7 +349,7 @@ def test_msgpack_request_and_accept_header(worker: Worker) -> None:
 
     request_id = secrets.token_hex(16)
     body = msgspec.msgpack.encode(
-        {"v": 1, "fn": SQUARE, "id": request_id, "index": 0, "items": [1, 2], "args": [1]}
+        {"v": VERSION, "fn": SQUARE, "id": request_id, "index": 0, "items": [1, 2], "args": [1]}
     )
     headers = headers_for(SQUARE, request_id, body, content_type="application/msgpack")
     answer = post(worker.url, headers, body)
@@ -331,3 +363,11 @@ def test_msgpack_request_and_accept_header(worker: Worker) -> None:
     answer = post(worker.url, headers, body)
     assert (answer.status, answer.content_type) == (200, "application/msgpack")
     assert msgspec.msgpack.decode(answer.body)["results"] == [9]
+
+
+def test_the_minimal_client_of_section_11_runs_and_checks_the_reply(worker: Worker) -> None:
+    section = DOC.read_text().split("## 11.")[1]
+    code = section.split("```python")[1].split("```")[0]
+    namespace: dict[str, Any] = {}
+    exec(code, namespace)
+    assert namespace["call"](worker.url, ROUTE, SECRET, SQUARE, [1, 2], [1]) == [2, 5]

@@ -171,7 +171,7 @@ def test_untrusted_host_in_a_request_raises_configuration_error(reset_settings: 
 
 
 BAD_HEADERS = {
-    "version": {p.H_VERSION: "2"},
+    "version": {p.H_VERSION: str(p.VERSION + 1)},
     "timestamp": {p.H_TIMESTAMP: "0"},
     "unknown key id": {p.H_SIGNATURE: "000000000000=" + "0" * 64},
     "signature shape": {p.H_SIGNATURE: "garbage"},
@@ -232,7 +232,7 @@ def _rss_mb(pid: int) -> float:
 
 def _call(port: int, fn: str = SQUARE, timeout: float = 10) -> tuple[int, p.Reply | None]:
     rid = p.new_request_id()
-    body = p.encode(p.Call(v=1, fn=fn, id=rid, index=0, items=[1, 2, 3]), p.MSGPACK)
+    body = p.encode(p.Call(v=p.VERSION, fn=fn, id=rid, index=0, items=[1, 2, 3]), p.MSGPACK)
     headers = p.signed_headers(KEYRING, ROUTE, fn, rid, body)
     return _post(port, headers, body, timeout)
 
@@ -256,7 +256,7 @@ def _stalled_upload(port: int, declared: int, sent: int) -> socket.socket | None
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     head = (
         f"POST {ROUTE} HTTP/1.1\r\nHost: x\r\nContent-Type: {p.MSGPACK}\r\n"
-        f"Content-Length: {declared}\r\n{p.H_VERSION}: 1\r\n"
+        f"Content-Length: {declared}\r\n{p.H_VERSION}: {p.VERSION}\r\n"
         f"{p.H_TIMESTAMP}: {time.time():.3f}\r\n{p.H_REQUEST_ID}: {secrets.token_hex(16)}\r\n"
         f"{p.H_FUNCTION}: {SQUARE}\r\n{p.H_SIGNATURE}: {KEYRING.key_ids[0]}={'ab' * 32}\r\n\r\n"
     )
@@ -431,7 +431,7 @@ def test_a_captured_request_runs_once_across_processes_and_restarts(
     calls = tmp_path / "calls"
     calls.touch()
     rid = p.new_request_id()
-    body = p.encode(p.Call(v=1, fn=SQUARE, id=rid, index=0, items=[1, 2, 3]), p.MSGPACK)
+    body = p.encode(p.Call(v=p.VERSION, fn=SQUARE, id=rid, index=0, items=[1, 2, 3]), p.MSGPACK)
     headers = p.signed_headers(KEYRING, ROUTE, SQUARE, rid, body)
     port = free_port()
     statuses = []
@@ -483,7 +483,7 @@ def test_a_result_nested_a_thousand_deep_is_a_protocol_error(post: Any) -> None:
 
 def test_four_mib_of_empty_arrays_is_refused_before_decoding(post: Any) -> None:
     rid = p.new_request_id()
-    head = p.encode(p.Call(v=1, fn=SQUARE, id=rid, index=0, items=[]), p.MSGPACK)
+    head = p.encode(p.Call(v=p.VERSION, fn=SQUARE, id=rid, index=0, items=[]), p.MSGPACK)
     count = 4 * 1024 * 1024
     # items: an array32 of `count` empty arrays, in place of the empty array
     marker = b"\xa5items\x90"
@@ -516,7 +516,7 @@ def test_the_local_pool_never_imports_a_module_named_on_the_wire() -> None:
     canary.unlink(missing_ok=True)
     fn = "tests.import_canary:anything"
     rid = p.new_request_id()
-    body = p.encode(p.Call(v=1, fn=fn, id=rid, index=0, items=[1]), p.MSGPACK)
+    body = p.encode(p.Call(v=p.VERSION, fn=fn, id=rid, index=0, items=[1]), p.MSGPACK)
     headers = p.signed_headers(pool.keyring, pool.route, fn, rid, body)
     port = int(pool.urls[0].split(":")[2].split("/")[0])
     status, _ = _post(port, headers, body)
@@ -534,7 +534,7 @@ def test_a_non_ascii_function_name_is_served(reset_settings: None) -> None:
     """The caller sends the name's UTF-8 bytes; servers hand them over as Latin-1."""
     fn = "tests.sample_functions:квадрат"
     rid = p.new_request_id()
-    body = p.encode(p.Call(v=1, fn=fn, id=rid, index=0, items=[2, 3]), p.MSGPACK)
+    body = p.encode(p.Call(v=p.VERSION, fn=fn, id=rid, index=0, items=[2, 3]), p.MSGPACK)
     headers = p.signed_headers(KEYRING, ROUTE, fn, rid, body)
     route = serverless.init(ROUTE, SECRET)
     status, reply = asyncio.run(asgi_post(route.asgi(), headers, body))  # UTF-8 header bytes

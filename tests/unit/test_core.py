@@ -63,10 +63,10 @@ def test_chunk_iterable_reads_lazily() -> None:
 
 def test_signature_roundtrip_and_tamper_detection() -> None:
     ring = p.Keyring("a" * 32)
-    body = p.encode(p.Call(v=1, fn="m:f", id="x", index=0, items=[1]))
+    body = p.encode(p.Call(v=p.VERSION, fn="m:f", id="x", index=0, items=[1]))
     msg = p.string_to_sign("POST", "/r", "m:f", "1.0", "x", body)
     header = ring.sign(msg)
-    assert ring.verify(msg, header) is True
+    assert ring.verify(msg, header) == ring.key_ids[0]  # the key that verified
     assert (
         ring.verify(p.string_to_sign("POST", "/r", "m:f", "1.0", "x", body + b"!"), header) is False
     )
@@ -82,10 +82,12 @@ def test_key_rotation_one_signing_key_several_verifying() -> None:
     rotated = p.Keyring([new, old])
     assert rotated.sign(msg).count("=") == 1  # one signature, with the first key
     assert rotated.sign(msg).startswith(p.key_id(new) + "=")
-    assert rotated.verify(msg, p.Keyring(old).sign(msg)) is True  # rotated worker, old caller
-    assert rotated.verify(msg, p.Keyring(new).sign(msg)) is True  # rotated worker, new caller
+    assert rotated.verify(msg, p.Keyring(old).sign(msg)) == p.key_id(old)  # old caller
+    assert rotated.verify(msg, p.Keyring(new).sign(msg)) == p.key_id(new)  # new caller
     assert p.Keyring(old).verify(msg, rotated.sign(msg)) is None  # hence: workers first
-    assert p.Keyring(old).verify(msg, p.Keyring([old, new]).sign(msg)) is True
+    assert p.Keyring(old).verify(msg, p.Keyring([old, new]).sign(msg)) == p.key_id(old)
+    # a worker answers with the key its caller signed with, which the caller holds
+    assert p.Keyring(old).verify(msg, rotated.sign(msg, p.key_id(old))) == p.key_id(old)
     assert rotated.key_ids == [p.key_id(new), p.key_id(old)]
 
 
@@ -98,7 +100,7 @@ def test_weak_or_missing_secret_is_refused() -> None:
 
 def test_unencodable_value_is_a_serialization_error() -> None:
     with pytest.raises(serverless.SerializationError) as info:
-        p.encode(p.Call(v=1, fn="m:f", id="x", index=0, items=[object()]))
+        p.encode(p.Call(v=p.VERSION, fn="m:f", id="x", index=0, items=[object()]))
     assert isinstance(info.value, TypeError)
 
 

@@ -112,7 +112,7 @@ def test_empty_input_fused() -> None:
 def _fused_request(names: list[str], then: list[p.Stage]) -> tuple[dict[str, str], bytes]:
     function = p.STAGE_SEPARATOR.join(names)
     rid = p.new_request_id()
-    call = p.Call(v=1, fn=function, id=rid, index=0, items=[1, 2, 3], then=then)
+    call = p.Call(v=p.VERSION, fn=function, id=rid, index=0, items=[1, 2, 3], then=then)
     body = p.encode(call)
     headers = p.signed_headers(p.Keyring(SECRET), "/r", function, rid, body)
     return {k.lower(): v for k, v in headers.items()}, body

@@ -134,13 +134,15 @@ def test_a_404_for_an_unregistered_function_says_how_to_register_it() -> None:
         ("pkg.geo:geolocate", "import pkg.geo in the worker app"),
     ]:
         rid = p.new_request_id()
-        call = p.Call(v=1, fn=name, id=rid, index=0, items=[1])
+        call = p.Call(v=p.VERSION, fn=name, id=rid, index=0, items=[1])
         body = p.encode(call)
         headers = p.signed_headers(p.Keyring(SECRET), "/r", name, rid, body)
         response = endpoint.accept("POST", {k.lower(): v for k, v in headers.items()}, body)
         assert isinstance(response, Response) and response.status == 404
         content_type = dict(response.headers).get("content-type")
         with pytest.raises(serverless.RequestRejected) as info:
-            p.read_reply(404, content_type, response.body, call, 0, "http://w/r")
+            headers = {k.lower(): v for k, v in response.headers}
+            keys = p.Keyring(SECRET)
+            p.read_reply(404, content_type, response.body, headers, call, 0, "http://w/r", keys)
         assert f"function {name!r} is not registered" in str(info.value)
         assert fix in str(info.value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 
 import serverless
@@ -17,6 +18,7 @@ from tests.conftest import SECRET
 ROUTE = "/serverless"
 NOW = 1_800_000_000.0
 URL = "inprocess://w/serverless"
+KEYS = p.Keyring(SECRET)
 
 
 def envelope(fn: str, items: list[Any], index: int = 0, **fields: Any) -> p.Call:
@@ -41,7 +43,8 @@ def roundtrip(
     job = endpoint.accept("POST", {k.lower(): v for k, v in headers.items()}, body)
     answer = endpoint.run(job) if isinstance(job, Job) else job
     content_type = dict(answer.headers)["content-type"]
-    return p.read_reply(answer.status, content_type, answer.body, call, offset, URL)
+    headers = {k.lower(): v for k, v in answer.headers}
+    return p.read_reply(answer.status, content_type, answer.body, headers, call, offset, URL, KEYS)
 
 
 def test_results_come_back_with_worker_timings() -> None:
@@ -112,11 +115,100 @@ def test_an_oversized_chunk_is_refused_before_sending() -> None:
 )
 def test_capacity_answers_are_retryable(status: int, error: type[Exception]) -> None:
     with pytest.raises(error):
-        p.read_reply(status, "text/plain", b"busy", envelope("m:f", [1]), 0, URL)
+        p.read_reply(status, "text/plain", b"busy", {}, envelope("m:f", [1]), 0, URL, KEYS)
 
 
 @pytest.mark.parametrize("body", [b"<html>not ours</html>", b"\xff\xfe", b"\x91" * 5000])
 def test_an_answer_that_is_not_the_protocol_is_a_protocol_error(body: bytes) -> None:
     for content_type in (None, p.MSGPACK, p.JSON):
         with pytest.raises(serverless.ProtocolError):
-            p.read_reply(200, content_type, body, envelope("m:f", [1]), 0, URL)
+            p.read_reply(200, content_type, body, {}, envelope("m:f", [1]), 0, URL, KEYS)
+
+
+# -- replies are authenticated and bound to their request (issue 14, finding 3) -------------
+
+
+def signed_reply(call: p.Call, reply: p.Reply, status: int = 200, key: str = SECRET) -> Any:
+    """An answer as a worker holding `key` would sign it for `call`."""
+    body = p.encode(reply)
+    message = p.reply_signing_message(status, call.id, body)
+    return body, {p.H_REPLY_SIGNATURE: p.Keyring(key).sign(message)}
+
+
+def test_a_forged_unsigned_answer_is_refused_unread() -> None:
+    # whoever answers in a worker's place (a redirected callback, a spoofed DNS name, a
+    # man in the middle without TLS): 12 forged results for a 4-item chunk
+    call = envelope(sf.square.entry.name, [1, 2, 3, 4])
+    forged = p.encode(p.Reply(v=p.VERSION, worker="w", results=[-666] * 12))
+    with pytest.raises(serverless.ProtocolError, match="not signed"):
+        p.read_reply(200, p.MSGPACK, forged, {}, call, 0, URL, KEYS)
+
+
+def test_a_genuine_answer_to_another_request_is_refused() -> None:
+    first, second = envelope(sf.square.entry.name, [1]), envelope(sf.square.entry.name, [2])
+    body, headers = signed_reply(first, p.Reply(v=p.VERSION, results=[1]))
+    assert p.read_reply(200, p.MSGPACK, body, headers, first, 0, URL, KEYS).results == [1]
+    with pytest.raises(serverless.ProtocolError, match="not signed"):
+        p.read_reply(200, p.MSGPACK, body, headers, second, 0, URL, KEYS)
+
+
+def test_a_signed_answer_changed_in_transit_or_signed_with_another_key_is_refused() -> None:
+    call = envelope(sf.square.entry.name, [3])
+    body, headers = signed_reply(call, p.Reply(v=p.VERSION, results=[9]))
+    changed = body.replace(b"\x09", b"\x0a")
+    assert changed != body
+    for status, raw, sig in [
+        (200, changed, headers),
+        (500, body, headers),  # the status is signed too
+        (200, body, signed_reply(call, p.Reply(v=p.VERSION, results=[9]), key="x" * 20)[1]),
+    ]:
+        with pytest.raises(serverless.ProtocolError, match="not signed"):
+            p.read_reply(status, p.MSGPACK, raw, sig, call, 0, URL, KEYS)
+
+
+def test_an_unsigned_refusal_is_a_rejection_that_reads_nothing() -> None:
+    call = envelope(sf.square.entry.name, [1])
+    refusal = p.encode(p.Reply(v=p.VERSION, error=p.ErrorInfo("rejected", "HTTP401", "bad")))
+    with pytest.raises(serverless.RequestRejected, match="unsigned answer") as info:
+        p.read_reply(401, p.MSGPACK, refusal, {}, call, 0, URL, KEYS)
+    assert info.value.status == 401
+
+
+def test_an_old_worker_is_named_with_both_versions() -> None:
+    call = envelope(sf.square.entry.name, [1])
+    old = msgspec.msgpack.encode(
+        {"v": 1, "error": {"kind": "rejected", "type": "HTTP400", "message": "unsupported version"}}
+    )
+    with pytest.raises(serverless.ProtocolError, match="v1 and this caller v2"):
+        p.read_reply(400, p.MSGPACK, old, {}, call, 0, URL, KEYS)
+
+
+def test_a_fused_answer_whose_stage_figures_do_not_match_is_refused() -> None:
+    names = [sf.square.entry.name, sf.odd_only.entry.name]
+    call = envelope(",".join(names), [1, 2, 3], then=[p.Stage(fn=names[1])])
+    stages = [p.StageFigures(3, 0.0), p.StageFigures(2, 0.0)]
+    body, headers = signed_reply(call, p.Reply(v=p.VERSION, results=[1, 9, 25], stages=stages))
+    with pytest.raises(serverless.ProtocolError, match="per-stage figures"):
+        p.read_reply(200, p.MSGPACK, body, headers, call, 0, URL, KEYS)
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe", b"\x91" * 5000, b"\xc1", b""])
+def test_a_signed_answer_that_does_not_decode_is_a_protocol_error(raw: bytes) -> None:
+    call = envelope(sf.square.entry.name, [1])
+    sig = {p.H_REPLY_SIGNATURE: KEYS.sign(p.reply_signing_message(200, call.id, raw))}
+    with pytest.raises(serverless.ProtocolError, match=r"does not decode|wrong shape"):
+        p.read_reply(200, p.MSGPACK, raw, sig, call, 0, URL, KEYS)
+
+
+def test_every_answer_to_an_authenticated_request_is_signed() -> None:
+    endpoint = Endpoint(ROUTE, p.Keyring(SECRET), clock=lambda: NOW)
+    for call in [
+        envelope(sf.square.entry.name, [1]),  # 200
+        envelope(sf.fail_on.entry.name, [1], args=[1]),  # 500 user
+        envelope("tests.sample_functions:nowhere", [1]),  # 404 after authentication
+    ]:
+        body, headers = p.build_request(KEYS, ROUTE, call, NOW)
+        job = endpoint.accept("POST", {k.lower(): v for k, v in headers.items()}, body)
+        answer = endpoint.run(job) if isinstance(job, Job) else job
+        sig = dict(answer.headers)[p.H_REPLY_SIGNATURE]
+        assert KEYS.verify(p.reply_signing_message(answer.status, call.id, answer.body), sig)

@@ -223,7 +223,7 @@ def roundtrip(
     _values.check_args(shape, args, kwargs)
     _values.check_items(shape, items)
     call = p.Call(
-        v=1,
+        v=p.VERSION,
         fn=entry.name,
         id=p.new_request_id(),
         index=0,
@@ -238,7 +238,11 @@ def roundtrip(
     job = ENDPOINT.accept("POST", {k.lower(): v for k, v in headers.items()}, body)
     answer = job if isinstance(job, Response) else ENDPOINT.run(job)
     content_type = dict(answer.headers)["content-type"]
-    reply = p.read_reply(answer.status, content_type, answer.body, call, 100, "in-process", shape)
+    headers = {k.lower(): v for k, v in answer.headers}
+    keys = p.Keyring(SECRET)
+    reply = p.read_reply(
+        answer.status, content_type, answer.body, headers, call, 100, "in-process", keys, shape
+    )
     assert reply.results is not None
     return reply.results
 
@@ -302,7 +306,11 @@ def test_untyped_arguments_that_would_change_raise_in_the_caller() -> None:
 
 def test_a_foreign_client_gets_a_422_naming_the_item() -> None:
     call = p.Call(
-        v=1, fn=vf.tuples.entry.name, id=p.new_request_id(), index=0, items=[[1, 2], [1, "x"]]
+        v=p.VERSION,
+        fn=vf.tuples.entry.name,
+        id=p.new_request_id(),
+        index=0,
+        items=[[1, 2], [1, "x"]],
     )
     body = msgspec.json.encode(call)
     headers = p.signed_headers(KEYRING, "/r", call.fn, call.id, body, p.JSON)
