@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -18,7 +17,7 @@ from typing import Any
 from ._admission import BODY_IDLE, Hold
 from ._context import Origin, current_origin
 from ._gate import Gate
-from ._origin import OriginPolicy
+from ._origin import resolve_origin
 from ._worker import Endpoint, Job, Response
 
 Scope = MutableMapping[str, Any]
@@ -180,18 +179,6 @@ async def _read_body(
         hold.release()
         return endpoint.reject(503, "too many uploads in progress", fmt, close=True)
     return chunks, hasher.hexdigest(), hold
-
-
-@functools.lru_cache(maxsize=256)
-def resolve_origin(
-    policy: OriginPolicy,
-    route: str,
-    host: str,
-    scheme: str,
-    root_path: str,
-    server: tuple[str, int] | None,
-) -> tuple[str | None, str]:
-    return policy.resolve(route, host, scheme, root_path, server)
 
 
 def _timed_run(endpoint: Endpoint, job: Job) -> tuple[Response, float, float]:

@@ -20,6 +20,7 @@ Otherwise the callback is refused with a ConfigurationError naming the settings.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -164,3 +165,16 @@ def _is_loopback(address: str) -> bool:
         return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
     except ValueError:
         return False
+
+
+@functools.lru_cache(maxsize=256)
+def resolve_origin(
+    policy: OriginPolicy,
+    route: str,
+    host: str,
+    scheme: str,
+    root_path: str,
+    server: tuple[str, int] | None,
+) -> tuple[str | None, str]:
+    """policy.resolve, remembered: the adapters ask for every request to the wrapped app."""
+    return policy.resolve(route, host, scheme, root_path, server)

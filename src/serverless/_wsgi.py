@@ -10,8 +10,8 @@ from http import HTTPStatus
 from typing import Any
 
 from ._admission import BODY_IDLE
-from ._asgi import resolve_origin
 from ._context import Origin, current_origin
+from ._origin import resolve_origin
 from ._worker import Endpoint, Job, Response
 
 StartResponse = Callable[..., Any]
