@@ -11,14 +11,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sqlite3
 import stat
 import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ._exceptions import ConfigurationError
+
+if TYPE_CHECKING:  # imported where used: a caller that serves no route never loads it
+    import sqlite3
 
 logger = logging.getLogger("serverless.worker")
 
@@ -94,6 +97,8 @@ class HostReplayStore:
         return self._path
 
     def _connection(self) -> sqlite3.Connection:
+        import sqlite3
+
         if self._conn is None or self._pid != os.getpid():
             conn = sqlite3.connect(
                 self._path, timeout=5.0, isolation_level=None, check_same_thread=False
@@ -110,6 +115,8 @@ class HostReplayStore:
 
     def claim(self, request_id: str, now: float) -> bool:
         """True if no process of this host has claimed `request_id` within the window."""
+        import sqlite3
+
         with self._lock:
             conn = self._connection()
             self._claims += 1
@@ -138,8 +145,8 @@ class ReplayGuard:
         self._store: HostReplayStore | None = None
         if shared:
             try:
-                self._store = HostReplayStore(window)
-            except (OSError, sqlite3.Error, ConfigurationError) as exc:
+                self._store = HostReplayStore(window)  # opens its file at the first claim
+            except (OSError, ConfigurationError) as exc:
                 # Refusing every request would be worse; say so loudly instead.
                 logger.error("replay protection is per process only: %s", exc)
 
@@ -149,6 +156,8 @@ class ReplayGuard:
             return False
         if self._store is None:
             return True
+        import sqlite3
+
         try:
             return self._store.claim(request_id, now)
         except sqlite3.Error:

@@ -29,7 +29,6 @@ from ._asgi import ASGIEndpoint, Receive, Scope, Send
 from ._config import secrets_from_env
 from ._exceptions import ConfigurationError
 from ._route import WorkerRoute, init
-from ._uvserver import raise_open_files_limit, uvicorn_settings
 from ._wsgi import StartResponse, WSGIEndpoint
 
 logger = logging.getLogger("serverless.serve")
@@ -198,6 +197,8 @@ def serve(
     os.environ["SERVERLESS_HEALTH"] = health
     os.environ["SERVERLESS_THREADS"] = str(threads)
     _route(modules, route, None, threads)
+    from ._uvserver import raise_open_files_limit, uvicorn_settings  # uvicorn: only to serve
+
     raise_open_files_limit()
     uvicorn.run(
         "serverless._serve:worker_asgi",
