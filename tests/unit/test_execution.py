@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from serverless import RemoteError, WorkerTimeout, WorkerUnavailable, _http, _targets
+from serverless import ProtocolError, RemoteError, WorkerTimeout, WorkerUnavailable, _http, _targets
 from serverless import _protocol as p
 from serverless._dispatch import Target
 from serverless._gate import Gate
 from serverless._inprocess import InProcess
-from serverless._worker import Endpoint, Job
+from serverless._worker import Endpoint, Job, Response
 from tests import sample_functions as sf
 from tests.conftest import SECRET
 from tests.unit.conftest import ROUTE, URLS
@@ -79,7 +79,7 @@ def test_an_isolated_reply_is_checked() -> None:
         body = p.encode(reply)
         signature = keyring.sign(p.reply_signing_message(200, call.id, body))
         headers = {p.H_REPLY_SIGNATURE: signature}
-        with pytest.raises(p.ProtocolError, match="per-item errors"):
+        with pytest.raises(ProtocolError, match="per-item errors"):
             p.read_reply(200, p.MSGPACK, body, headers, call, 0, URLS[0], keyring)
 
 
@@ -137,9 +137,18 @@ def test_default_retries_resend_a_stale_connections_request(
 # -- deadlines travel with the chunk -----------------------------------------------------------
 
 
-def job_for(endpoint: Endpoint, **fields: float) -> Job:
-    call = p.Call(v=2, fn="tests.sample_functions:square", id=p.new_request_id(), index=0,
-                  items=[1, 2], **fields)  # fmt: skip
+def job_for(
+    endpoint: Endpoint, deadline: float | None = None, start_by: float | None = None
+) -> Job:
+    call = p.Call(
+        v=2,
+        fn="tests.sample_functions:square",
+        id=p.new_request_id(),
+        index=0,
+        items=[1, 2],
+        deadline=deadline,
+        start_by=start_by,
+    )
     body, headers = p.build_request(endpoint.keyring, ROUTE, call, time.time())
     job = endpoint.accept("POST", {k.lower(): v for k, v in headers.items()}, body)
     assert isinstance(job, Job)
@@ -190,7 +199,7 @@ def test_each_request_carries_its_deadline_and_start_by(in_process: InProcess) -
     seen: list[p.Call] = []
     run = in_process.endpoint.run
 
-    def spy(job: Job) -> object:
+    def spy(job: Job) -> Response:
         seen.append(job.call)
         return run(job)
 
