@@ -324,6 +324,40 @@ def test_user_error_is_a_structured_500(worker: Worker) -> None:
     assert "Traceback" in error["traceback"] and "fail_on" in error["traceback"]
 
 
+def test_isolate_answers_each_items_result_or_error(worker: Worker) -> None:
+    """Section 6.2: item by item, the failed items' errors beside the others' results."""
+    before = len(worker.runs())
+    request_id = secrets.token_hex(16)
+    call = json.loads(json_envelope(FAIL_ON, request_id, [5, 6, 7], args=[6]))
+    body = json.dumps({**call, "isolate": True}).encode()
+    answer = post(worker.url, headers_for(FAIL_ON, request_id, body), body)
+    assert answer.status == 200 and reply_is_signed(answer, request_id)
+    reply = answer.json()
+    assert reply["results"] == [5, 7] and reply["error"] is None
+    (failed,) = reply["item_errors"]
+    assert (failed["index"], failed["at"], failed["error"]["kind"]) == (1, 1, "user")
+    assert failed["error"]["message"] == "cannot handle 6"
+    assert len(worker.runs()) - before == 3  # one run per item
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "kind"),
+    [({"deadline": 1.0}, 504, "expired"), ({"start_by": 1.0}, 503, "busy")],
+    ids=["deadline", "start_by"],
+)
+def test_a_chunk_past_its_deadline_or_start_by_is_refused_signed_and_not_run(
+    worker: Worker, fields: dict[str, float], status: int, kind: str
+) -> None:
+    """Sections 5 and 7 (checks 20, 21): times in the past, so nothing may start."""
+    before = len(worker.runs())
+    request_id = secrets.token_hex(16)
+    body = json.dumps({**json.loads(json_envelope(SQUARE, request_id, [1])), **fields}).encode()
+    answer = post(worker.url, headers_for(SQUARE, request_id, body), body)
+    assert answer.status == status and reply_is_signed(answer, request_id)
+    assert answer.json()["error"]["kind"] == kind
+    assert len(worker.runs()) == before
+
+
 def test_replay_is_409_and_stale_timestamp_is_401(worker: Worker) -> None:
     request_id = secrets.token_hex(16)
     body = json_envelope(SQUARE, request_id, [1])
