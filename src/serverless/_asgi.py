@@ -129,7 +129,7 @@ class ASGIEndpoint:
             return None
         if gone.done() and not gone.cancelled() and gone.exception() is None:
             return self.endpoint.refusal(job, 504, "expired", "the caller went away")
-        return self.endpoint.late(job) or self.endpoint.refusal(
+        return self.endpoint.late(job, waited=True) or self.endpoint.refusal(
             job, 503, "busy", "no thread could start the chunk in time"
         )
 

@@ -346,10 +346,12 @@ class Endpoint:
 
     # -- running ---------------------------------------------------------------------------
 
-    def late(self, job: Job, *, waited: bool = True) -> Response | None:
+    def late(self, job: Job, *, waited: bool) -> Response | None:
         """A signed refusal if the chunk must not start now: past its deadline (504,
-        "expired": its caller has given up) or, if it had to wait, past its start_by (503,
-        "busy", with Retry-After: it may go elsewhere). Nothing has run either way."""
+        "expired": its caller has given up) or, if it waited here for a thread, past its
+        start_by (503, "busy", with Retry-After: it may go elsewhere). A chunk that finds a
+        thread free starts whatever its start_by says: it may have waited in a balancer's
+        queue, and sending it back would only put it at the end. Nothing has run either way."""
         now = self._clock()
         call = job.call
         if call.deadline is not None and now > call.deadline:
@@ -391,7 +393,7 @@ class Endpoint:
     def run(self, job: Job) -> Response:
         """Run a chunk in this thread (async functions get their own event loop), unless its
         caller no longer wants it."""
-        refused = self.late(job)
+        refused = self.late(job, waited=False)
         if refused is not None:
             return refused
         with self._tracked(job):
@@ -423,7 +425,7 @@ class Endpoint:
 
     async def run_async(self, job: Job) -> Response:
         """Run a chunk on this event loop, unless its caller no longer wants it."""
-        refused = self.late(job)
+        refused = self.late(job, waited=False)
         if refused is not None:
             return refused
         with self._tracked(job):
