@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -18,6 +19,80 @@ def _record(name: str) -> None:
     if path:
         with open(path, "a") as f:
             f.write(f"{name} {os.getpid()}\n")
+
+
+def _record_item(name: str, item: object) -> None:
+    """One line per item run: `name item pid time`, to count executions per item."""
+    path = os.environ.get(CALLS_FILE_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{name} {item} {os.getpid()} {time.time():.3f}\n")
+
+
+def executions(path: str, name: str) -> dict[str, list[float]]:
+    """Per item of `name`, the times at which a worker started it (see _record_item)."""
+    runs: dict[str, list[float]] = {}
+    with open(path) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) == 4 and fields[0] == name:
+                runs.setdefault(fields[1], []).append(float(fields[3]))
+    return runs
+
+
+@serverless.parallel
+def counted_reject(numbers: list[int], bad: list[int], named: bool = True) -> list[int]:
+    """Raises on every item listed in `bad`; counts each item it starts. named=False: the
+    error names no item (it is raised before the items are iterated)."""
+    if not named and any(n in bad for n in list.__iter__(numbers)):
+        for n in list.__iter__(numbers):
+            _record_item("counted_reject", n)
+        raise ValueError("a bad item somewhere")
+    out = []
+    for n in numbers:
+        _record_item("counted_reject", n)
+        if n in bad:
+            raise ValueError(f"cannot handle {n}")
+        out.append(n)
+    return out
+
+
+@serverless.parallel
+def counted_sleep(seconds: list[float]) -> list[float]:
+    """Sleeps each item's seconds; counts each item it starts."""
+    for n in seconds:
+        _record_item("counted_sleep", n)
+        time.sleep(n)
+    return seconds
+
+
+@serverless.parallel
+def die_once(numbers: list[int], marker: str) -> list[int]:
+    """Counts its items; the first run anywhere (`marker` not yet created) SIGKILLs its own
+    process mid-chunk, as a crash or an OOM kill would."""
+    for n in numbers:
+        _record_item("die_once", n)
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return numbers
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable")
+
+
+@serverless.parallel
+def burn_or_sleep(seconds: list[float]) -> list[float]:
+    """A positive item burns the CPU that long, a negative one sleeps: a function that is
+    CPU-bound on some inputs and waits on others."""
+    for n in seconds:
+        _record_item("burn_or_sleep", n)
+        if n >= 0:
+            end = time.thread_time() + n
+            while time.thread_time() < end:
+                pass
+        else:
+            time.sleep(-n)
+    return seconds
 
 
 @serverless.parallel

@@ -86,12 +86,19 @@ class ASGIEndpoint:
             return job
         if job.is_async:
             return await self.endpoint.run_async(job)
+        job.capacity = self.threads
+        refused = endpoint.late(job, waited=False)
+        if refused is not None:
+            return refused
         context = contextvars.copy_context()  # carries the origin into the worker thread
         loop = asyncio.get_running_loop()
         gate = self._gates.get(job.entry.name)
         if gate is None:
             gate = self._gates[job.entry.name] = Gate(self.threads)
-        await gate.acquire()
+        if not gate.try_acquire():
+            refused = await self._wait(gate, job, receive)
+            if refused is not None:
+                return refused
         try:
             area = gate.area()
             response, cpu_s, wall_s = await loop.run_in_executor(
@@ -102,6 +109,33 @@ class ASGIEndpoint:
             gate.release()
         gate.control.observe(cpu_s, wall_s, concurrent)
         return response
+
+    async def _wait(self, gate: Gate, job: Job, receive: Receive) -> Response | None:
+        """Wait for a slot of the gate, at most until the chunk's start_by, and only while
+        its caller is still connected: a refusal (nothing ran) otherwise; None with a slot."""
+        acquired = asyncio.ensure_future(gate.acquire())
+        gone = asyncio.ensure_future(_disconnected(receive))
+        start_by = job.call.start_by
+        timeout = None if start_by is None else max(0.0, start_by - time.time())
+        try:
+            await asyncio.wait({acquired, gone}, timeout=timeout, return_when="FIRST_COMPLETED")
+        finally:
+            gone.cancel()
+            if not acquired.done():
+                acquired.cancel()
+            await asyncio.gather(acquired, gone, return_exceptions=True)
+        if not acquired.cancelled() and acquired.exception() is None:
+            return None
+        if gone.done() and not gone.cancelled() and gone.exception() is None:
+            return self.endpoint.refusal(job, 504, "expired", "the caller went away")
+        return self.endpoint.late(job, waited=True) or self.endpoint.refusal(
+            job, 503, "busy", "no thread could start the chunk in time"
+        )
+
+    def ready(self) -> bool:
+        """False once every thread runs a chunk past its caller's deadline: a health route
+        then answers 503, so a balancer stops sending this worker chunks it cannot start."""
+        return self.endpoint.stuck() < self.threads
 
     def _origin(self, scope: Scope) -> Origin:
         host = ""
@@ -186,6 +220,12 @@ def _timed_run(endpoint: Endpoint, job: Job) -> tuple[Response, float, float]:
     wall, cpu = time.perf_counter(), time.thread_time()
     response = endpoint.run(job)
     return response, time.thread_time() - cpu, time.perf_counter() - wall
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client disconnects (the body has been read: nothing else comes)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _send(response: Response, send: Send) -> None:

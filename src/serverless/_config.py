@@ -27,7 +27,8 @@ class Options:
     timeout: seconds one attempt of one chunk may take.
     retries: further attempts for a chunk after a transient failure (connection lost,
         502/503/504, timeout), with exponential backoff and jitter, on another worker URL
-        where there are several; a user exception is never retried.
+        where there are several; a user exception is never retried. 0: each item runs at
+        most once (nothing is resent once it may have reached a worker).
     url: send chunks here instead of the process-wide target.
     deadline: seconds the whole call may take (None: no limit beyond the chunk timeouts).
     idempotent: the function may safely run twice on the same items (no side effects that
@@ -35,7 +36,8 @@ class Options:
     hedge: send a duplicate of a chunk that straggles at the tail of a call to another
         worker, first answer wins; default: on for idempotent functions, off otherwise.
     errors: "raise" (the first failure raises) or "return" (each item whose processing
-        raised gets its RemoteError in place of its result; the other items succeed).
+        raised gets its RemoteError in place of its result; the other items succeed). The
+        worker then calls the function item by item, so no item runs twice for another's error.
     """
 
     workers: int = DEFAULT_WORKERS

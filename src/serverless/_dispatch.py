@@ -32,6 +32,10 @@ from ._values import UNTYPED, Shape
 logger = logging.getLogger("serverless.dispatch")
 T = TypeVar("T")
 
+# Seconds a chunk may wait for a worker's thread before the worker refuses it as busy (503,
+# Retry-After: nothing ran) instead of queueing it without bound: the Call's start_by.
+START_WITHIN = 1.0
+
 
 @dataclass(frozen=True)
 class Target:
@@ -65,8 +69,13 @@ class CallSpec:
     on_reply: Callable[[int, float], None] | None = None
     results: Shape = UNTYPED  # how the (last) function's results decode
 
-    def envelope(self, chunk: Chunk) -> p.Call:
-        """One chunk's request envelope, with a request id of its own."""
+    def envelope(self, chunk: Chunk, timeout: float) -> p.Call:
+        """One chunk's request envelope, with a request id of its own, for an attempt that
+        ends in `timeout` seconds: after that the worker must not start it."""
+        now = time.time()
+        deadline = now + timeout
+        # a call that cannot retry does not ask for a busy refusal: it would fail the call
+        start_by = min(now + START_WITHIN, deadline) if self.retries > 0 else None
         return p.Call(
             v=p.VERSION,
             fn=self.function,
@@ -77,6 +86,9 @@ class CallSpec:
             kwargs=self.kwargs,
             bind=self.bind,
             then=self.then,
+            isolate=self.errors == "return",
+            deadline=deadline,
+            start_by=start_by,
         )
 
 
@@ -201,16 +213,22 @@ class Dispatcher:
         """One attempt of one chunk: sign, post through the target's transport, read."""
         transport = target.transport or self._client()
         what = f"chunk {chunk.index} of {spec.function}"
-        for fresh_connection in (False, True):
-            call = spec.envelope(chunk)  # signed anew on a resend: a new request id
+        # retries=0: at most once. A kept-alive connection that fails before any byte of an
+        # answer may still have delivered the request, so it must not be resent: such a call
+        # takes a fresh connection, which is never stale.
+        at_most_once = spec.retries == 0
+        for fresh in (at_most_once, True):
+            call = spec.envelope(chunk, timeout)  # signed anew on a resend: a new request id
             body, headers = p.build_request(
                 target.keyring, target.route, call, time.time(), target.max_body
             )
             try:
-                response = await transport.post(url, _http.Body(body), headers, timeout)
+                response = await transport.post(
+                    url, _http.Body(body), headers, timeout, fresh=fresh
+                )
                 break
             except _http.StaleConnection as exc:
-                if fresh_connection:  # pragma: no cover - a fresh connection is never stale
+                if fresh:  # pragma: no cover - a fresh connection is never stale
                     raise WorkerUnavailable(f"{what} failed: {exc}", url=url) from exc
             except _http.InvalidURL as exc:
                 raise ConfigurationError(f"invalid worker URL {url!r}") from exc

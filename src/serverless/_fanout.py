@@ -3,9 +3,9 @@
 Chunks are read from the input as slots free (a generator is never materialised), at most
 `workers` run at once, and results come out in input order through a bounded reorder buffer,
 so a stream of any length runs in bounded memory. A chunk is retried on transient failures,
-hedged when it straggles at the tail of the call, split when `errors="return"` and one of its
-items raised. Whatever ends the call (an error, the deadline, the consumer closing the
-stream), every request still in flight is cancelled before the call returns.
+and hedged when it straggles at the tail of the call. Whatever ends the call (an error, the
+deadline, the consumer closing the stream), every request still in flight is cancelled
+before the call returns.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from ._chunking import Chunk
 from ._config import ErrorMode
-from ._exceptions import DeadlineExceeded, RemoteError, WorkerError
+from ._exceptions import DeadlineExceeded, WorkerError
 from ._stats import ChunkStats
 
 logger = logging.getLogger("serverless.dispatch")
@@ -227,36 +227,13 @@ class Fanout:
         task = asyncio.create_task(self._run(chunk, chunk.chunk, avoid, len(chunk.tasks)))
         chunk.tasks.append(task)
 
-    # -- one chunk: retries, and splitting with errors="return" ---------------------------
+    # -- one chunk: retries ----------------------------------------------------------------
+    # errors="return" needs nothing here: the worker runs such a chunk item by item and its
+    # reply carries each failed item's RemoteError in place (_protocol.read_reply), so no item
+    # that succeeded is ever sent again.
 
     async def _run(self, owner: _Chunk, chunk: Chunk, avoid: set[str], lane: int) -> list[Any]:
-        try:
-            return await self._attempts(owner, chunk, avoid, lane)
-        except RemoteError as exc:
-            if self.policy.errors != "return":
-                raise
-            return await self._split(owner, chunk, exc, lane)
-
-    async def _split(self, owner: _Chunk, chunk: Chunk, exc: RemoteError, lane: int) -> list[Any]:
-        """Isolate the items that raise: the failing one keeps its error, the others rerun."""
-        index, offset, items = chunk
-        if len(items) == 1:
-            return [exc]
-        at = (exc.index - offset) if exc.index is not None else None
-        if at is not None and 0 <= at < len(items):
-            left, right = (offset, items[:at]), (offset + at + 1, items[at + 1 :])
-            parts = await asyncio.gather(
-                *(self._run(owner, Chunk(index, o, p), set(), lane) for o, p in (left, right) if p)
-            )
-            before = parts[0] if left[1] else []
-            after = parts[-1] if right[1] else []
-            return [*before, exc, *after]
-        half = len(items) // 2  # the error named no item: bisect
-        halves = await asyncio.gather(
-            self._run(owner, Chunk(index, offset, items[:half]), set(), lane),
-            self._run(owner, Chunk(index, offset + half, items[half:]), set(), lane),
-        )
-        return [*halves[0], *halves[1]]
+        return await self._attempts(owner, chunk, avoid, lane)
 
     async def _attempts(self, owner: _Chunk, chunk: Chunk, avoid: set[str], lane: int) -> list[Any]:
         failed = set(avoid)

@@ -7,6 +7,14 @@ process (the GIL), and dozens of threads contending for it cost 10-25% of throug
 learns per function: each chunk reports its thread CPU time and wall time. If the function's
 threads together keep the interpreter busy (the sum of their CPU shares is near one core),
 more concurrency cannot help and the limit narrows; if they leave it idle, it widens again.
+
+What was learned can be stale: a function CPU-bound on some inputs may wait on others, and a
+long chunk reports nothing until it ends. So while chunks wait and a thread is idle, the gate
+looks at the process's CPU every TICK: if the interpreter is not busy (below SATURATED of one
+core) it lets the oldest waiter in at once; if it is busy, a chunk that waited PATIENCE still
+gets one lane beyond the limit, so a short chunk is never stuck behind long ones (issue 15: a
+10 ms chunk waited 14.5 s behind two 15 s chunks with 14 threads idle), while a CPU-bound
+backlog runs at most limit + 1 at once.
 """
 
 from __future__ import annotations
@@ -16,9 +24,12 @@ import collections
 import contextlib
 import math
 import time
+from collections.abc import Callable
 
 SATURATED = 0.85  # busy share of one core at which the GIL is the bottleneck
 FLOOR = 2  # keep one chunk decoding or encoding while another computes
+TICK = 0.05  # seconds between looks at the CPU while chunks wait
+PATIENCE = 0.2  # seconds a chunk waits on a busy interpreter before it takes the extra lane
 
 
 class Limit:
@@ -52,12 +63,21 @@ class Gate:
     on average: `area()` at its start and end, divided by its wall time.
     """
 
-    def __init__(self, ceiling: int) -> None:
+    def __init__(
+        self,
+        ceiling: int,
+        *,
+        cpu: Callable[[], float] = time.process_time,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.control = Limit(ceiling)
         self.active = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiters: collections.deque[tuple[asyncio.Future[None], float]] = collections.deque()
         self._area = 0.0
         self._since = time.perf_counter()
+        self._cpu, self._clock = cpu, clock
+        self._timer: asyncio.TimerHandle | None = None
+        self._sample = (0.0, 0.0)  # (process CPU seconds, clock) at the last look
 
     def area(self) -> float:
         now = time.perf_counter()
@@ -69,26 +89,58 @@ class Gate:
         self.area()
         self.active += delta
 
-    async def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free now and nobody waits for it."""
         if self.active < self.control.limit and not self._waiters:
             self._change(+1)
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
             return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        loop = asyncio.get_running_loop()
+        entry = (loop.create_future(), self._clock())
+        self._waiters.append(entry)
+        if self._timer is None:
+            self._sample = (self._cpu(), self._clock())
+            self._timer = loop.call_later(TICK, self._look)
         try:
-            await waiter
+            await entry[0]
         except BaseException:
-            if waiter.done() and not waiter.cancelled():
+            if entry[0].done() and not entry[0].cancelled():
                 self.release()  # we were handed a slot just as we were cancelled
             else:
                 with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+                    self._waiters.remove(entry)
             raise
 
     def release(self) -> None:
         self._change(-1)
         while self._waiters and self.active < self.control.limit:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self._change(+1)
-                waiter.set_result(None)
+            self._admit()
+
+    def _admit(self) -> None:
+        waiter, _ = self._waiters.popleft()
+        if not waiter.done():
+            self._change(+1)
+            waiter.set_result(None)
+
+    def _look(self) -> None:
+        """While chunks wait: let one in if a thread is idle and the CPU is free, or if it
+        has waited PATIENCE and the extra lane is free."""
+        self._timer = None
+        cpu, now = self._cpu(), self._clock()
+        used, elapsed = cpu - self._sample[0], now - self._sample[1]
+        self._sample = (cpu, now)
+        while self._waiters and self._waiters[0][0].done():
+            self._waiters.popleft()  # cancelled meanwhile
+        if not self._waiters:
+            return
+        if self.active < self.control.ceiling:
+            free = elapsed > 0 and used / elapsed < SATURATED
+            patient = now - self._waiters[0][1] >= PATIENCE and self.active <= self.control.limit
+            if free or patient:
+                self._admit()
+        if self._waiters:
+            self._timer = asyncio.get_running_loop().call_later(TICK, self._look)

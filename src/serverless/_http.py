@@ -233,19 +233,26 @@ class Client:
         return None
 
     async def post(
-        self, url: str, body: bytes | Body, headers: Mapping[str, str], timeout: float
+        self,
+        url: str,
+        body: bytes | Body,
+        headers: Mapping[str, str],
+        timeout: float,
+        *,
+        fresh: bool = False,
     ) -> Response:
-        """POST `body`; raises TransportError, InvalidURL or asyncio.TimeoutError."""
+        """POST `body`; raises TransportError, InvalidURL or asyncio.TimeoutError.
+        fresh: on a new connection (never StaleConnection), not a kept-alive one."""
         body = body if isinstance(body, Body) else Body(body)
         origin = self._origin(url)
         lines = [f"POST {origin.path} HTTP/1.1", f"Host: {origin.host_header}"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
         lines.append(f"Content-Length: {body.size}\r\n\r\n")
         head = "\r\n".join(lines).encode()  # UTF-8: a function may have a non-ASCII name
-        return await asyncio.wait_for(self._exchange(origin, head, body), timeout)
+        return await asyncio.wait_for(self._exchange(origin, head, body, fresh), timeout)
 
-    async def _exchange(self, origin: _Origin, head: bytes, body: Body) -> Response:
-        conn = self._take(origin)
+    async def _exchange(self, origin: _Origin, head: bytes, body: Body, fresh: bool) -> Response:
+        conn = None if fresh else self._take(origin)
         reused = conn is not None
         if conn is None:
             conn = await self._connect(origin)

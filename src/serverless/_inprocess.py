@@ -21,11 +21,18 @@ class InProcess:
 
     def __init__(self, endpoint: Endpoint, threads: int = 16) -> None:
         self.endpoint = endpoint
+        self.threads = threads
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="serverless-inprocess")
         self.requests = 0  # posts received, for tests that count requests
 
     async def post(
-        self, url: str, body: Body, headers: Mapping[str, str], timeout: float
+        self,
+        url: str,
+        body: Body,
+        headers: Mapping[str, str],
+        timeout: float,
+        *,
+        fresh: bool = False,  # no connections here
     ) -> Response:
         self.requests += 1
         lowered = {k.lower(): v for k, v in headers.items()}
@@ -39,6 +46,7 @@ class InProcess:
             return job
         if job.is_async:
             return await self.endpoint.run_async(job)
+        job.capacity = self.threads
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.endpoint.run, job)
 

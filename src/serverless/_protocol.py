@@ -26,6 +26,7 @@ from ._exceptions import (
     RemoteError,
     RequestRejected,
     SerializationError,
+    WorkerTimeout,
     WorkerUnavailable,
 )
 
@@ -79,6 +80,12 @@ class Call(msgspec.Struct, forbid_unknown_fields=False):
     kwargs: dict[str, Any] = {}
     bind: str = ""  # "", "instance" (a fresh instance of the class) or "class"
     then: list[Stage] = []
+    # errors="return": run the function item by item, each item's error in the reply (§6.2)
+    isolate: bool = False
+    # the caller's time.time() after which it no longer wants the chunk: not started after it
+    deadline: float | None = None
+    # the time by which the chunk must start, else a "busy" refusal instead of queueing
+    start_by: float | None = None
 
 
 class WireCall(msgspec.Struct, forbid_unknown_fields=False):
@@ -94,10 +101,13 @@ class WireCall(msgspec.Struct, forbid_unknown_fields=False):
     kwargs: dict[str, msgspec.Raw] = {}
     bind: str = ""
     then: list[Stage] = []
+    isolate: bool = False
+    deadline: float | None = None
+    start_by: float | None = None
 
 
 class ErrorInfo(msgspec.Struct, forbid_unknown_fields=False):
-    """A structured error. kind: rejected | input | user | result | internal."""
+    """A structured error. kind: rejected | busy | expired | input | user | result | internal."""
 
     kind: str
     type: str
@@ -107,6 +117,15 @@ class ErrorInfo(msgspec.Struct, forbid_unknown_fields=False):
     item: str | None = None
     retryable: bool = False
     stage: int = 0  # of a fused call: the stage that failed (`index` is into its input)
+
+
+class ItemError(msgspec.Struct, forbid_unknown_fields=False):
+    """One item of an isolated call that raised: `index` is its position in the chunk, `at`
+    the number of results the items before it produced (where its error goes among them)."""
+
+    index: int
+    at: int
+    error: ErrorInfo
 
 
 class Reply(msgspec.Struct, forbid_unknown_fields=False):
@@ -119,6 +138,9 @@ class Reply(msgspec.Struct, forbid_unknown_fields=False):
     queue_s: float = 0.0
     compute_s: float = 0.0
     stages: list[StageFigures] | None = None  # a fused call: one entry per stage
+    # an isolated call (Call.isolate): the items that raised; `results` holds the others'
+    item_errors: list[ItemError] | None = None
+    capacity: int | None = None  # chunks of a sync function the worker runs at once
 
 
 _msgpack_encoder = msgspec.msgpack.Encoder()
@@ -200,6 +222,9 @@ def typed_call(wire: WireCall, shape: _values.Shape, fmt: str) -> Call | _values
         kwargs=kwargs,
         bind=wire.bind,
         then=wire.then,
+        isolate=wire.isolate,
+        deadline=wire.deadline,
+        start_by=wire.start_by,
     )
 
 
@@ -331,10 +356,14 @@ def read_reply(
     an unsigned answer may only say "retry later" (a load balancer's 429/502/503/504) or
     "refused" (an anonymous refusal: a wrong secret, clock or route), never carry results."""
     what = f"chunk {call.index} of {call.fn}"
-    if status in (429, 502, 503, 504):  # a platform at capacity, or no healthy instance
-        raise WorkerUnavailable(f"{what}: worker unavailable", url=url, status=status)
     message = reply_signing_message(status, call.id, raw)
-    if not keyring.verify(message, headers.get(H_REPLY_SIGNATURE, "")):
+    signed = keyring.verify(message, headers.get(H_REPLY_SIGNATURE, ""))
+    if status in (429, 502, 503, 504):  # a platform at capacity, or no healthy instance
+        if signed and status == 504 and _kind(raw, content_type) == "expired":
+            # the worker did not start it: past its deadline, as a timed-out attempt
+            raise WorkerTimeout(f"{what} expired before a worker started it", url=url)
+        raise WorkerUnavailable(f"{what}: worker unavailable", url=url, status=status)
+    if not signed:
         _unsigned(status, content_type, raw, what, url)
     fmt = media_type(content_type) or MSGPACK
     try:
@@ -357,6 +386,8 @@ def read_reply(
             or reply.stages[-1].count != len(reply.results)
         ):
             raise ProtocolError(f"{what}: its per-stage figures do not match", url=url)
+        if reply.item_errors is not None:
+            reply.results = _in_place(reply, call, offset, url)
         return reply
     error, worker = reply.error, reply.worker
     if error is not None and error.kind == "user":
@@ -394,6 +425,41 @@ def read_reply(
     if 400 <= status < 500:
         raise RequestRejected(f"{what} was refused: {detail}", url=url, status=status)
     raise ProtocolError(f"{what}: not a protocol answer: {detail!r}", url=url, status=status)
+
+
+def _kind(raw: bytes, content_type: str | None) -> str | None:
+    """The error kind of a signed refusal, or None if it carries none."""
+    try:
+        reply = decode_reply(raw, media_type(content_type) or MSGPACK)
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        return None
+    return reply.error.kind if reply.error is not None else None
+
+
+def _in_place(reply: Reply, call: Call, offset: int, url: str) -> list[Any]:
+    """An isolated call's results with each failed item's RemoteError where it belongs."""
+    results, errors = reply.results or [], reply.item_errors or []
+    out: list[Any] = []
+    taken = 0
+    for failed in sorted(errors, key=lambda e: e.index):
+        if not taken <= failed.at <= len(results) or not 0 <= failed.index < len(call.items):
+            raise ProtocolError(f"chunk {call.index} of {call.fn}: bad per-item errors", url=url)
+        out += results[taken : failed.at]
+        taken = failed.at
+        error = failed.error
+        out.append(
+            RemoteError(
+                call.fn,
+                error.type,
+                error.message,
+                error.traceback,
+                index=offset + failed.index,
+                item=error.item,
+                worker=reply.worker,
+            )
+        )
+    out += results[taken:]
+    return out
 
 
 def _unsigned(status: int, content_type: str | None, raw: bytes, what: str, url: str) -> None:

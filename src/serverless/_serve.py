@@ -22,7 +22,7 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ._asgi import ASGIEndpoint, Receive, Scope, Send
@@ -39,6 +39,7 @@ DEFAULT_THREADS = 64
 WARMUP = "/_ah/warmup"  # App Engine's warmup request; answered like the health route
 
 _OK = b"ok"
+_STUCK = b"stuck: every thread runs a chunk past its deadline"
 _HEADERS = [("content-type", "text/plain"), ("content-length", str(len(_OK)))]
 
 
@@ -108,7 +109,10 @@ def worker_asgi(
     """An ASGI app serving the worker route and the health route; arguments default to the
     environment (see the module docstring). `uvicorn --factory serverless:worker_asgi`."""
     worker, health = _route(modules, route, secret, threads)
-    return worker.asgi(_AsgiHealth(health))
+    probe = _AsgiHealth(health)
+    app = worker.asgi(probe)
+    probe.ready = app.ready  # the health route runs on the loop: it must ask the threads
+    return app
 
 
 def worker_wsgi(
@@ -124,10 +128,13 @@ def worker_wsgi(
 
 
 class _AsgiHealth:
-    """GET/HEAD on the health (or warmup) path: 200 "ok", nothing else; 404 elsewhere."""
+    """GET/HEAD on the health (or warmup) path: 200 "ok", nothing else; 404 elsewhere.
+    503 "stuck" when every thread runs a chunk past its caller's deadline (a gthread WSGI
+    server needs no such check: its health request waits for a thread, and times out)."""
 
     def __init__(self, path: str) -> None:
         self.paths = (path, WARMUP)
+        self.ready: Callable[[], bool] = lambda: True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -141,7 +148,9 @@ class _AsgiHealth:
             return
         found = scope["path"] in self.paths
         status = 200 if found and scope["method"] in ("GET", "HEAD") else 405 if found else 404
-        body = _OK if status == 200 else b""
+        if status == 200 and not self.ready():
+            status = 503
+        body = _OK if status == 200 else _STUCK if status == 503 else b""
         headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send(

@@ -22,7 +22,13 @@ class Transport(Protocol):
     `_http.InvalidURL`, or TimeoutError."""
 
     async def post(
-        self, url: str, body: Body, headers: Mapping[str, str], timeout: float
+        self,
+        url: str,
+        body: Body,
+        headers: Mapping[str, str],
+        timeout: float,
+        *,
+        fresh: bool = False,  # on a new connection, never a kept-alive one
     ) -> Response: ...
 
     def close(self) -> None: ...

@@ -7,11 +7,13 @@ before the signature checks out. The WSGI and ASGI adapters only move bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import importlib
 import logging
 import os
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
@@ -51,6 +53,7 @@ class Job:
     kid: str = ""  # the key that signed the request: it signs the answer
     # further stages of a fused call, each run on the previous stage's results
     then: list[tuple[_registry.Entry, _registry.Bind]] = field(default_factory=list)
+    capacity: int | None = None  # chunks of sync functions the adapter runs at once (a Reply's)
 
     @property
     def is_async(self) -> bool:
@@ -152,6 +155,8 @@ class Endpoint:
         self.budget.limit = max(self.budget.limit, max_body)
         self._clock = clock
         self._replays = ReplayGuard(tolerance, shared=shared_replay)
+        self._lock = threading.Lock()
+        self._running: dict[int, float] = {}  # chunks running now, by token: their deadline
 
     # -- responses -------------------------------------------------------------------------
 
@@ -302,6 +307,8 @@ class Endpoint:
             return self.reject(
                 400, "envelope stages do not match the signed function", fmt, head=head
             )
+        if wire.isolate and wire.then:  # a failed item has no input for the next stage
+            return self.reject(400, "a fused call cannot isolate its items", fmt, head=head)
         binds = [wire.bind] + [stage.bind for stage in wire.then]
         stages: list[tuple[_registry.Entry, _registry.Bind]] = []
         for name, found, wire_bind in zip(names, entries, binds, strict=True):
@@ -339,10 +346,64 @@ class Endpoint:
 
     # -- running ---------------------------------------------------------------------------
 
+    def late(self, job: Job, *, waited: bool) -> Response | None:
+        """A signed refusal if the chunk must not start now: past its deadline (504,
+        "expired": its caller has given up) or, if it waited here for a thread, past its
+        start_by (503, "busy", with Retry-After: it may go elsewhere). A chunk that finds a
+        thread free starts whatever its start_by says: it may have waited in a balancer's
+        queue, and sending it back would only put it at the end. Nothing has run either way."""
+        now = self._clock()
+        call = job.call
+        if call.deadline is not None and now > call.deadline:
+            return self.refusal(
+                job, 504, "expired", "the chunk's deadline passed before it started"
+            )
+        if waited and call.start_by is not None and now > call.start_by:
+            return self.refusal(job, 503, "busy", "no thread could start the chunk in time")
+        return None
+
+    def refusal(self, job: Job, status: int, kind: str, message: str) -> Response:
+        error = p.ErrorInfo(kind=kind, type=f"HTTP{status}", message=message)
+        reply = p.Reply(v=p.VERSION, worker=worker_id(), error=error, capacity=job.capacity)
+        response = self._reply(status, reply, job.fmt, (job.kid, job.call.id))
+        if status == 503:
+            response.headers.append(("retry-after", "1"))
+        return response
+
+    def stuck(self) -> int:
+        """How many chunks are still running past their callers' deadlines."""
+        now = self._clock()
+        with self._lock:
+            return sum(1 for deadline in self._running.values() if deadline < now)
+
+    @contextlib.contextmanager
+    def _tracked(self, job: Job) -> Iterator[None]:
+        if job.call.deadline is None:
+            yield
+            return
+        token = id(job)
+        with self._lock:
+            self._running[token] = job.call.deadline
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running.pop(token, None)
+
     def run(self, job: Job) -> Response:
-        """Run a chunk in this thread (async functions get their own event loop)."""
-        if job.entry.is_async or any(entry.is_async for entry, _ in job.then):
-            return asyncio.run(self.run_async(job))
+        """Run a chunk in this thread (async functions get their own event loop), unless its
+        caller no longer wants it."""
+        refused = self.late(job, waited=False)
+        if refused is not None:
+            return refused
+        with self._tracked(job):
+            if job.entry.is_async or any(entry.is_async for entry, _ in job.then):
+                return asyncio.run(self._run_async(job))
+            if job.call.isolate:
+                return self._run_isolated(job)
+            return self._run(job)
+
+    def _run(self, job: Job) -> Response:
         started = time.perf_counter()
         figures: list[p.StageFigures] = []
         items = _Tracked(job.call.items)
@@ -363,6 +424,47 @@ class Endpoint:
         return self._success(job, results, started, figures)
 
     async def run_async(self, job: Job) -> Response:
+        """Run a chunk on this event loop, unless its caller no longer wants it."""
+        refused = self.late(job, waited=False)
+        if refused is not None:
+            return refused
+        with self._tracked(job):
+            return await self._run_async(job)
+
+    def _run_isolated(self, job: Job) -> Response:
+        """errors="return": each item on its own, so one item's error costs no other item a
+        second run; results concatenated in item order, errors listed (docs/protocol.md)."""
+        started = time.perf_counter()
+        function = job.entry.bound(job.bind)
+        results: list[Any] = []
+        errors: list[p.ItemError] = []
+        for index, item in enumerate(job.call.items):
+            try:
+                results += _as_list(function(_Tracked([item]), *job.call.args, **job.call.kwargs))
+            except _ResultError as exc:
+                return self._failure(job, "result", exc.__cause__ or exc, None, started)
+            except Exception as exc:
+                errors.append(p.ItemError(index, len(results), _error_info(exc, index, item)))
+        return self._success(job, results, started, [], errors)
+
+    async def _run_isolated_async(self, job: Job) -> Response:
+        started = time.perf_counter()
+        function = job.entry.bound(job.bind)
+        results: list[Any] = []
+        errors: list[p.ItemError] = []
+        for index, item in enumerate(job.call.items):
+            try:
+                result = function(_Tracked([item]), *job.call.args, **job.call.kwargs)
+                results += _as_list(await result if job.entry.is_async else result)
+            except _ResultError as exc:
+                return self._failure(job, "result", exc.__cause__ or exc, None, started)
+            except Exception as exc:
+                errors.append(p.ItemError(index, len(results), _error_info(exc, index, item)))
+        return self._success(job, results, started, [], errors)
+
+    async def _run_async(self, job: Job) -> Response:
+        if job.call.isolate:
+            return await self._run_isolated_async(job)
         started = time.perf_counter()
         figures: list[p.StageFigures] = []
         items = _Tracked(job.call.items)
@@ -384,7 +486,12 @@ class Endpoint:
         return self._success(job, results, started, figures)
 
     def _success(
-        self, job: Job, results: list[Any], started: float, figures: list[p.StageFigures]
+        self,
+        job: Job,
+        results: list[Any],
+        started: float,
+        figures: list[p.StageFigures],
+        item_errors: list[p.ItemError] | None = None,
     ) -> Response:
         entry, bind = job.then[-1] if job.then else (job.entry, job.bind)
         try:
@@ -416,6 +523,8 @@ class Endpoint:
             queue_s=started - job.received,
             compute_s=done - started,
             stages=figures if job.then else None,
+            item_errors=item_errors,
+            capacity=job.capacity,
         )
         try:
             return self._reply(200, reply, job.fmt, (job.kid, job.call.id))
@@ -432,26 +541,37 @@ class Endpoint:
         stage: int = 0,
     ) -> Response:
         index = items.failing_index() if items is not None else None
-        item = _short_repr(items[index]) if items is not None and index is not None else None
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        logger.debug("%s failed on %s: %s", job.entry.name, worker_id(), tb)
-        error = p.ErrorInfo(
-            kind=kind,
-            type=type(exc).__name__,
-            message=str(exc),
-            traceback=tb,
-            index=index,
-            item=item,
-            stage=stage,
+        error = _error_info(
+            exc, index, items[index] if items is not None and index is not None else _NONE, kind
         )
+        error.stage = stage
+        logger.debug("%s failed on %s: %s", job.entry.name, worker_id(), error.traceback)
         reply = p.Reply(
             v=p.VERSION,
             worker=worker_id(),
             error=error,
             queue_s=started - job.received,
             compute_s=time.perf_counter() - started,
+            capacity=job.capacity,
         )
         return self._reply(500, reply, job.fmt, (job.kid, job.call.id))
+
+
+_NONE: Any = object()  # no item to name
+
+
+def _error_info(
+    exc: BaseException, index: int | None, item: Any, kind: str = "user"
+) -> p.ErrorInfo:
+    """The structured form of an exception the function raised on item `index`."""
+    return p.ErrorInfo(
+        kind=kind,
+        type=type(exc).__name__,
+        message=str(exc),
+        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        index=index,
+        item=None if item is _NONE else _short_repr(item),
+    )
 
 
 class _ResultError(Exception):

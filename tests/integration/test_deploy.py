@@ -225,10 +225,12 @@ def process(cmd: list[str], port: int, **env: str) -> Iterator[subprocess.Popen[
         yield proc
 
 
-@pytest.mark.parametrize("balancer", ["haproxy", "nginx"])
-def test_local_load_balancer_recipe_survives_a_killed_worker(
-    reset_settings: None, tmp_path: Path, balancer: str
-) -> None:
+@contextlib.contextmanager
+def recipe(
+    balancer: str, tmp_path: Path, **env: str
+) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    """The local balancer recipe in front of three `serverless worker` processes, each
+    standing for a host; yields the worker route's URL through the balancer, and the workers."""
     program = shutil.which(balancer) or f"/usr/sbin/{balancer}"
     if not os.path.exists(program):
         pytest.skip(f"{balancer} is not installed (scripts/system-deps installs it)")
@@ -251,14 +253,25 @@ def test_local_load_balancer_recipe_survives_a_killed_worker(
         workers = [
             stack.enter_context(
                 process(
-                    [*worker, "--port", str(p), "--threads", "32"], p, SERVERLESS_STATE_DIR=str(s)
+                    [*worker, "--port", str(p), "--threads", "32"],
+                    p,
+                    SERVERLESS_STATE_DIR=str(s),
+                    **env,
                 )
             )
             for p, s in zip(ports, states, strict=True)
         ]
         stack.enter_context(process(command, lb_port))
         serverless.init(DEFAULT_ROUTE, SECRET)
-        square = sf.square.with_options(url=f"http://127.0.0.1:{lb_port}{DEFAULT_ROUTE}")
+        yield f"http://127.0.0.1:{lb_port}{DEFAULT_ROUTE}", workers
+
+
+@pytest.mark.parametrize("balancer", ["haproxy", "nginx"])
+def test_local_load_balancer_recipe_survives_a_killed_worker(
+    reset_settings: None, tmp_path: Path, balancer: str
+) -> None:
+    with recipe(balancer, tmp_path) as (url, workers):
+        square = sf.square.with_options(url=url)
         data = list(range(300))
         assert square(data) == [n * n for n in data]
         workers[1].kill()  # SIGKILL, as in the walkthrough
@@ -267,3 +280,18 @@ def test_local_load_balancer_recipe_survives_a_killed_worker(
             result, stats = square.with_stats(data)
             assert result == [n * n for n in data]
         assert stats.workers == 100
+
+
+@pytest.mark.parametrize("balancer", ["haproxy", "nginx"])
+def test_local_load_balancer_recipe_never_resends_a_chunk_that_reached_a_worker(
+    reset_settings: None, tmp_path: Path, balancer: str
+) -> None:
+    """A retries=0 chunk ran twice through the HAProxy recipe (`retry-on empty-response`)
+    when its worker process died mid-chunk; nginx's `non_idempotent` did the same."""
+    calls = tmp_path / "calls"
+    calls.touch()
+    with recipe(balancer, tmp_path, SERVERLESS_TEST_CALLS=str(calls)) as (url, _):
+        f = sf.die_once.with_options(url=url, retries=0)
+        with pytest.raises(serverless.WorkerUnavailable):
+            f([7], str(tmp_path / "marker"))
+    assert {k: len(v) for k, v in sf.executions(str(calls), "die_once").items()} == {"7": 1}

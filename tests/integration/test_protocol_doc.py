@@ -324,6 +324,40 @@ def test_user_error_is_a_structured_500(worker: Worker) -> None:
     assert "Traceback" in error["traceback"] and "fail_on" in error["traceback"]
 
 
+def test_isolate_answers_each_items_result_or_error(worker: Worker) -> None:
+    """Section 6.2: item by item, the failed items' errors beside the others' results."""
+    before = len(worker.runs())
+    request_id = secrets.token_hex(16)
+    call = json.loads(json_envelope(FAIL_ON, request_id, [5, 6, 7], args=[6]))
+    body = json.dumps({**call, "isolate": True}).encode()
+    answer = post(worker.url, headers_for(FAIL_ON, request_id, body), body)
+    assert answer.status == 200 and reply_is_signed(answer, request_id)
+    reply = answer.json()
+    assert reply["results"] == [5, 7] and reply["error"] is None
+    (failed,) = reply["item_errors"]
+    assert (failed["index"], failed["at"], failed["error"]["kind"]) == (1, 1, "user")
+    assert failed["error"]["message"] == "cannot handle 6"
+    assert len(worker.runs()) - before == 3  # one run per item
+
+
+def test_a_chunk_past_its_deadline_is_refused_signed_and_not_run(worker: Worker) -> None:
+    """Sections 5 and 7 (check 20): a deadline in the past, so nothing may start; a start_by
+    in the past does not stop a chunk that finds a thread free (check 21)."""
+    before = len(worker.runs())
+    request_id = secrets.token_hex(16)
+    call = json.loads(json_envelope(SQUARE, request_id, [1]))
+    body = json.dumps({**call, "deadline": 1.0}).encode()
+    answer = post(worker.url, headers_for(SQUARE, request_id, body), body)
+    assert answer.status == 504 and reply_is_signed(answer, request_id)
+    assert answer.json()["error"]["kind"] == "expired"
+    assert len(worker.runs()) == before
+    request_id = secrets.token_hex(16)
+    call = json.loads(json_envelope(SQUARE, request_id, [3]))
+    body = json.dumps({**call, "start_by": 1.0, "deadline": time.time() + 60}).encode()
+    answer = post(worker.url, headers_for(SQUARE, request_id, body), body)
+    assert (answer.status, answer.json()["results"]) == (200, [9])
+
+
 def test_replay_is_409_and_stale_timestamp_is_401(worker: Worker) -> None:
     request_id = secrets.token_hex(16)
     body = json_envelope(SQUARE, request_id, [1])

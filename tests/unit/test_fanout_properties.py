@@ -41,12 +41,16 @@ def run(
             raise WorkerUnavailable("injected", url=url, status=503)
         if roll < fail_rate:
             raise WorkerTimeout("injected", url=url)
+        out: list[Any] = []
         for i, item in enumerate(items):
-            if item in bad:
-                raise RemoteError("f", "ValueError", f"bad {item}", "tb", index=offset + i)
+            error = RemoteError("f", "ValueError", f"bad {item}", "tb", index=offset + i)
+            if item in bad and policy.errors != "return":
+                raise error
+            # errors="return": the worker isolates each item and answers errors in place
+            out.append(error if item in bad else item * 2)
         sent.append(offset)
         stats = ChunkStats(index, len(items), "w", url, 0.0, 0.0, 0.0, 0.0, number)
-        return [item * 2 for item in items], stats
+        return out, stats
 
     async def main() -> tuple[list[Any], Tally]:
         tally = Tally()
@@ -104,8 +108,9 @@ def test_errors_return_isolates_exactly_the_failing_items(
     count: int, chunk_size: int, bad: set[int], seed: int
 ) -> None:
     policy = Policy(workers=5, retries=30, errors="return")
-    out, _, _ = run(count, chunk_size, policy, random.Random(seed), 0.1, bad)
+    out, _, sent = run(count, chunk_size, policy, random.Random(seed), 0.1, bad)
     assert len(out) == count
+    assert sorted(sent) == list(range(0, count, chunk_size))  # one answered run per chunk
     for n, value in enumerate(out):
         if n in bad:
             assert isinstance(value, RemoteError) and value.index == n
