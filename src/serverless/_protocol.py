@@ -119,6 +119,7 @@ class Reply(msgspec.Struct, forbid_unknown_fields=False):
     queue_s: float = 0.0
     compute_s: float = 0.0
     stages: list[StageFigures] | None = None  # a fused call: one entry per stage
+    capacity: int | None = None  # chunks this worker process runs at once, where it says
 
 
 _msgpack_encoder = msgspec.msgpack.Encoder()
@@ -312,6 +313,14 @@ def build_request(
     return body, signed_headers(keyring, route, call.fn, call.id, body, now=now)
 
 
+def retry_after(value: str | None) -> float | None:
+    """Seconds of a Retry-After header (RFC 9110: delay-seconds; an HTTP date, rarely sent
+    by a balancer, is not worth a parser here), capped at a minute: None if absent or bad."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return min(60.0, float(value))
+
+
 def read_reply(
     status: int,
     content_type: str | None,
@@ -332,7 +341,12 @@ def read_reply(
     "refused" (an anonymous refusal: a wrong secret, clock or route), never carry results."""
     what = f"chunk {call.index} of {call.fn}"
     if status in (429, 502, 503, 504):  # a platform at capacity, or no healthy instance
-        raise WorkerUnavailable(f"{what}: worker unavailable", url=url, status=status)
+        raise WorkerUnavailable(
+            f"{what}: worker unavailable",
+            url=url,
+            status=status,
+            retry_after=retry_after(headers.get("retry-after")),
+        )
     message = reply_signing_message(status, call.id, raw)
     if not keyring.verify(message, headers.get(H_REPLY_SIGNATURE, "")):
         _unsigned(status, content_type, raw, what, url)
