@@ -137,9 +137,12 @@ def demo(workers: list[int]) -> dict[str, float]:
             out = {}
             env = dict(os.environ, SERVERLESS_SECRET=SECRET, NO_PROGRESS="1")
             for n in workers:
-                cmd = [sys.executable, "-m", "serverless", "demo", "--json", "--workers", str(n)]
+                cmd = [sys.executable, "-m", "serverless._cli", "demo", "--json"]
+                cmd += ["--workers", str(n)]
                 cmd += ["--url", f"http://127.0.0.1:{front}/serverless", "--seed", "1"]
-                done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError(done.stderr[-2000:])
                 figures = json.loads(done.stdout)
                 out[f"workers={n}"] = round(figures["speedup"], 1)
             return out
