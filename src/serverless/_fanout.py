@@ -1,11 +1,12 @@
 """One call's fan-out, on the dispatcher's loop: slots, order, retries, hedges, deadline.
 
 Chunks are read from the input as slots free (a generator is never materialised), at most
-`workers` run at once, and results come out in input order through a bounded reorder buffer,
-so a stream of any length runs in bounded memory. A chunk is retried on transient failures,
-hedged when it straggles at the tail of the call, split when `errors="return"` and one of its
-items raised. Whatever ends the call (an error, the deadline, the consumer closing the
-stream), every request still in flight is cancelled before the call returns.
+`workers` run at once (fewer where a URL's window says so: _flow.py), and results come out in
+input order through a reorder buffer, bounded for a generator, so a stream of any length
+runs in bounded memory. A chunk is retried on transient failures, hedged when it runs far
+past its peers, split when `errors="return"` and one of its items raised. Whatever ends the
+call (an error, the deadline, the consumer closing the stream), every request still in
+flight is cancelled before the call returns.
 """
 
 from __future__ import annotations
