@@ -33,7 +33,7 @@ class Options:
     deadline: seconds the whole call may take (None: no limit beyond the chunk timeouts).
     idempotent: the function may safely run twice on the same items (no side effects that
         matter): turns hedging on.
-    hedge: send a duplicate of a chunk that straggles at the tail of a call to another
+    hedge: send a duplicate of a chunk that runs far past its peers to another
         worker, first answer wins; default: on for idempotent functions, off otherwise.
     errors: "raise" (the first failure raises) or "return" (each item whose processing
         raised gets its RemoteError in place of its result; the other items succeed). The

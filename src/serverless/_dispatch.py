@@ -24,6 +24,7 @@ from ._chunking import Chunk
 from ._config import ErrorMode
 from ._exceptions import ConfigurationError, ProtocolError, WorkerTimeout, WorkerUnavailable
 from ._fanout import Fanout, Policy, Tally
+from ._flow import Capacities
 from ._registry import Bind
 from ._stats import ChunkStats, TargetKind
 from ._transport import Transport
@@ -101,6 +102,8 @@ class Dispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._http: _http.Client | None = None  # the lean client: see _http.py
+        # what the workers behind each URL said they can run at once (_flow.py)
+        self.capacities = Capacities()
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -178,6 +181,7 @@ class Dispatcher:
             start = time.perf_counter()
             reply = await self._post(spec, target, url, chunk, timeout)
             assert reply.results is not None
+            self.capacities.observe(url, reply.worker, reply.capacity)
             stats = ChunkStats(
                 index=chunk.index,
                 size=len(chunk.items),
@@ -204,6 +208,7 @@ class Dispatcher:
             tally,
             lazy_input=lazy_input,
             timeout=spec.timeout,
+            capacities=self.capacities,
         )
         return fanout.results()
 

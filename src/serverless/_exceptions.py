@@ -106,9 +106,21 @@ class RequestRejected(WorkerError):
 
 
 class WorkerUnavailable(WorkerError):
-    """The connection failed or the worker answered 429/502/503/504: another try may succeed."""
+    """The connection failed or the worker answered 429/502/503/504: another try may succeed.
+    `retry_after`: the seconds a 429/503 asked the caller to wait (its Retry-After), if any."""
 
     retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, url=url, status=status)
+        self.retry_after = retry_after
 
 
 class WorkerTimeout(WorkerError, TimeoutError):

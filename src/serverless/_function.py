@@ -262,9 +262,16 @@ class ParallelFunction(_Step[P, R]):
             results=last,
         )
         check_args(shape, spec.args, spec.kwargs)
+        target = None  # chosen below, in the caller's thread
         if isinstance(items, Sequence):
             check_items(shape, items)  # before any request
-            chunks = chunk_sequence(items, opts.workers, opts.chunk_size)
+            parts = opts.workers
+            if items and opts.chunk_size is None:
+                # as many even chunks as the target can run at once, where its workers said
+                # it (docs/deploy.md's 96 slots with workers=100: not a second round of 4)
+                target = self._target(steps, blocking)
+                parts = min(parts, dispatcher().capacities.total(target.urls) or parts)
+            chunks = chunk_sequence(items, parts, opts.chunk_size)
             count: int | None = len(items)
             lazy = False
         elif opts.chunk_size is None:  # unknown length: sizes follow the measured compute
@@ -277,11 +284,15 @@ class ParallelFunction(_Step[P, R]):
             chunks = _checked(chunks, shape)
         # the target is chosen here, in the caller's thread: it may be the app serving the
         # request this thread is handling; an empty input goes nowhere
-        target = None
-        if count != 0:
-            entries = [step.entry for step in steps]
-            target = resolve(opts.url, blocking=blocking, functions=entries)
+        if count != 0 and target is None:
+            target = self._target(steps, blocking)
         return Invocation(steps, spec, chunks, count, lazy, target)
+
+    def _target(self, steps: list[ParallelFunction[Any, Any]], blocking: bool) -> Target:
+        """Where the chunks go. Chosen in the caller's thread: it may be the app serving the
+        request this thread is handling; an empty input goes nowhere."""
+        entries = [step.entry for step in steps]
+        return resolve(self.options.url, blocking=blocking, functions=entries)
 
 
 class Invocation:

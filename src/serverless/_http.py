@@ -68,7 +68,8 @@ class Response:
     status: int
     content_type: str | None
     body: bytes
-    # the answer's Serverless-* headers (lower-case names): the reply's signature
+    # the answer's Serverless-* headers (lower-case names): the reply's signature; and
+    # Retry-After, how long an overloaded target asks the caller to hold off
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -118,7 +119,9 @@ class _Connection(asyncio.Protocol):
         lower = name.lower()
         if lower == b"content-type":
             self._content_type = value.decode("latin-1")
-        elif lower.startswith(b"serverless-") and len(self._headers) < 16:
+        elif (lower.startswith(b"serverless-") or lower == b"retry-after") and len(
+            self._headers
+        ) < 16:
             self._headers[lower.decode("latin-1")] = value.decode("latin-1")
         elif lower == b"content-length":
             self._framed = True

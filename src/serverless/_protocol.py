@@ -337,6 +337,14 @@ def build_request(
     return body, signed_headers(keyring, route, call.fn, call.id, body, now=now)
 
 
+def retry_after(value: str | None) -> float | None:
+    """Seconds of a Retry-After header (RFC 9110: delay-seconds; an HTTP date, rarely sent
+    by a balancer, is not worth a parser here), capped at a minute: None if absent or bad."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return min(60.0, float(value))
+
+
 def read_reply(
     status: int,
     content_type: str | None,
@@ -362,7 +370,12 @@ def read_reply(
         if signed and status == 504 and _kind(raw, content_type) == "expired":
             # the worker did not start it: past its deadline, as a timed-out attempt
             raise WorkerTimeout(f"{what} expired before a worker started it", url=url)
-        raise WorkerUnavailable(f"{what}: worker unavailable", url=url, status=status)
+        raise WorkerUnavailable(
+            f"{what}: worker unavailable",
+            url=url,
+            status=status,
+            retry_after=retry_after(headers.get("retry-after")),
+        )
     if not signed:
         _unsigned(status, content_type, raw, what, url)
     fmt = media_type(content_type) or MSGPACK

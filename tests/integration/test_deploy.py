@@ -279,7 +279,9 @@ def test_local_load_balancer_recipe_survives_a_killed_worker(
         for _ in range(5):
             result, stats = square.with_stats(data)
             assert result == [n * n for n in data]
-        assert stats.workers == 100
+        # a list is cut into as many chunks as the workers can run at once, as they declared
+        # (3 x 32 threads), never more than workers=100
+        assert stats.workers == 96
 
 
 @pytest.mark.parametrize("balancer", ["haproxy", "nginx"])

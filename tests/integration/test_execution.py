@@ -29,9 +29,13 @@ def calls(tmp_path: Path, reset_settings: None) -> Path:
 def test_no_chunk_starts_after_its_call_has_given_up(calls: Path) -> None:
     """8 one-second items on a 2-thread worker, timeout=1.5, retries=3: 26 executions, 12 of
     them after the call had raised. Each chunk now carries its deadline and start_by: the
-    worker refuses what it cannot start in time, and drops what its caller hung up on."""
+    worker refuses what it cannot start in time, and drops what its caller hung up on. (The
+    caller now also keeps no more in flight than the worker's 2 threads, so the call would
+    succeed in ~4 s: its deadline of 2.5 s makes it give up with work still queued.)"""
     with worker("--threads", "2", SERVERLESS_TEST_CALLS=str(calls)) as (_, base):
-        f = sf.counted_sleep.with_options(url=f"{base}/serverless", timeout=1.5, retries=3)
+        f = sf.counted_sleep.with_options(
+            url=f"{base}/serverless", timeout=1.5, retries=3, deadline=2.5
+        )
         items = [1.0 + n / 1000 for n in range(8)]
         with pytest.raises(ServerlessError):
             f(items)

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from serverless import _pool, _targets
-from serverless._dispatch import Target
+from serverless._dispatch import Target, dispatcher
+from serverless._flow import Capacities
 from serverless._inprocess import InProcess
 from serverless._protocol import Keyring
 from serverless._worker import Endpoint
@@ -43,6 +44,7 @@ def in_process() -> Iterator[InProcess]:
     """The transport every call of the test goes through (two URLs, one endpoint)."""
     keyring = Keyring(SECRET)
     transport = InProcess(Endpoint(ROUTE, keyring))
+    dispatcher().capacities = Capacities()  # nothing learned from another test's endpoint
     target = Target(URLS, ROUTE, keyring, "in-process", transport=transport)
     with _targets.override(target):
         yield transport

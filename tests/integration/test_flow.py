@@ -1,0 +1,81 @@
+"""Flow control and hedging with real parts (issue 15.3, 15.5): a uvicorn worker with N
+threads, the local pool with a frozen (SIGSTOPped) process, a slow item among short ones."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import serverless
+from serverless import _pool
+from tests.conftest import SECRET, free_port, server
+from tests.sample_functions import sleepy, square
+
+THREADS = 16
+
+
+@pytest.fixture(scope="module")
+def declaring_worker() -> Iterator[str]:
+    """One worker process with 16 threads that says so on its replies."""
+    port = free_port()
+    args = ["uvicorn", "--factory", "tests.apps.capacity_app:app", "--port", str(port)]
+    env = {"SERVERLESS_THREADS": str(THREADS), "SERVERLESS_MODULES": "tests.sample_functions"}
+    with server([*args, "--log-level", "warning"], port, **env):
+        yield f"http://127.0.0.1:{port}/serverless"
+
+
+@pytest.mark.usefixtures("reset_settings")
+def test_more_workers_than_the_target_has_threads_costs_no_time(declaring_worker: str) -> None:
+    serverless.init(secret=SECRET)
+    # 320 items of 50 ms: 16 chunks run in one round (1 s); 20 chunks on 16 threads took two
+    # rounds (1.6 s) before the caller learned the worker's capacity
+    items = [0.05] * 320
+    f = sleepy.with_options(url=declaring_worker)
+    f.with_options(workers=THREADS)([0.0] * THREADS)  # the first call learns the capacity
+    started = time.perf_counter()
+    assert f.with_options(workers=THREADS)(items) == items
+    fitted = time.perf_counter() - started
+    started = time.perf_counter()
+    out, stats = f.with_options(workers=20).with_stats(items)
+    wider = time.perf_counter() - started
+    assert out == items and stats.retries == 0
+    assert wider < 1.1 * fitted, (wider, fitted)
+
+
+def test_one_slow_item_among_400_costs_no_more_than_itself() -> None:
+    items = [0.01] * 400
+    items[0] = 4.0  # the head of the line: the others must not wait behind it
+    f = sleepy.with_options(workers=10, chunk_size=1, idempotent=True)
+    assert square([1]) == [1]  # the pool is up
+    started = time.perf_counter()
+    out, stats = f.with_stats(items)
+    wall = time.perf_counter() - started
+    assert out == items
+    longest = max(c.end - c.start for c in stats.chunks)
+    assert wall < 1.1 * longest, (wall, longest)
+
+
+def test_a_frozen_local_worker_is_hedged_around() -> None:
+    assert square([1]) == [1]  # the pool is up
+    pool = _pool._pool
+    assert pool is not None and len(pool.pids) >= 2
+    victim = pool.pids[0]
+    thaw = threading.Timer(6.0, os.kill, (victim, signal.SIGCONT))
+    os.kill(victim, signal.SIGSTOP)
+    thaw.start()
+    try:
+        items = [0.01] * 200
+        f = sleepy.with_options(workers=20, chunk_size=1, idempotent=True, timeout=30)
+        started = time.perf_counter()
+        out, stats = f.with_stats(iter(items))
+        wall = time.perf_counter() - started
+    finally:  # the call is over: no need to keep it frozen the full 6 s
+        thaw.cancel()
+        os.kill(victim, signal.SIGCONT)
+    assert out == items
+    assert stats.hedges > 0 and wall < 3, (stats.hedges, wall)
