@@ -232,3 +232,9 @@ def nested(numbers: list[int], depth: int = 1000) -> list[Any]:
 @serverless.parallel
 def квадрат(numbers: list[int]) -> list[int]:  # a non-ASCII name (issue 14)
     return [n * n for n in numbers]
+
+
+@serverless.parallel
+def nested_calls(numbers: list[int], width: int = 20) -> list[int]:
+    """Each item makes a parallel call of its own, back into the same app (issue 15)."""
+    return [n + len(sleepy([0.001] * width)) for n in numbers]

@@ -18,6 +18,7 @@ from ._admission import BODY_IDLE, Hold
 from ._context import Origin, current_origin
 from ._gate import Gate
 from ._origin import resolve_origin
+from ._sharing import Capacity
 from ._worker import Endpoint, Job, Response
 
 Scope = MutableMapping[str, Any]
@@ -36,6 +37,7 @@ class ASGIEndpoint:
         self.threads = threads
         self._executor: ThreadPoolExecutor | None = None
         self._gates: dict[str, Gate] = {}  # per sync function: chunks at once (see _gate.py)
+        self.capacity = Capacity(threads)  # chunks of sync functions take these threads
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -46,9 +48,11 @@ class ASGIEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == self.endpoint.route:
             token = current_origin.set(self._origin(scope))
+            self.capacity.enter()
             try:
                 await _send(await self._handle(scope, receive), send)
             finally:
+                self.capacity.leave()
                 current_origin.reset(token)
         elif self.app is not None:
             token = current_origin.set(self._origin(scope) if scope["type"] == "http" else None)
@@ -152,7 +156,14 @@ class ASGIEndpoint:
             scope.get("root_path", ""),
             (str(server[0]), int(server[1])) if server and server[1] is not None else None,
         )
-        return Origin(url or "", route, self.endpoint.keyring, refusal=refusal)
+        return Origin(
+            url or "",
+            route,
+            self.endpoint.keyring,
+            refusal=refusal,
+            endpoint=self.endpoint,
+            capacity=self.capacity,
+        )
 
 
 async def _read_body(

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ._exceptions import ConfigurationError
 from ._protocol import Keyring
+
+if TYPE_CHECKING:
+    from ._sharing import Capacity
+    from ._worker import Endpoint
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,11 @@ class Origin:
     concurrent: bool = True
     # Why there is no trusted URL (url is then ""): a call that would call back raises it.
     refusal: str = ""
+    # The app's own endpoint and its threads: a call made while serving runs chunks of its
+    # own fan-out on its thread through it (_sharing.py), and sends to itself at most as
+    # many as the server has free threads.
+    endpoint: Endpoint | None = None
+    capacity: Capacity | None = None
 
     def checked_url(self) -> str:
         if self.refusal:

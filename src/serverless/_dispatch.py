@@ -22,10 +22,17 @@ from . import _http
 from . import _protocol as p
 from ._chunking import Chunk
 from ._config import ErrorMode
-from ._exceptions import ConfigurationError, ProtocolError, WorkerTimeout, WorkerUnavailable
+from ._exceptions import (
+    ConfigurationError,
+    ProtocolError,
+    WorkerError,
+    WorkerTimeout,
+    WorkerUnavailable,
+)
 from ._fanout import Fanout, Policy, Tally
 from ._flow import Capacities
 from ._registry import Bind
+from ._sharing import INLINE, SharedCall
 from ._stats import ChunkStats, TargetKind
 from ._transport import Transport
 from ._values import UNTYPED, Shape
@@ -48,6 +55,8 @@ class Target:
     kind: TargetKind
     max_body: int = p.MAX_BODY
     transport: Transport | None = None  # None: the dispatcher's HTTP client
+    # a call made while serving: its thread runs chunks too (_sharing.py)
+    shared: SharedCall | None = None
 
 
 @dataclass(frozen=True)
@@ -215,7 +224,26 @@ class Dispatcher:
     async def _post(
         self, spec: CallSpec, target: Target, url: str, chunk: Chunk, timeout: float
     ) -> p.Reply:
-        """One attempt of one chunk: sign, post through the target's transport, read."""
+        """One attempt of one chunk; a server-context call's waits for a lane first: HTTP to
+        self, or the caller's own thread. A chunk sent to self that was refused before it
+        started goes to the caller's thread (the `start_by` hook: SharedCall.refused)."""
+        shared = target.shared
+        if shared is None:
+            return await self._send(spec, target, url, chunk, timeout)
+        inline = False
+        while True:
+            async with shared.lane(url, inline) as lane:
+                try:
+                    return await self._send(spec, target, lane, chunk, timeout)
+                except WorkerError as exc:
+                    if lane == INLINE or not shared.refused(exc):
+                        raise
+            inline = True
+
+    async def _send(
+        self, spec: CallSpec, target: Target, url: str, chunk: Chunk, timeout: float
+    ) -> p.Reply:
+        """Sign, post through the target's transport (or lane), read."""
         transport = target.transport or self._client()
         what = f"chunk {chunk.index} of {spec.function}"
         # retries=0: at most once. A kept-alive connection that fails before any byte of an
@@ -228,9 +256,14 @@ class Dispatcher:
                 target.keyring, target.route, call, time.time(), target.max_body
             )
             try:
-                response = await transport.post(
-                    url, _http.Body(body), headers, timeout, fresh=fresh
-                )
+                if target.shared is not None:
+                    response = await target.shared.post(
+                        url, self._client(), _http.Body(body), headers, timeout
+                    )
+                else:
+                    response = await transport.post(
+                        url, _http.Body(body), headers, timeout, fresh=fresh
+                    )
                 break
             except _http.StaleConnection as exc:
                 if fresh:  # pragma: no cover - a fresh connection is never stale

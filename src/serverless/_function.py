@@ -36,6 +36,7 @@ from ._fanout import Tally, close_batches, next_batch
 from ._local_worker import check_not_importing_main
 from ._protocol import STAGE_SEPARATOR, Stage
 from ._registry import BIND_CLASS, BIND_INSTANCE, BIND_NONE, Bind
+from ._sharing import run_shared
 from ._stats import StepKind, StepStats, TargetKind
 from ._targets import resolve
 from ._values import Shape, check_args, check_items
@@ -292,7 +293,8 @@ class ParallelFunction(_Step[P, R]):
         """Where the chunks go. Chosen in the caller's thread: it may be the app serving the
         request this thread is handling; an empty input goes nowhere."""
         entries = [step.entry for step in steps]
-        return resolve(self.options.url, blocking=blocking, functions=entries)
+        retries = min(step.options.retries for step in steps)
+        return resolve(self.options.url, blocking=blocking, functions=entries, retries=retries)
 
 
 class Invocation:
@@ -337,13 +339,17 @@ class Invocation:
         if self.target is None:  # nothing to send: no loop, no pool
             self._finish(0, Tally())
             return []
-        return dispatcher().run(self.collect())
+        engine, shared = dispatcher(), self.target.shared
+        return run_shared(shared, lambda: engine.submit(self.collect()))
 
     def stream(self) -> Iterator[Any]:
         engine = dispatcher()
+        shared = self.target.shared if self.target is not None else None
         batches = self.batches()
         try:
-            while (batch := engine.run(next_batch(batches))) is not None:
+            while (
+                batch := run_shared(shared, lambda: engine.submit(next_batch(batches)))
+            ) is not None:
                 yield from batch
         finally:
             engine.run(close_batches(batches))

@@ -142,7 +142,7 @@ class OriginPolicy:
                 if match and match.group(1).split(".", 1)[0] == project and port is None:
                     base = f"{version}-dot-{service}-dot-{match.group(1)}"
                     return f"https://{base}{root_path}{route}", ""
-        if server is not None and _is_loopback(server[0]):
+        if server is not None and is_loopback(server[0]):
             address, port_number = server
             literal = f"[{address}]" if ":" in address else address
             return f"http://{literal}:{port_number}{root_path}{route}", ""
@@ -160,7 +160,7 @@ class OriginPolicy:
         )
 
 
-def _is_loopback(address: str) -> bool:
+def is_loopback(address: str) -> bool:
     try:
         return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
     except ValueError:

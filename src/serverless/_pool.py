@@ -6,6 +6,11 @@ the ASGI endpoint under uvicorn on its own port. Importing the main script stops
 parallel call, so a script without an `if __name__ == "__main__":` guard still works and its
 top-level work never runs in a worker. Workers die with their parent (PR_SET_PDEATHSIG plus a
 watchdog), so none is ever left behind.
+
+One thread per pool, living as long as the pool, starts every worker, probes them and replaces
+the dead and the frozen: PR_SET_PDEATHSIG fires when the *thread* that spawned a child exits,
+so a worker spawned by a caller's short-lived thread (a thread-per-request server) was killed
+with that thread, and the next call paid for a new pool (issue 15).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import logging
 import os
 import secrets
 import select
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,7 +37,13 @@ logger = logging.getLogger("serverless.pool")
 
 ROUTE = "/serverless"
 START_TIMEOUT = 60.0
-WATCH_INTERVAL = 0.25  # seconds between checks that every local worker is alive
+WATCH_INTERVAL = 0.5  # seconds between rounds of the pool's thread: replace the dead, probe
+PROBE_TIMEOUT = 1.0  # seconds a round waits for the workers' answers to its probe
+# A worker that answered no probe for this long is frozen (SIGSTOP, a blocked event loop): it
+# is killed and replaced, so calls stop paying their full timeout on it. A busy worker still
+# answers: the probe is a GET its event loop refuses at once (405), whatever its threads do.
+FROZEN_AFTER = 3.0
+PROBE_REQUEST = "HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
 
 class LocalPool:
@@ -48,6 +61,11 @@ class LocalPool:
         self.announcer = Announcer(modules)  # which modules workers may import, and no other
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._wake = threading.Event()  # a caller wants dead workers replaced now
+        self._round_done = threading.Condition()
+        self._rounds = -1  # rounds of the pool's thread completed (0: the first one)
+        self._error: ConfigurationError | None = None  # the last round's, for the callers
+        self._answered = [0.0] * processes  # when each slot last answered a probe
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * processes
         self.urls: list[str] = [""] * processes
         self.code_version = 0  # the registry's redefinition count when the workers started
@@ -57,34 +75,114 @@ class LocalPool:
         return [p.pid for p in self._procs if p is not None]
 
     def start(self) -> None:
-        started = [self._spawn() for _ in range(self.processes)]  # they boot concurrently
-        for slot, (proc, port_fd) in enumerate(started):
-            self._procs[slot] = proc
-            self.urls[slot] = self._await_port(proc, port_fd)
-        threading.Thread(target=self._watch, name="serverless-pool-watch", daemon=True).start()
-
-    def _watch(self) -> None:
-        """Replace a worker that dies (killed, crashed) at once, not at the next call: the
-        call running now retries its chunks on the others, the next one finds a full pool."""
-        while not self._closed.wait(WATCH_INTERVAL):
-            try:
-                self.revive()
-            except Exception:  # logged; the next call's revive() raises it to the caller
-                logger.exception("replacing a local worker failed")
+        """Start the pool's thread and wait until it has started every worker."""
+        thread = threading.Thread(target=self._keep, name="serverless-pool", daemon=True)
+        thread.start()
+        try:
+            self._await_round(0)
+        except BaseException:
+            self.close()
+            raise
 
     def revive(self) -> None:
-        """Replace worker processes that died (killed, crashed) since the last call."""
+        """Have the pool's thread replace workers that died, and wait until it has."""
+        with self._lock:
+            if self._closed.is_set() or all(
+                p is not None and p.poll() is None for p in self._procs
+            ):
+                return
+            wanted = self._rounds + 1
+        self._wake.set()
+        self._await_round(wanted)
+
+    def _await_round(self, wanted: int) -> None:
+        with self._round_done:
+            done = self._round_done.wait_for(
+                lambda: self._rounds >= wanted or self._closed.is_set(), START_TIMEOUT + 5
+            )
+            error = self._error
+        if error is not None:
+            raise error
+        if not done:
+            raise ConfigurationError("the local pool's workers did not start in time")
+
+    def _keep(self) -> None:
+        """The pool's thread: every worker is its child, so they live as long as it does."""
+        while not self._closed.is_set():
+            error: ConfigurationError | None = None
+            try:
+                self._fill()
+                self._probe()
+            except ConfigurationError as exc:  # the next revive() raises it to its caller
+                logger.error("replacing a local worker failed: %s", exc)
+                error = exc
+            with self._round_done:
+                self._rounds += 1
+                self._error = error
+                self._round_done.notify_all()
+            self._wake.wait(WATCH_INTERVAL)
+            self._wake.clear()
+        with self._round_done:
+            self._round_done.notify_all()
+
+    def _fill(self) -> None:
+        """Start a worker in every empty slot and replace the ones that exited; they boot
+        concurrently."""
         with self._lock:
             if self._closed.is_set():
                 return
-            for slot, proc in enumerate(self._procs):
-                if proc is not None and proc.poll() is not None:
+            slots = [s for s, p in enumerate(self._procs) if p is None or p.poll() is not None]
+            for slot in slots:
+                old = self._procs[slot]
+                if old is not None:
                     logger.warning(
-                        "local worker %s exited (%s); replacing it", proc.pid, proc.returncode
+                        "local worker %s exited (%s); replacing it", old.pid, old.returncode
                     )
-                    new, port_fd = self._spawn()
-                    self._procs[slot] = new
-                    self.urls[slot] = self._await_port(new, port_fd)
+            started = [(slot, *self._spawn()) for slot in slots]
+            for slot, proc, port_fd in started:
+                self.urls[slot] = self._await_port(proc, port_fd)  # before pids show it
+                self._procs[slot] = proc
+                self._answered[slot] = time.monotonic()
+
+    def _probe(self) -> None:
+        """A GET to every worker at once; kill one that has answered none for FROZEN_AFTER
+        (its slot is refilled by the next round)."""
+        with self._lock:
+            live = [(s, p, self.urls[s]) for s, p in enumerate(self._procs) if p is not None]
+        sockets: dict[socket.socket, int] = {}
+        for slot, _, url in live:
+            port = int(url.split(":")[2].split("/")[0])
+            request = f"GET {self.route} {PROBE_REQUEST}"
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), PROBE_TIMEOUT)
+                sock.sendall(request.encode())
+            except OSError:
+                continue
+            sock.setblocking(False)
+            sockets[sock] = slot
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        try:
+            while sockets and (left := deadline - time.monotonic()) > 0:
+                readable, _, _ = select.select(list(sockets), [], [], left)
+                for sock in readable:
+                    self._answered[sockets.pop(sock)] = time.monotonic()
+                    sock.close()
+        finally:
+            for sock in sockets:
+                sock.close()
+        now = time.monotonic()
+        with self._lock:
+            for slot, proc, _ in live:
+                silent = now - self._answered[slot]
+                if self._procs[slot] is proc and silent > FROZEN_AFTER and proc.poll() is None:
+                    logger.warning(
+                        "local worker %s answered no probe for %.1fs (frozen?); replacing it",
+                        proc.pid,
+                        silent,
+                    )
+                    proc.send_signal(signal.SIGKILL)  # a stopped process dies of SIGKILL too
+                    proc.wait()
+                    self._wake.set()  # refill the slot now
 
     def _spawn(self) -> tuple[subprocess.Popen[bytes], int]:
         read_fd, write_fd = os.pipe()
@@ -141,6 +239,7 @@ class LocalPool:
 
     def close(self) -> None:
         self._closed.set()
+        self._wake.set()
         with self._lock:
             self._close()
         self.announcer.remove()

@@ -13,6 +13,8 @@ from ._config import settings
 from ._context import current_origin
 from ._dispatch import Target
 from ._exceptions import ConfigurationError
+from ._origin import is_loopback
+from ._sharing import SharedCall
 
 logger = logging.getLogger("serverless")
 
@@ -46,11 +48,13 @@ def resolve(
     *,
     blocking: bool = False,
     functions: Sequence[_registry.Entry] = (),
+    retries: int = 0,
 ) -> Target:
     """In order: `url` / init(url=) / SERVERLESS_URL; the app serving this request; local.
 
     blocking: the caller will block this thread until the call is done.
     functions: the call's functions; the local pool's workers must be able to register them.
+    retries: the call's; with none, a chunk sent elsewhere is never also run here.
     """
     if _override is not None:
         return _override
@@ -69,9 +73,13 @@ def resolve(
         return Target((url,), parts.path or "/", keyring, "url", config.max_body)
     origin = current_origin.get()
     if origin is not None and origin.concurrent and not (blocking and _loop_running()):
-        return Target(
-            (origin.checked_url(),), origin.route, origin.keyring, "self", config.max_body
-        )
+        url = origin.checked_url()
+        shared = None
+        if blocking and origin.endpoint is not None and origin.capacity is not None:
+            # one host shares the replay store that makes a reclaim run at most once
+            same_host = is_loopback(urlsplit(url).hostname or "")
+            shared = SharedCall(origin.endpoint, origin.capacity, same_host or retries > 0)
+        return Target((url,), origin.route, origin.keyring, "self", config.max_body, shared=shared)
     if origin is not None:
         logger.warning(
             "not calling back into %s: the server could not answer while this request waits "

@@ -12,6 +12,7 @@ from typing import Any
 from ._admission import BODY_IDLE
 from ._context import Origin, current_origin
 from ._origin import resolve_origin
+from ._sharing import Capacity, wsgi_threads
 from ._worker import Endpoint, Job, Response
 
 StartResponse = Callable[..., Any]
@@ -26,9 +27,13 @@ class WSGIEndpoint:
     def __init__(self, endpoint: Endpoint, app: WSGIApp | None = None) -> None:
         self.endpoint = endpoint
         self.app = app
+        self.capacity = Capacity()  # every request takes one of the server's threads
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if self.capacity.threads is None:
+            self.capacity.threads = wsgi_threads(environ)
         token = current_origin.set(self._origin(environ))
+        self.capacity.enter()
         try:
             if environ.get("PATH_INFO", "") != self.endpoint.route:
                 if self.app is None:
@@ -36,6 +41,7 @@ class WSGIEndpoint:
                 return self.app(environ, start_response)
             return _send(self._handle(environ), start_response)
         finally:
+            self.capacity.leave()
             current_origin.reset(token)
 
     def _handle(self, environ: dict[str, Any]) -> Response:
@@ -109,7 +115,15 @@ class WSGIEndpoint:
             _server_socket(environ),
         )
         concurrent = bool(environ.get("wsgi.multithread") or environ.get("wsgi.multiprocess"))
-        return Origin(url or "", route, self.endpoint.keyring, concurrent, refusal)
+        return Origin(
+            url or "",
+            route,
+            self.endpoint.keyring,
+            concurrent,
+            refusal,
+            self.endpoint,
+            self.capacity,
+        )
 
 
 def _server_socket(environ: dict[str, Any]) -> tuple[str, int] | None:

@@ -28,6 +28,12 @@ def square(n: int, response: Response) -> list[int]:
     return result
 
 
+@app.get("/nested")
+def nested(n: int = 100) -> list[int]:
+    # a parallel call whose chunks make parallel calls: every level calls back into this app
+    return sample_functions.nested_calls(list(range(n)))
+
+
 @app.get("/pid")
 def pid() -> int:
     return os.getpid()

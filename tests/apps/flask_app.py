@@ -33,6 +33,13 @@ def square() -> Response:
     return response
 
 
+@app.get("/nested")
+def nested() -> Response:
+    # a parallel call whose chunks make parallel calls: every level calls back into this app
+    n = request.args.get("n", default=100, type=int)
+    return jsonify(sample_functions.nested_calls(list(range(n))))
+
+
 @app.get("/pid")
 def pid() -> Response:
     return jsonify(os.getpid())
