@@ -1,14 +1,15 @@
 """Flow control: how many chunks the caller keeps in flight to each worker URL. Pure, no I/O.
 
-A `Window` per URL follows the answers (AIMD, as TCP does): a 429 or 503 shrinks it
-multiplicatively, at most once per round of requests, and holds the URL for its Retry-After;
-each success grows it additively; it never exceeds the call's `workers`, nor what the URL's
-workers said they can run at once. `Capacities` keeps that last figure for the process:
-each signed reply may carry its worker process's capacity (`Reply.capacity`), and behind a
-balancer the replies come from several processes, so a URL's capacity is the sum over the
-worker ids heard from recently. Sending more than that only queues chunks inside busy
-workers (and, for a list cut into `workers` even chunks, leaves a second round of a few
-chunks: docs/deploy.md's 96 slots with `workers=100` ran at half speed).
+A `Window` per URL follows the answers (AIMD, as TCP does): 429s and 503s shrink it in
+proportion to the share of a round they are (a round wholly refused halves it, as DCTCP does)
+and hold the URL for their Retry-After; each success grows it additively; it never exceeds
+the call's `workers`, nor what the URL's workers said they can run at once. `Capacities`
+keeps that last figure for the process: each signed reply may carry its worker process's
+capacity (`Reply.capacity`), and behind a balancer the replies come from several processes,
+so a URL's capacity is the sum over the worker ids heard from recently. Sending more than
+that only queues chunks inside busy workers (and, for a list cut into `workers` even chunks,
+leaves a second round of a few chunks: docs/deploy.md's 96 slots with `workers=100` ran at
+half speed).
 """
 
 from __future__ import annotations
@@ -16,21 +17,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-SHRINK = 0.5  # the window's multiplicative decrease on a 429/503
+# slots each 429/503 takes off: a window's worth of them halves it. Halving at the first one
+# of a round instead collapsed a window to ~2 under 20% stray 503s (the 10,000-chunk load
+# test through HAProxy went from 23 s to over 120 s); this settles near 2(1-p)/p instead.
+SHRINK = 0.5
 FORGET_AFTER = 300.0  # seconds: a worker id not heard from since no longer counts
 
 
 class Window:
     """The in-flight limit for one URL during one call."""
 
-    __slots__ = ("_recovering_until", "ceiling", "limit", "paused_until", "sent")
+    __slots__ = ("ceiling", "limit", "paused_until", "sent")
 
     def __init__(self, ceiling: int) -> None:
         self.ceiling = max(1, ceiling)
         self.limit = float(self.ceiling)
         self.paused_until = 0.0  # no request goes there before this time (Retry-After)
-        self.sent = 0  # requests sent so far: numbers them, to shrink once per round
-        self._recovering_until = 0  # answers to requests numbered below this do not shrink
+        self.sent = 0  # requests sent so far
 
     def size(self) -> int:
         return max(1, min(self.ceiling, int(self.limit)))
@@ -54,14 +57,11 @@ class Window:
             self.limit = min(float(self.ceiling), self.limit + 1.0 / self.limit)
 
     def overloaded(self, number: int, now: float, retry_after: float | None) -> None:
-        """The URL answered request `number` with 429/503: shrink, unless this answer belongs
-        to the round already answered for, and hold the URL for its Retry-After."""
+        """The URL answered request `number` with 429/503: shrink by half a slot, and hold
+        the URL for its Retry-After."""
         if retry_after is not None:
             self.paused_until = max(self.paused_until, now + retry_after)
-        if number < self._recovering_until:
-            return
-        self.limit = max(1.0, self.limit * SHRINK)
-        self._recovering_until = self.sent + 1
+        self.limit = max(1.0, self.limit - SHRINK)
 
 
 class Capacities:

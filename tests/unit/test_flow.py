@@ -29,13 +29,13 @@ A, B = "http://a/serverless", "http://b/serverless"
 # -- the policy ------------------------------------------------------------------------------
 
 
-def test_a_window_shrinks_once_per_round_and_grows_back_additively() -> None:
+def test_a_window_shrinks_with_the_share_refused_and_grows_back_additively() -> None:
     window = Window(32)
-    numbers = [window.send() for _ in range(32)]
-    for number in numbers[:10]:  # a burst of 503s to one round of requests: one decrease
-        window.overloaded(number, 0.0, None)
+    for _ in range(32):  # a whole round refused: halved
+        window.overloaded(window.send(), 0.0, None)
     assert window.size() == 16
-    window.overloaded(window.send(), 0.0, None)  # sent after the decrease: a new round
+    for _ in range(16):
+        window.overloaded(window.send(), 0.0, None)
     assert window.size() == 8
     for _ in range(9):
         window.succeeded()
@@ -43,6 +43,18 @@ def test_a_window_shrinks_once_per_round_and_grows_back_additively() -> None:
     for _ in range(10_000):
         window.succeeded()
     assert window.size() == 32  # never above the ceiling (the call's `workers`)
+
+
+def test_stray_refusals_among_many_successes_do_not_collapse_the_window() -> None:
+    # 20% of answers 503 at random (the load test's faulty workers): the window settles
+    # near 2(1-p)/p = 8 instead of halving every round down to 1 or 2
+    window = Window(100)
+    for n in range(20_000):
+        if n % 5 == 0:
+            window.overloaded(window.send(), 0.0, None)
+        else:
+            window.succeeded()
+    assert 6 <= window.size() <= 12
 
 
 def test_retry_after_holds_the_url_and_a_capacity_caps_the_window() -> None:
