@@ -107,7 +107,8 @@ class RequestRejected(WorkerError):
 
 class WorkerUnavailable(WorkerError):
     """The connection failed or the worker answered 429/502/503/504: another try may succeed.
-    `retry_after`: the seconds a 429/503 asked the caller to wait (its Retry-After), if any."""
+    `retry_after`: the seconds a 429/503 asked the caller to wait (its Retry-After), if any;
+    `capacity` and `worker`: what a worker's signed "busy" refusal says it can run at once."""
 
     retryable = True
 
@@ -118,9 +119,13 @@ class WorkerUnavailable(WorkerError):
         url: str,
         status: int | None = None,
         retry_after: float | None = None,
+        capacity: int | None = None,
+        worker: str = "",
     ) -> None:
         super().__init__(message, url=url, status=status)
         self.retry_after = retry_after
+        self.capacity = capacity
+        self.worker = worker
 
 
 class WorkerTimeout(WorkerError, TimeoutError):

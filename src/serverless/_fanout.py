@@ -379,6 +379,9 @@ class Fanout:
                 if overloaded:
                     assert isinstance(exc, WorkerUnavailable)
                     window.overloaded(number, _now(), exc.retry_after)
+                    if exc.capacity and self.capacities is not None:  # a signed "busy"
+                        self.capacities.observe(url, exc.worker, exc.capacity)
+                        window.cap(self._ceiling(url))
                 if not exc.retryable or self.policy.retries == 0:
                     raise
                 # "not now" from an overloaded target is flow control, not a failure: the
@@ -393,6 +396,8 @@ class Fanout:
                 failed.add(url)
                 if exc.status is None:  # no HTTP answer at all: send elsewhere from now on
                     self.down.add(url)
+                if overloaded and isinstance(exc, WorkerUnavailable) and exc.capacity:
+                    continue  # a signed "busy" capped the window: waiting for a slot is enough
                 delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1))
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: no herd
                 continue

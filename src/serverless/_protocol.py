@@ -367,9 +367,21 @@ def read_reply(
     message = reply_signing_message(status, call.id, raw)
     signed = keyring.verify(message, headers.get(H_REPLY_SIGNATURE, ""))
     if status in (429, 502, 503, 504):  # a platform at capacity, or no healthy instance
-        if signed and status == 504 and _kind(raw, content_type) == "expired":
+        refusal = _signed_refusal(raw, content_type) if signed else None
+        kind = refusal.error.kind if refusal is not None and refusal.error is not None else None
+        if status == 504 and kind == "expired":
             # the worker did not start it: past its deadline, as a timed-out attempt
             raise WorkerTimeout(f"{what} expired before a worker started it", url=url)
+        if status == 503 and kind == "busy" and refusal is not None and refusal.capacity:
+            # our own worker, full: it says how many it runs at once, and the caller's window
+            # now holds no more than that, so waiting out a Retry-After would only lose time
+            raise WorkerUnavailable(
+                f"{what}: the worker is busy (it runs {refusal.capacity} at once)",
+                url=url,
+                status=status,
+                capacity=refusal.capacity,
+                worker=refusal.worker,
+            )
         raise WorkerUnavailable(
             f"{what}: worker unavailable",
             url=url,
@@ -440,13 +452,12 @@ def read_reply(
     raise ProtocolError(f"{what}: not a protocol answer: {detail!r}", url=url, status=status)
 
 
-def _kind(raw: bytes, content_type: str | None) -> str | None:
-    """The error kind of a signed refusal, or None if it carries none."""
+def _signed_refusal(raw: bytes, content_type: str | None) -> Reply | None:
+    """A signed 503/504's reply (its kind, the worker's capacity), or None if it has none."""
     try:
-        reply = decode_reply(raw, media_type(content_type) or MSGPACK)
+        return decode_reply(raw, media_type(content_type) or MSGPACK)
     except (msgspec.DecodeError, ValueError, RecursionError):
         return None
-    return reply.error.kind if reply.error is not None else None
 
 
 def _in_place(reply: Reply, call: Call, offset: int, url: str) -> list[Any]:
