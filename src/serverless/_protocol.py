@@ -259,6 +259,12 @@ def reply_signing_message(status: int, request_id: str, body: bytes) -> bytes:
     return "\n".join(fields).encode()
 
 
+def _hmac(key: bytes, message: bytes) -> str:
+    """HMAC-SHA256 as lower-case hex. hmac.digest is OpenSSL's one-shot: ~1 us, against ~5 us
+    for hmac.new(...).hexdigest(), and a round trip signs and checks four times."""
+    return hmac.digest(key, message, "sha256").hex()
+
+
 class Keyring:
     """Secrets known to this process: the first signs, all verify.
 
@@ -280,7 +286,7 @@ class Keyring:
         """A signature header value, `kid=hex`: with the signing key, or with the key `kid`
         (a worker answers with the key that signed the request, which its caller holds)."""
         kid = kid if kid is not None else next(iter(self._keys))
-        return f"{kid}={hmac.new(self._keys[kid], message, hashlib.sha256).hexdigest()}"
+        return f"{kid}={_hmac(self._keys[kid], message)}"
 
     def verify(self, message: bytes, header: str) -> str | bool | None:
         """The key id of a signature that checks out; False if none does, None if no key id
@@ -292,7 +298,7 @@ class Keyring:
             if not sep or key is None:
                 continue
             known = True
-            expected = hmac.new(key, message, hashlib.sha256).hexdigest()
+            expected = _hmac(key, message)
             if hmac.compare_digest(expected.encode(), sig.strip().encode("ascii", "replace")):
                 return kid
         return False if known else None
