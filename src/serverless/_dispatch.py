@@ -207,7 +207,7 @@ class Dispatcher:
                 spec.on_reply(stats.size, stats.compute_s)
             return reply.results, stats
 
-        policy = Policy(spec.workers, spec.retries, spec.deadline, spec.hedge, spec.errors)
+        policy = Policy(spec.workers, spec.retries, spec.deadline, spec.hedge)
         fanout = Fanout(
             spec.function,
             target.urls,

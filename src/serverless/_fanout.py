@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._chunking import Chunk
-from ._config import ErrorMode
 from ._exceptions import DeadlineExceeded, WorkerError, WorkerUnavailable
 from ._flow import Capacities, Window
 from ._stats import ChunkStats
@@ -48,7 +47,6 @@ class Policy:
     retries: int
     deadline: float | None = None
     hedge: bool = False
-    errors: ErrorMode = "raise"  # or "return": a failed item's RemoteError in its place
 
 
 @dataclass
@@ -306,7 +304,7 @@ class Fanout:
             if self.policy.hedge:
                 heapq.heappush(self._by_start, (chunk.started, chunk.index, chunk))
         avoid = set(chunk.urls) if hedge else set()
-        task = asyncio.create_task(self._run(chunk, chunk.chunk, avoid, len(chunk.tasks)))
+        task = asyncio.create_task(self._attempts(chunk, chunk.chunk, avoid, len(chunk.tasks)))
         task.add_done_callback(functools.partial(self._finish, chunk))
         chunk.tasks.append(task)
         self.busy += 1
@@ -355,9 +353,6 @@ class Fanout:
     # errors="return" needs nothing here: the worker runs such a chunk item by item and its
     # reply carries each failed item's RemoteError in place (_protocol.read_reply), so no item
     # that succeeded is ever sent again.
-
-    async def _run(self, owner: _Chunk, chunk: Chunk, avoid: set[str], lane: int) -> list[Any]:
-        return await self._attempts(owner, chunk, avoid, lane)
 
     async def _attempts(self, owner: _Chunk, chunk: Chunk, avoid: set[str], lane: int) -> list[Any]:
         failed = set(avoid)

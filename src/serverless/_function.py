@@ -263,14 +263,17 @@ class ParallelFunction(_Step[P, R]):
             results=last,
         )
         check_args(shape, spec.args, spec.kwargs)
-        target = None  # chosen below, in the caller's thread
         if isinstance(items, Sequence):
-            check_items(shape, items)  # before any request
+            check_items(shape, items)  # before any request, and before a pool starts
+        # the target is chosen here, in the caller's thread: it may be the app serving the
+        # request this thread is handling; an empty input goes nowhere
+        empty = isinstance(items, Sequence) and not items
+        target = None if empty else self._target(steps, blocking, spec.retries)
+        if isinstance(items, Sequence):
             parts = opts.workers
-            if items and opts.chunk_size is None:
+            if target is not None and opts.chunk_size is None:
                 # as many even chunks as the target can run at once, where its workers said
                 # it (docs/deploy.md's 96 slots with workers=100: not a second round of 4)
-                target = self._target(steps, blocking)
                 parts = min(parts, dispatcher().capacities.total(target.urls) or parts)
             chunks = chunk_sequence(items, parts, opts.chunk_size)
             count: int | None = len(items)
@@ -283,17 +286,13 @@ class ParallelFunction(_Step[P, R]):
             chunks, count, lazy = chunk_iterable(items, opts.chunk_size), None, True
         if lazy and shape.items is None:
             chunks = _checked(chunks, shape)
-        # the target is chosen here, in the caller's thread: it may be the app serving the
-        # request this thread is handling; an empty input goes nowhere
-        if count != 0 and target is None:
-            target = self._target(steps, blocking)
         return Invocation(steps, spec, chunks, count, lazy, target)
 
-    def _target(self, steps: list[ParallelFunction[Any, Any]], blocking: bool) -> Target:
-        """Where the chunks go. Chosen in the caller's thread: it may be the app serving the
-        request this thread is handling; an empty input goes nowhere."""
+    def _target(
+        self, steps: list[ParallelFunction[Any, Any]], blocking: bool, retries: int
+    ) -> Target:
+        """Where the chunks go, for a call of `steps` with that many retries."""
         entries = [step.entry for step in steps]
-        retries = min(step.options.retries for step in steps)
         return resolve(self.options.url, blocking=blocking, functions=entries, retries=retries)
 
 

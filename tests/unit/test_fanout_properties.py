@@ -30,6 +30,7 @@ def run(
     rng: random.Random,
     fail_rate: float,
     bad: set[int],
+    isolate: bool = False,
 ) -> tuple[list[Any], Tally, list[int]]:
     sent: list[int] = []  # item offsets of every attempt that answered
 
@@ -44,7 +45,7 @@ def run(
         out: list[Any] = []
         for i, item in enumerate(items):
             error = RemoteError("f", "ValueError", f"bad {item}", "tb", index=offset + i)
-            if item in bad and policy.errors != "return":
+            if item in bad and not isolate:
                 raise error
             # errors="return": the worker isolates each item and answers errors in place
             out.append(error if item in bad else item * 2)
@@ -107,8 +108,8 @@ def test_every_result_once_in_order(
 def test_errors_return_isolates_exactly_the_failing_items(
     count: int, chunk_size: int, bad: set[int], seed: int
 ) -> None:
-    policy = Policy(workers=5, retries=30, errors="return")
-    out, _, sent = run(count, chunk_size, policy, random.Random(seed), 0.1, bad)
+    policy = Policy(workers=5, retries=30)
+    out, _, sent = run(count, chunk_size, policy, random.Random(seed), 0.1, bad, isolate=True)
     assert len(out) == count
     assert sorted(sent) == list(range(0, count, chunk_size))  # one answered run per chunk
     for n, value in enumerate(out):
