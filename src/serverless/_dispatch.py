@@ -258,7 +258,7 @@ class Dispatcher:
             try:
                 if target.shared is not None:
                     response = await target.shared.post(
-                        url, self._client(), _http.Body(body), headers, timeout
+                        url, self._client(), _http.Body(body), headers, timeout, fresh
                     )
                 else:
                     response = await transport.post(

@@ -205,9 +205,15 @@ class SharedCall:
         return time.time() + START_WITHIN
 
     async def post(
-        self, lane: str, http: Client, body: Body, headers: Mapping[str, str], timeout: float
+        self,
+        lane: str,
+        http: Client,
+        body: Body,
+        headers: Mapping[str, str],
+        timeout: float,
+        fresh: bool = False,
     ) -> Response:
-        """Post one signed chunk on the lane it got."""
+        """Post one signed chunk on the lane it got (`fresh`: on a new connection)."""
         loop = asyncio.get_running_loop()
         lowered = {k.lower(): v for k, v in headers.items()}
         if lane == INLINE:
@@ -218,7 +224,7 @@ class SharedCall:
         sent = _Sent(data, lowered, loop.create_future(), loop.create_future())
         with self._lock:
             self._sent.append(sent)
-        request = asyncio.ensure_future(http.post(lane, Body(data), headers, timeout))
+        request = asyncio.ensure_future(http.post(lane, Body(data), headers, timeout, fresh=fresh))
         try:
             either: set[asyncio.Future[Any]] = {request, sent.claimed}
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
