@@ -9,7 +9,7 @@
         ├── RequestRejected                    the worker refused the request (4xx): not retried
         ├── WorkerUnavailable                  connection lost, 429/502/503/504: retried
         ├── WorkerTimeout (also TimeoutError)  a chunk took longer than its timeout: retried
-        └── ProtocolError                      the answer was not wire protocol v1
+        └── ProtocolError                      no signed protocol answer to the request
 
 Misuse of the API (a first argument that is not iterable, a Pipeline step that was not
 decorated) raises plain TypeError, as Python itself would.
@@ -135,4 +135,4 @@ class WorkerTimeout(WorkerError, TimeoutError):
 
 
 class ProtocolError(WorkerError):
-    """The worker's answer is not wire protocol v1 (wrong route, or not our endpoint)."""
+    """No signed protocol v2 answer to the request (wrong route, not our endpoint, a forgery)."""

@@ -1,4 +1,4 @@
-"""Wire protocol v1 in both directions: envelopes, encoding, HMAC signatures, and the caller's
+"""Wire protocol v2 in both directions: envelopes, encoding, HMAC signatures, and the caller's
 half (build a signed request, read a reply into results or an exception). Pure, no I/O: the
 clock is an argument.
 
