@@ -38,7 +38,9 @@ def engine(chunks: int, widths: list[int]) -> list[dict[str, Any]]:
 
     rng = random.Random(7)
 
-    async def attempt(url: str, chunk: Chunk, number: int, timeout: float) -> Any:
+    async def attempt(
+        url: str, chunk: Chunk, number: int, timeout: float, pace: float | None
+    ) -> Any:
         await asyncio.sleep(rng.uniform(0.001, 0.010))
         return chunk.items, ChunkStats(chunk.index, 1, "w", url, 0, 0, 0, 0, number)
 

@@ -238,3 +238,35 @@ def квадрат(numbers: list[int]) -> list[int]:  # a non-ASCII name (issue 
 def nested_calls(numbers: list[int], width: int = 20) -> list[int]:
     """Each item makes a parallel call of its own, back into the same app (issue 15)."""
     return [n + len(sleepy([0.001] * width)) for n in numbers]
+
+
+@serverless.parallel
+def quota_lookup(numbers: list[int], always: bool = False) -> list[int]:
+    """Calls tests.quota.DOWNSTREAM once per item and raises Throttled when it refuses
+    (always: every call is refused), with its Retry-After."""
+    from tests.quota import DOWNSTREAM
+
+    out = []
+    for n in numbers:
+        wait = DOWNSTREAM.call(n) if not always else 0.2
+        if wait is not None:
+            raise serverless.Throttled("429 from the downstream", retry_after=wait)
+        out.append(2 * n)
+    return out
+
+
+@serverless.parallel
+def counted_or_throttled(numbers: list[int]) -> list[int]:
+    """quota_lookup's downstream, and a ValueError on every item n with n % 7 == 3 (after
+    the downstream served it)."""
+    from tests.quota import DOWNSTREAM
+
+    out = []
+    for n in numbers:
+        wait = DOWNSTREAM.call(n)
+        if wait is not None:
+            raise serverless.Throttled(retry_after=wait)
+        if n % 7 == 3:
+            raise ValueError(f"cannot handle {n}")
+        out.append(n)
+    return out

@@ -20,6 +20,14 @@ class Chunk:
     def __iter__(self) -> Iterator[Any]:
         return iter((self.index, self.offset, self.items))
 
+    def head(self, count: int) -> Chunk:
+        """Its first `count` items, as a part of the same chunk."""
+        return Chunk(self.index, self.offset, self.items[:count])
+
+    def tail(self, start: int) -> Chunk:
+        """Its items from `start` on, as a part of the same chunk."""
+        return Chunk(self.index, self.offset + start, self.items[start:])
+
 
 def even_bounds(count: int, parts: int) -> list[tuple[int, int]]:
     """[start, stop) of at most `parts` non-empty chunks whose sizes differ by at most one."""

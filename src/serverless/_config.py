@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from ._exceptions import ConfigurationError
 from ._protocol import MAX_BODY, Keyring
+from ._rate import Rate, parse_rate
 
 # "raise": the first failure raises; "return": a failed item's RemoteError in its place
 ErrorMode = Literal["raise", "return"]
@@ -38,6 +39,10 @@ class Options:
     errors: "raise" (the first failure raises) or "return" (each item whose processing
         raised gets its RemoteError in place of its result; the other items succeed). The
         worker then calls the function item by item, so no item runs twice for another's error.
+    rate: at most this many items per second across all workers of the call: a number, a
+        string such as "50/s" or "3000/min", or "auto" (find the downstream's quota from the
+        function's `serverless.Throttled`). The worker then calls the function item by item,
+        paced. None: unpaced until the function raises Throttled (docs/reliability.md).
     """
 
     workers: int = DEFAULT_WORKERS
@@ -49,8 +54,11 @@ class Options:
     idempotent: bool = False
     hedge: bool | None = None
     errors: ErrorMode = "raise"
+    rate: Rate | str | None = None
 
     def __post_init__(self) -> None:
+        # a string such as "3000/min" is kept as items per second
+        object.__setattr__(self, "rate", parse_rate(self.rate))
         _positive_int("workers", self.workers)
         if self.chunk_size is not None:
             _positive_int("chunk_size", self.chunk_size)
@@ -64,6 +72,11 @@ class Options:
             raise ConfigurationError(f"deadline must be a positive number, not {self.deadline!r}")
         if self.errors not in ("raise", "return"):
             raise ConfigurationError(f'errors must be "raise" or "return", not {self.errors!r}')
+
+    @property
+    def items_per_s(self) -> Rate | None:
+        """`rate`, parsed (a string such as "3000/min" is kept as items per second)."""
+        return parse_rate(self.rate)
 
     @property
     def hedging(self) -> bool:

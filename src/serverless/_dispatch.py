@@ -29,8 +29,9 @@ from ._exceptions import (
     WorkerTimeout,
     WorkerUnavailable,
 )
-from ._fanout import Fanout, Policy, Tally
+from ._fanout import Fanout, Policy, Tally, Throttle
 from ._flow import Capacities
+from ._rate import Rate
 from ._registry import Bind
 from ._sharing import INLINE, SharedCall
 from ._stats import ChunkStats, TargetKind
@@ -78,10 +79,12 @@ class CallSpec:
     # of the adaptive chunk sizing (_chunking.AdaptiveChunks.observe)
     on_reply: Callable[[int, float], None] | None = None
     results: Shape = UNTYPED  # how the (last) function's results decode
+    rate: Rate | None = None  # items per second across the call (_rate.py)
 
-    def envelope(self, chunk: Chunk, timeout: float) -> p.Call:
+    def envelope(self, chunk: Chunk, timeout: float, pace: float | None = None) -> p.Call:
         """One chunk's request envelope, with a request id of its own, for an attempt that
-        ends in `timeout` seconds: after that the worker must not start it."""
+        ends in `timeout` seconds: after that the worker must not start it. `pace`: the
+        items run one by one, at most one per `pace` seconds (a fused call's never do)."""
         now = time.time()
         deadline = now + timeout
         # a call that cannot retry does not ask for a busy refusal: it would fail the call
@@ -99,6 +102,7 @@ class CallSpec:
             isolate=self.errors == "return",
             deadline=deadline,
             start_by=start_by,
+            pace=None if self.then else pace,
         )
 
 
@@ -185,10 +189,10 @@ class Dispatcher:
         """One call's results in order, in batches (see _fanout.py); iterate on the loop."""
 
         async def attempt(
-            url: str, chunk: Chunk, number: int, timeout: float
+            url: str, chunk: Chunk, number: int, timeout: float, pace: float | None
         ) -> tuple[list[Any], ChunkStats]:
             start = time.perf_counter()
-            reply = await self._post(spec, target, url, chunk, timeout)
+            reply = await self._post(spec, target, url, chunk, timeout, pace)
             assert reply.results is not None
             self.capacities.observe(url, reply.worker, reply.capacity)
             stats = ChunkStats(
@@ -203,11 +207,17 @@ class Dispatcher:
                 attempts=number,
                 stages=reply.stages or [],
             )
+            if reply.throttled is not None:
+                throttled = reply.throttled
+                at, ran = throttled.at, max(throttled.at, throttled.ran)
+                raise Throttle(
+                    reply.results, stats, at, throttled.retry_after, min(ran, len(chunk.items))
+                )
             if spec.on_reply is not None:
                 spec.on_reply(stats.size, stats.compute_s)
             return reply.results, stats
 
-        policy = Policy(spec.workers, spec.retries, spec.deadline, spec.hedge)
+        policy = Policy(spec.workers, spec.retries, spec.deadline, spec.hedge, spec.rate)
         fanout = Fanout(
             spec.function,
             target.urls,
@@ -222,26 +232,38 @@ class Dispatcher:
         return fanout.results()
 
     async def _post(
-        self, spec: CallSpec, target: Target, url: str, chunk: Chunk, timeout: float
+        self,
+        spec: CallSpec,
+        target: Target,
+        url: str,
+        chunk: Chunk,
+        timeout: float,
+        pace: float | None = None,
     ) -> p.Reply:
         """One attempt of one chunk; a server-context call's waits for a lane first: HTTP to
         self, or the caller's own thread. A chunk sent to self that was refused before it
         started goes to the caller's thread (the `start_by` hook: SharedCall.refused)."""
         shared = target.shared
         if shared is None:
-            return await self._send(spec, target, url, chunk, timeout)
+            return await self._send(spec, target, url, chunk, timeout, pace)
         inline = False
         while True:
             async with shared.lane(url, inline) as lane:
                 try:
-                    return await self._send(spec, target, lane, chunk, timeout)
+                    return await self._send(spec, target, lane, chunk, timeout, pace)
                 except WorkerError as exc:
                     if lane == INLINE or not shared.refused(exc):
                         raise
             inline = True
 
     async def _send(
-        self, spec: CallSpec, target: Target, url: str, chunk: Chunk, timeout: float
+        self,
+        spec: CallSpec,
+        target: Target,
+        url: str,
+        chunk: Chunk,
+        timeout: float,
+        pace: float | None = None,
     ) -> p.Reply:
         """Sign, post through the target's transport (or lane), read."""
         transport = target.transport or self._client()
@@ -251,7 +273,7 @@ class Dispatcher:
         # takes a fresh connection, which is never stale.
         at_most_once = spec.retries == 0
         for fresh in (at_most_once, True):
-            call = spec.envelope(chunk, timeout)  # signed anew on a resend: a new request id
+            call = spec.envelope(chunk, timeout, pace)  # signed anew on a resend: a new id
             body, headers = p.build_request(
                 target.keyring, target.route, call, time.time(), target.max_body
             )

@@ -5,6 +5,8 @@
     ├── SerializationError (also TypeError)    a value that the wire format cannot carry
     ├── RemoteError                            the user's function raised on a worker
     ├── DeadlineExceeded (also TimeoutError)   the call's overall deadline passed
+    ├── Throttled                              raised BY the function: the downstream said
+    │                                          "too many"; the caller slows down and resends
     └── WorkerError                            no usable answer from a worker (has .url, .status)
         ├── RequestRejected                    the worker refused the request (4xx): not retried
         ├── WorkerUnavailable                  connection lost, 429/502/503/504: retried
@@ -26,6 +28,7 @@ __all__ = [
     "RequestRejected",
     "SerializationError",
     "ServerlessError",
+    "Throttled",
     "WorkerError",
     "WorkerTimeout",
     "WorkerUnavailable",
@@ -88,6 +91,35 @@ class RemoteError(ServerlessError):
 
 class DeadlineExceeded(ServerlessError, TimeoutError):
     """The call's overall deadline passed; the message names the chunks still running."""
+
+
+class Throttled(ServerlessError):
+    """Raise it from a parallel function when the service it calls says "too many" (an HTTP
+    429, OVER_QUERY_LIMIT): the item being processed was refused and did not run.
+
+    The caller then sends that item and the ones after it in the chunk again, after at least
+    `retry_after` seconds (pass the service's Retry-After, in seconds, where it gives one),
+    and lowers the call's rate (docs/reliability.md, "Rate limits"). It never counts against
+    `retries` and never fails a call by itself; a `deadline=` still bounds the call. Items
+    already done in that chunk are not run again when the function runs item by item: with
+    `rate=` set, or once the call has been throttled.
+    """
+
+    def __init__(self, message: str = "", *, retry_after: float | str | None = None) -> None:
+        super().__init__(message or "the downstream service is throttling")
+        self.retry_after = _seconds(retry_after)
+
+
+def _seconds(value: float | str | None) -> float | None:
+    """A Retry-After in seconds (a number, or a header's digits), capped at an hour; None if
+    absent or not a number of seconds."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    if seconds is None or not seconds >= 0:  # also NaN
+        return None
+    return min(seconds, 3600.0)
 
 
 class WorkerError(ServerlessError):

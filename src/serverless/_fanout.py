@@ -27,6 +27,7 @@ from typing import Any
 from ._chunking import Chunk
 from ._exceptions import DeadlineExceeded, WorkerError, WorkerUnavailable
 from ._flow import Capacities, Window
+from ._rate import Pacer, Rate
 from ._stats import ChunkStats
 
 logger = logging.getLogger("serverless.dispatch")
@@ -47,6 +48,7 @@ class Policy:
     retries: int
     deadline: float | None = None
     hedge: bool = False
+    rate: Rate | None = None
 
 
 @dataclass
@@ -58,7 +60,10 @@ class Tally:
     compute_s: float = 0.0
     retries: int = 0
     hedges: int = 0
-    sent: int = 0  # requests sent, retries and hedges included
+    throttles: int = 0  # items the downstream refused (the function raised Throttled)
+    rate: float | None = None  # items/s the call was paced at when it ended (None: unpaced)
+    window: int = 0  # chunks it could keep in flight when it ended
+    sent: int = 0  # requests sent, retries, hedges and resends after throttles included
     done: int = 0  # chunks answered
     stage_counts: list[int] = field(default_factory=list)  # a fused call's, per stage: items out
     stage_compute_s: list[float] = field(default_factory=list)
@@ -82,8 +87,28 @@ class Tally:
         return sorted(self.chunks, key=lambda c: c.index)
 
 
-# One attempt of one chunk on one URL: (results, the attempt's ChunkStats) or an exception.
-Attempt = Callable[[str, Chunk, int, float], Awaitable[tuple[list[Any], ChunkStats]]]
+# One attempt of one chunk on one URL, with its pace (a Call's): (results, the attempt's
+# ChunkStats), or an exception (Throttle: the function said the downstream refused an item).
+Attempt = Callable[
+    [str, Chunk, int, float, "float | None"], Awaitable[tuple[list[Any], ChunkStats]]
+]
+
+
+class Throttle(Exception):
+    """An attempt stopped by the function's Throttled: the results of its first `at` items,
+    the attempt's statistics, and the seconds the downstream asked to wait."""
+
+    def __init__(
+        self,
+        results: list[Any],
+        stats: ChunkStats,
+        at: int,
+        retry_after: float | None,
+        ran: int,
+    ) -> None:
+        super().__init__(f"throttled at item {at} of chunk {stats.index}")
+        self.results, self.stats, self.at, self.retry_after = results, stats, at, retry_after
+        self.ran = ran  # items the downstream served before it
 
 
 class _Chunk:
@@ -175,6 +200,7 @@ class Fanout:
         self._wake: asyncio.Future[None] | None = None
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._by_start: list[tuple[float, int, _Chunk]] = []  # hedging candidates, a heap
+        self.pacer = Pacer(policy.rate)  # rate= and throttles: _rate.py
 
     # -- the driver ----------------------------------------------------------------------
 
@@ -211,6 +237,8 @@ class Fanout:
                     return
                 await self._wait()
         finally:
+            self.tally.rate, self.tally.window = self.pacer.rate, self._room()
+            self.tally.throttles = self.pacer.throttles
             await self._cancel_all()
 
     def _room(self) -> int:
@@ -356,8 +384,16 @@ class Fanout:
 
     async def _attempts(self, owner: _Chunk, chunk: Chunk, avoid: set[str], lane: int) -> list[Any]:
         failed = set(avoid)
-        retried = pushed_back = 0
+        retried = pushed_back = throttled = parts = 0
+        # a paced chunk goes in parts of what the rate allows in a short while (a part that
+        # lasts long would hold a stale pace); a throttled one from its first refused item
+        size, before = len(chunk.items), []  # before: results of the parts done, in order
+        compute_s = 0.0  # worker time spent on it in those parts
+        whole = chunk
         for attempt in itertools.count(1):
+            part = self.pacer.part(len(whole.items))
+            chunk = whole if part == len(whole.items) else whole.head(part)
+            epoch = await self.pacer.take(len(chunk.items))
             url = await self._slot(failed)
             window = self.windows[url]
             number = window.send()
@@ -368,7 +404,21 @@ class Fanout:
                 timeout = min(timeout, max(0.001, self.deadline_at - _now()))
             try:
                 self.tally.sent += 1
-                results, stats = await self.attempt(url, chunk, attempt, timeout)
+                tries = attempt - throttled - parts  # neither a part nor a resend is a retry
+                results, stats = await self.attempt(url, chunk, tries, timeout, self.pacer.pace())
+            except Throttle as exc:
+                # the items before it ran: keep their results, send the rest once the
+                # downstream's wait is over, at a lower rate (it never counts as a retry)
+                throttled += 1
+                before += exc.results
+                compute_s += exc.stats.compute_s
+                self.pacer.succeeded(exc.ran)
+                self.pacer.throttled(epoch)
+                whole = whole.tail(exc.at)
+                logger.info("%s of %s throttled: %s", owner.describe(), self.function, exc)
+                if exc.retry_after:
+                    await asyncio.sleep(exc.retry_after)
+                continue
             except WorkerError as exc:
                 overloaded = isinstance(exc, WorkerUnavailable) and exc.status in (429, 503)
                 if overloaded:
@@ -401,13 +451,23 @@ class Fanout:
                 owner.urls.remove(url)
                 self._release()
             window.succeeded()
+            self.pacer.succeeded(len(chunk.items))
             self.slow.discard(url)
+            if chunk is not whole:  # a part: the rest goes next
+                parts += 1
+                before += results
+                compute_s += stats.compute_s
+                whole = whole.tail(len(chunk.items))
+                continue
             if self.capacities is not None:
                 ceiling = self._ceiling(url)
                 if ceiling != window.ceiling:
                     window.cap(ceiling)
             stats.start -= self.started  # seconds since the call started
             stats.end -= self.started
+            stats.size, stats.compute_s = size, stats.compute_s + compute_s
+            stats.throttles = throttled
+            results = before + results if before else results
             if owner.counted_by in (None, lane):  # a hedge that also finished is not counted
                 owner.counted_by = lane
                 self.tally.add(stats)

@@ -148,6 +148,10 @@ class StageInfo:
     step: ParallelFunction[Any, Any]
     url: str | None
     first_only: bool
+    alone: bool = False  # paced (rate=): its chunks run item by item, with no other stage
+
+
+PACED_CHUNK_S = 0.05  # seconds of its rate= one chunk of a paced list holds
 
 
 class ParallelFunction(_Step[P, R]):
@@ -180,7 +184,8 @@ class ParallelFunction(_Step[P, R]):
         return clone
 
     def stage(self) -> StageInfo:
-        return StageInfo(self, self.options.url, bool(self._bound_args or self._bound_kwargs))
+        bound = bool(self._bound_args or self._bound_kwargs)
+        return StageInfo(self, self.options.url, bound, self.options.rate is not None)
 
     # Typed as Python binds a method: looked up on an instance, it loses its first parameter.
     # mypy sees a @classmethod or @staticmethod under the decorator as a plain function, so
@@ -261,6 +266,7 @@ class ParallelFunction(_Step[P, R]):
             # an item that failed in one stage has no input for the next
             errors=opts.errors if not then else "raise",
             results=last,
+            rate=opts.items_per_s if not then else None,
         )
         check_args(shape, spec.args, spec.kwargs)
         if isinstance(items, Sequence):
@@ -275,6 +281,11 @@ class ParallelFunction(_Step[P, R]):
                 # as many even chunks as the target can run at once, where its workers said
                 # it (docs/deploy.md's 96 slots with workers=100: not a second round of 4)
                 parts = min(parts, dispatcher().capacities.total(target.urls) or parts)
+            if isinstance(spec.rate, float) and opts.chunk_size is None:
+                # a paced chunk holds PACED_CHUNK_S of the rate: short enough that the last
+                # ones end together, long enough that a request carries several items
+                longest = max(1, int(spec.rate * min(PACED_CHUNK_S, spec.timeout / 4)))
+                parts = max(parts, -(-len(items) // longest))
             chunks = chunk_sequence(items, parts, opts.chunk_size)
             count: int | None = len(items)
             lazy = False
@@ -392,6 +403,9 @@ class Invocation:
                 hedges=tally.hedges,
                 target=kind,
                 chunks=chunks,
+                throttles=tally.throttles,
+                rate=tally.rate,
+                window=tally.window,
             )
             step._last.stats = stats
             self.stats.append(stats)
@@ -517,6 +531,7 @@ def parallel(
     idempotent: bool | None = None,
     hedge: bool | None = None,
     errors: ErrorMode | None = None,
+    rate: float | str | None = None,
     name: str | None = None,
 ) -> _ParallelDecorator: ...
 def parallel(
@@ -532,6 +547,7 @@ def parallel(
     idempotent: bool | None = None,
     hedge: bool | None = None,
     errors: ErrorMode | None = None,
+    rate: float | str | None = None,
     name: str | None = None,
 ) -> Any:
     """Run the function on chunks of its first argument, in parallel, on HTTP workers.
@@ -550,6 +566,7 @@ def parallel(
         idempotent=idempotent,
         hedge=hedge,
         errors=errors,
+        rate=rate,
     )
     if func is not None:
         return ParallelFunction(func, options, name)

@@ -64,12 +64,14 @@ def _stage(step: _Step[Any, Any]) -> StageInfo:
 
 def _fusion_groups(steps: Sequence[_Step[Any, Any]]) -> list[list[_Step[Any, Any]]]:
     """Runs of consecutive parallel steps with the same target; anything else alone. A step
-    with bound arguments (`partial`) may only open a group: a later stage carries none."""
+    with bound arguments (`partial`) may only open a group: a later stage carries none; a
+    paced step (rate=) runs item by item, alone."""
     groups: list[list[_Step[Any, Any]]] = []
     for step in steps:
         info = step.stage()
         last = groups[-1][-1].stage() if groups else None
-        if info and last and not info.first_only and info.url == last.url:
+        fusable = info and last and not (info.first_only or info.alone or last.alone)
+        if fusable and info and last and info.url == last.url:
             groups[-1].append(step)
         else:
             groups.append([step])

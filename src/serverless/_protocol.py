@@ -62,6 +62,9 @@ class StageFigures(msgspec.Struct, forbid_unknown_fields=False):
     compute_s: float
 
 
+MAX_PACE = 3600.0  # seconds between item starts a worker accepts (a Call's pace)
+
+
 class Call(msgspec.Struct, forbid_unknown_fields=False):
     """The request envelope: one chunk of one function call.
 
@@ -86,6 +89,10 @@ class Call(msgspec.Struct, forbid_unknown_fields=False):
     deadline: float | None = None
     # the time by which the chunk must start, else a "busy" refusal instead of queueing
     start_by: float | None = None
+    # None: the function gets the whole chunk. A number: it gets one item at a time, the items
+    # starting at most one per `pace` seconds (0: back to back), and a Throttled stops the
+    # chunk with the results so far (§6.3)
+    pace: float | None = None
 
 
 class WireCall(msgspec.Struct, forbid_unknown_fields=False):
@@ -104,6 +111,7 @@ class WireCall(msgspec.Struct, forbid_unknown_fields=False):
     isolate: bool = False
     deadline: float | None = None
     start_by: float | None = None
+    pace: float | None = None
 
 
 class ErrorInfo(msgspec.Struct, forbid_unknown_fields=False):
@@ -128,6 +136,16 @@ class ItemError(msgspec.Struct, forbid_unknown_fields=False):
     error: ErrorInfo
 
 
+class Throttle(msgspec.Struct, forbid_unknown_fields=False):
+    """A paced chunk stopped by the function's Throttled: the items from `at` on did not run
+    (the one at `at` was refused downstream); `retry_after`: the seconds it asked for."""
+
+    at: int
+    retry_after: float | None = None
+    message: str = ""
+    ran: int = 0  # items that ran before it (a whole-chunk call loses their results: at 0)
+
+
 class Reply(msgspec.Struct, forbid_unknown_fields=False):
     """The response envelope: results, or an error, plus worker-side timings."""
 
@@ -141,6 +159,7 @@ class Reply(msgspec.Struct, forbid_unknown_fields=False):
     # an isolated call (Call.isolate): the items that raised; `results` holds the others'
     item_errors: list[ItemError] | None = None
     capacity: int | None = None  # chunks of a sync function the worker runs at once
+    throttled: Throttle | None = None  # the chunk stopped at a throttle: `results` are partial
 
 
 _msgpack_encoder = msgspec.msgpack.Encoder()
@@ -225,6 +244,7 @@ def typed_call(wire: WireCall, shape: _values.Shape, fmt: str) -> Call | _values
         isolate=wire.isolate,
         deadline=wire.deadline,
         start_by=wire.start_by,
+        pace=wire.pace,
     )
 
 
@@ -417,6 +437,8 @@ def read_reply(
             or reply.stages[-1].count != len(reply.results)
         ):
             raise ProtocolError(f"{what}: its per-stage figures do not match", url=url)
+        if reply.throttled is not None and not 0 <= reply.throttled.at < len(call.items):
+            raise ProtocolError(f"{what}: a throttle outside the chunk", url=url)
         if reply.item_errors is not None:
             reply.results = _in_place(reply, call, offset, url)
         return reply
@@ -471,8 +493,9 @@ def _in_place(reply: Reply, call: Call, offset: int, url: str) -> list[Any]:
     results, errors = reply.results or [], reply.item_errors or []
     out: list[Any] = []
     taken = 0
+    ran = reply.throttled.at if reply.throttled is not None else len(call.items)
     for failed in sorted(errors, key=lambda e: e.index):
-        if not taken <= failed.at <= len(results) or not 0 <= failed.index < len(call.items):
+        if not taken <= failed.at <= len(results) or not 0 <= failed.index < ran:
             raise ProtocolError(f"chunk {call.index} of {call.fn}: bad per-item errors", url=url)
         out += results[taken : failed.at]
         taken = failed.at

@@ -27,6 +27,7 @@ class ChunkStats:
     compute_s: float
     attempts: int
     stages: list[StageFigures] = field(default_factory=list)  # a fused call's, per stage
+    throttles: int = 0  # times the function raised Throttled on this chunk (none retried)
 
 
 @dataclass
@@ -41,6 +42,10 @@ class StepStats:
     chunk; hedges: duplicates sent for stragglers; chunks: per-chunk measurements (the first
     10,000 of a call; the counters are exact); fused_with: in a Pipeline, the number of the
     step whose requests also ran this one (None when it had requests of its own).
+    throttles: items the downstream refused (the function raised serverless.Throttled; each
+    was sent again); rate: the items per second the call was paced at when it ended (its
+    `rate=`, or where throttles settled it; None: unpaced); window: the chunks it could keep
+    in flight when it ended; items_per_s: the rate it achieved (count / duration).
     """
 
     name: str
@@ -55,6 +60,13 @@ class StepStats:
     target: TargetKind = "local"
     chunks: list[ChunkStats] = field(default_factory=list)
     fused_with: int | None = None
+    throttles: int = 0
+    rate: float | None = None
+    window: int = 0
+
+    @property
+    def items_per_s(self) -> float:
+        return self.count / self.duration if self.duration > 0 else 0.0
 
     @property
     def processes(self) -> int:

@@ -26,7 +26,7 @@ from . import _protocol as p
 from . import _registry
 from ._admission import MAX_FUNCTION, REQUEST_ID, Budget, known_signature, process_budget
 from ._bounds import MAX_CONTAINERS, too_many_containers
-from ._exceptions import SerializationError
+from ._exceptions import SerializationError, Throttled
 from ._origin import OriginPolicy
 from ._replay import ReplayGuard
 from ._values import Mismatch, inexact_result
@@ -307,8 +307,10 @@ class Endpoint:
             return self.reject(
                 400, "envelope stages do not match the signed function", fmt, head=head
             )
-        if wire.isolate and wire.then:  # a failed item has no input for the next stage
-            return self.reject(400, "a fused call cannot isolate its items", fmt, head=head)
+        if (wire.isolate or wire.pace is not None) and wire.then:  # items run one by one
+            return self.reject(400, "a fused call cannot run item by item", fmt, head=head)
+        if wire.pace is not None and not 0 <= wire.pace <= p.MAX_PACE:
+            return self.reject(400, f"pace must be in [0, {p.MAX_PACE}]s", fmt, head=head)
         binds = [wire.bind] + [stage.bind for stage in wire.then]
         stages: list[tuple[_registry.Entry, _registry.Bind]] = []
         for name, found, wire_bind in zip(names, entries, binds, strict=True):
@@ -399,8 +401,8 @@ class Endpoint:
         with self._tracked(job):
             if job.entry.is_async or any(entry.is_async for entry, _ in job.then):
                 return asyncio.run(self._run_async(job))
-            if job.call.isolate:
-                return self._run_isolated(job)
+            if _itemwise(job.call):
+                return self._run_itemwise(job)
             return self._run(job)
 
     def _run(self, job: Job) -> Response:
@@ -419,8 +421,10 @@ class Endpoint:
                 figures.append(p.StageFigures(len(results), time.perf_counter() - stage_started))
         except _ResultError as exc:
             return self._failure(job, "result", exc.__cause__ or exc, None, started, stage)
+        except Throttled as exc:  # the whole chunk goes again: its results so far are lost
+            return self._throttled(job, [], [], 0, exc, started, _ran(items))
         except Exception as exc:
-            return self._failure(job, "user", exc, items, started, stage)
+            return self._failure(job, "user", exc, _at(items), started, stage)
         return self._success(job, results, started, figures)
 
     async def run_async(self, job: Job) -> Response:
@@ -431,40 +435,57 @@ class Endpoint:
         with self._tracked(job):
             return await self._run_async(job)
 
-    def _run_isolated(self, job: Job) -> Response:
-        """errors="return": each item on its own, so one item's error costs no other item a
-        second run; results concatenated in item order, errors listed (docs/protocol.md)."""
+    # Item by item (Call.isolate, Call.pace): each item on its own, started at most one per
+    # `pace` seconds, so that one item's error costs no other item a second run (isolate: each
+    # error in the reply, docs/protocol.md §6.2) and a throttle stops the chunk with the
+    # results so far (§6.3). The sync and async forms differ only in sleeping and awaiting.
+
+    def _run_itemwise(self, job: Job) -> Response:
         started = time.perf_counter()
-        function = job.entry.bound(job.bind)
+        function, call = job.entry.bound(job.bind), job.call
         results: list[Any] = []
         errors: list[p.ItemError] = []
-        for index, item in enumerate(job.call.items):
+        for index, item in enumerate(call.items):
+            wait = _pause(call, started, index)
+            if wait > 0:
+                time.sleep(wait)
             try:
-                results += _as_list(function(_Tracked([item]), *job.call.args, **job.call.kwargs))
+                results += _as_list(function(_Tracked([item]), *call.args, **call.kwargs))
             except _ResultError as exc:
                 return self._failure(job, "result", exc.__cause__ or exc, None, started)
+            except Throttled as exc:
+                return self._throttled(job, results, errors, index, exc, started)
             except Exception as exc:
+                if not call.isolate:
+                    return self._failure(job, "user", exc, (index, item), started)
                 errors.append(p.ItemError(index, len(results), _error_info(exc, index, item)))
-        return self._success(job, results, started, [], errors)
+        return self._success(job, results, started, [], errors if call.isolate else None)
 
-    async def _run_isolated_async(self, job: Job) -> Response:
+    async def _run_itemwise_async(self, job: Job) -> Response:
         started = time.perf_counter()
-        function = job.entry.bound(job.bind)
+        function, call = job.entry.bound(job.bind), job.call
         results: list[Any] = []
         errors: list[p.ItemError] = []
-        for index, item in enumerate(job.call.items):
+        for index, item in enumerate(call.items):
+            wait = _pause(call, started, index)
+            if wait > 0:
+                await asyncio.sleep(wait)
             try:
-                result = function(_Tracked([item]), *job.call.args, **job.call.kwargs)
+                result = function(_Tracked([item]), *call.args, **call.kwargs)
                 results += _as_list(await result if job.entry.is_async else result)
             except _ResultError as exc:
                 return self._failure(job, "result", exc.__cause__ or exc, None, started)
+            except Throttled as exc:
+                return self._throttled(job, results, errors, index, exc, started)
             except Exception as exc:
+                if not call.isolate:
+                    return self._failure(job, "user", exc, (index, item), started)
                 errors.append(p.ItemError(index, len(results), _error_info(exc, index, item)))
-        return self._success(job, results, started, [], errors)
+        return self._success(job, results, started, [], errors if call.isolate else None)
 
     async def _run_async(self, job: Job) -> Response:
-        if job.call.isolate:
-            return await self._run_isolated_async(job)
+        if _itemwise(job.call):
+            return await self._run_itemwise_async(job)
         started = time.perf_counter()
         figures: list[p.StageFigures] = []
         items = _Tracked(job.call.items)
@@ -481,9 +502,28 @@ class Endpoint:
                 figures.append(p.StageFigures(len(results), time.perf_counter() - stage_started))
         except _ResultError as exc:
             return self._failure(job, "result", exc.__cause__ or exc, None, started, stage)
+        except Throttled as exc:
+            return self._throttled(job, [], [], 0, exc, started, _ran(items))
         except Exception as exc:
-            return self._failure(job, "user", exc, items, started, stage)
+            return self._failure(job, "user", exc, _at(items), started, stage)
         return self._success(job, results, started, figures)
+
+    def _throttled(
+        self,
+        job: Job,
+        results: list[Any],
+        errors: list[p.ItemError],
+        at: int,
+        exc: Throttled,
+        started: float,
+        ran: int | None = None,
+    ) -> Response:
+        """The function said the downstream refused item `at`: the results so far, and the
+        point from which the caller sends the chunk again."""
+        ran = at if ran is None else ran
+        throttle = p.Throttle(at=at, retry_after=exc.retry_after, message=str(exc), ran=ran)
+        isolated = errors if job.call.isolate else None
+        return self._success(job, results, started, [], isolated, throttle)
 
     def _success(
         self,
@@ -492,6 +532,7 @@ class Endpoint:
         started: float,
         figures: list[p.StageFigures],
         item_errors: list[p.ItemError] | None = None,
+        throttled: p.Throttle | None = None,
     ) -> Response:
         entry, bind = job.then[-1] if job.then else (job.entry, job.bind)
         try:
@@ -525,6 +566,7 @@ class Endpoint:
             stages=figures if job.then else None,
             item_errors=item_errors,
             capacity=job.capacity,
+            throttled=throttled,
         )
         try:
             return self._reply(200, reply, job.fmt, (job.kid, job.call.id))
@@ -536,14 +578,13 @@ class Endpoint:
         job: Job,
         kind: str,
         exc: BaseException,
-        items: _Tracked | None,
+        at: tuple[int, Any] | None,
         started: float,
         stage: int = 0,
     ) -> Response:
-        index = items.failing_index() if items is not None else None
-        error = _error_info(
-            exc, index, items[index] if items is not None and index is not None else _NONE, kind
-        )
+        """A failed chunk; `at`: the item being processed when it failed (index, item)."""
+        index, item = at if at is not None else (None, _NONE)
+        error = _error_info(exc, index, item, kind)
         error.stage = stage
         logger.debug("%s failed on %s: %s", job.entry.name, worker_id(), error.traceback)
         reply = p.Reply(
@@ -558,6 +599,29 @@ class Endpoint:
 
 
 _NONE: Any = object()  # no item to name
+
+
+def _at(items: _Tracked) -> tuple[int, Any] | None:
+    """The item the function was processing when it raised, if it was iterating."""
+    index = items.failing_index()
+    return None if index is None else (index, items[index])
+
+
+def _ran(items: _Tracked) -> int:
+    """Items a whole-chunk call had finished when it raised (0 if it was not iterating)."""
+    index = items.failing_index()
+    return 0 if index is None else index
+
+
+def _itemwise(call: p.Call) -> bool:
+    return call.isolate or call.pace is not None
+
+
+def _pause(call: p.Call, started: float, index: int) -> float:
+    """Seconds to wait before item `index` of a paced chunk may start."""
+    if not call.pace or not index:
+        return 0.0
+    return started + index * call.pace - time.perf_counter()
 
 
 def _error_info(

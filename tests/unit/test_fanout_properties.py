@@ -34,7 +34,9 @@ def run(
 ) -> tuple[list[Any], Tally, list[int]]:
     sent: list[int] = []  # item offsets of every attempt that answered
 
-    async def attempt(url: str, chunk: Chunk, number: int, timeout: float) -> Any:
+    async def attempt(
+        url: str, chunk: Chunk, number: int, timeout: float, pace: float | None
+    ) -> Any:
         index, offset, items = chunk
         await asyncio.sleep(rng.random() * 0.002)
         roll = rng.random()

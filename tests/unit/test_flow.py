@@ -93,7 +93,9 @@ class Threads:
         self.refused: list[tuple[str, float]] = []
         self.most = 0
 
-    async def __call__(self, url: str, chunk: Chunk, number: int, timeout: float) -> Any:
+    async def __call__(
+        self, url: str, chunk: Chunk, number: int, timeout: float, pace: float | None
+    ) -> Any:
         now = time.perf_counter()
         self.sent.append((url, now))
         if self.running.get(url, 0) >= self.threads:
@@ -181,7 +183,9 @@ def test_a_chunk_far_past_its_peers_is_hedged_however_long_the_input() -> None:
     # waited for the whole input to be read, and the reorder window stopped reading it
     frozen_until = time.perf_counter() + 6.0
 
-    async def attempt(url: str, chunk: Chunk, number: int, timeout: float) -> Any:
+    async def attempt(
+        url: str, chunk: Chunk, number: int, timeout: float, pace: float | None
+    ) -> Any:
         await asyncio.sleep(0.01)
         if url == A:
             await asyncio.sleep(frozen_until - time.perf_counter())
@@ -196,7 +200,9 @@ def test_a_chunk_far_past_its_peers_is_hedged_however_long_the_input() -> None:
 
 def test_one_slow_item_among_many_takes_the_call_no_longer_than_itself() -> None:
     # the head-of-line chunk runs 1 s; the 399 others (10 ms each, 9 at a time) need 0.45 s
-    async def attempt(url: str, chunk: Chunk, number: int, timeout: float) -> Any:
+    async def attempt(
+        url: str, chunk: Chunk, number: int, timeout: float, pace: float | None
+    ) -> Any:
         await asyncio.sleep(1.0 if chunk.index == 0 else 0.01)
         return chunk.items, ChunkStats(chunk.index, 1, "w", url, 0, 0, 0, 0, number)
 

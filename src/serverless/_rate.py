@@ -1,0 +1,179 @@
+"""Rate limits: the `rate=` option, and the pacer that holds one call to it. No I/O.
+
+One caller dispatches every chunk of a call, so a rate held here is global by construction:
+whatever the number of workers, the downstream sees at most `rate` items per second from this
+call. The pacer hands out items as tokens on a virtual clock (a chunk of n items takes n
+tokens, and the next chunk waits until the debt is paid), and each chunk tells its worker to
+start its items at most one per 1/rate seconds, so the downstream sees a smooth rate, not a
+burst at each chunk's start.
+
+When the function raises `serverless.Throttled` (the downstream said "too many"), the rate
+follows TCP's congestion control: it drops to BACKOFF times itself once per episode (the
+throttles of items sent before a decrease do not decrease it again), and grows by GROWTH
+times that figure per second while calls succeed (AIMD), never above the user's `rate`. An
+unpaced call (no `rate=`, or "auto") starts from BACKOFF times the rate it achieved when the
+first throttle came, a rough figure (the call may be milliseconds old), so it then doubles
+every second until the next throttle (slow start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+from ._exceptions import ConfigurationError
+
+Rate = float | Literal["auto"]
+
+BACKOFF = 0.8  # a throttle sets the rate to this times the rate achieved over the last second
+GROWTH = 0.08  # per second without throttles, the rate grows by this share of that figure
+WINDOW = 1.0  # seconds of successes the achieved rate is measured over
+PART_S = 0.25  # seconds of the rate one request of a paced chunk carries at most
+START = 1.0  # items per second: a throttle never sets the rate below this
+DOUBLING = 1.0  # seconds: after the first throttle episode the rate doubles this often
+_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
+_UNITS |= {"h": 3600.0, "hour": 3600.0}
+_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*([a-z]+?)s?)?\s*$")
+
+
+def parse_rate(value: object) -> Rate | None:
+    """`rate=`: items per second as a number, a string such as "50/s", "3000/min" or
+    "10000/h", "auto" (no figure: find the downstream's quota from its throttles), or None."""
+    if value is None:
+        return None
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool):
+        raise ConfigurationError(f"rate must be items per second or a string, not {value!r}")
+    if isinstance(value, int | float):
+        figure = float(value)
+    elif isinstance(value, str):
+        match = _PATTERN.match(value.lower())
+        unit = _UNITS.get(match.group(2) or "s") if match else None
+        if match is None or unit is None:
+            raise ConfigurationError(
+                f'rate must be a number of items per second, a string such as "50/s" or '
+                f'"3000/min", or "auto", not {value!r}'
+            )
+        figure = float(match.group(1)) / unit
+    else:
+        raise ConfigurationError(f"rate must be items per second or a string, not {value!r}")
+    if not math.isfinite(figure) or figure <= 0:
+        raise ConfigurationError(f"rate must be a positive number of items per second: {value!r}")
+    return figure
+
+
+class Pacer:
+    """The rate of one call, on the dispatcher's loop. `rate` is None while the call is
+    unpaced (no `rate=` and no throttle yet)."""
+
+    def __init__(
+        self,
+        rate: Rate | None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._clock, self._sleep = clock, sleep
+        self.auto = rate == "auto"  # item by item, even unpaced (also once throttled)
+        self.ceiling = rate if isinstance(rate, float) else None  # the user's rate=
+        self.rate: float | None = self.ceiling
+        self.throttles = 0  # downstream refusals (Throttled) seen by the call
+        self._tokens = 0.0  # items that may start now; negative: a debt the clock pays off
+        self._stamp = clock()
+        self.epoch = 0  # rate decreases so far
+        self._started = clock()
+        self._slow = False  # slow start: the rate doubles each DOUBLING seconds
+        self._grow_by = 0.0  # items/s gained per second since the last decrease
+        self._done: deque[tuple[float, int]] = deque()  # (when, items) succeeded recently
+        self._done_items = 0
+        self._lock = asyncio.Lock()  # FIFO: chunks start in the order they asked
+
+    @property
+    def itemwise(self) -> bool:
+        """Whether the worker must call the function item by item: a paced or throttled
+        call, so that a throttle never costs a rerun of an item that succeeded."""
+        return self.auto or self.rate is not None
+
+    def pace(self) -> float | None:
+        """Seconds between item starts within a chunk (the Call's `pace`): None for an
+        unpaced call (the function gets the whole chunk), 0 for item by item, unpaced."""
+        if self.rate is None:
+            return 0.0 if self.auto else None
+        return 1.0 / self.rate
+
+    def part(self, items: int) -> int:
+        """How many of a chunk's `items` one request carries: all of them unpaced, else what
+        the rate starts in PART_S (at least one), so no request holds a stale pace long."""
+        if self.rate is None:
+            return items
+        return max(1, min(items, int(self.rate * PART_S)))
+
+    def _refill(self, now: float) -> None:
+        if self.rate is None:
+            return
+        grown = now - self._stamp  # seconds of growth since the last look
+        if self.epoch and grown > 0:
+            if self._slow:  # the first episode's estimate is rough: double until the next
+                self.rate *= 2.0 ** (grown / DOUBLING)
+            else:
+                self.rate += self._grow_by * grown
+            if self.ceiling is not None:
+                self.rate = min(self.rate, self.ceiling)
+        # a burst of at most one item: the downstream sees the rate, not a backlog
+        self._tokens = min(1.0, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    async def take(self, items: int) -> int:
+        """Wait until `items` more may start, in the order the chunks asked; the epoch they
+        start in (what `throttled` needs to tell a new episode from an old one)."""
+        if self.rate is None:
+            return self.epoch
+        async with self._lock:
+            while True:
+                now = self._clock()
+                self._refill(now)
+                if self.rate is None or self._tokens > -1e-9:  # float dust is no debt
+                    break
+                # the rate may change meanwhile (a throttle): look again within 0.1 s
+                await self._sleep(min(0.1, -self._tokens / self.rate))
+            self._tokens -= items
+            return self.epoch
+
+    def succeeded(self, items: int) -> None:
+        """`items` came back without a throttle."""
+        now = self._clock()
+        self._done.append((now, items))
+        self._done_items += items
+        while self._done and self._done[0][0] < now - WINDOW:
+            self._done_items -= self._done.popleft()[1]
+
+    def throttled(self, epoch: int) -> None:
+        """The downstream refused an item sent in `epoch`: back off, once per episode. The
+        items sent before the last decrease were sent too fast for it: their throttles
+        belong to the episode it answered (TCP's one decrease per window)."""
+        self.throttles += 1
+        if epoch < self.epoch:
+            return
+        now = self._clock()
+        self._refill(now)
+        self.succeeded(0)  # drops the successes older than the window
+        # what the downstream let through lately: over the last second, or since the start
+        achieved = self._done_items / max(0.01, min(WINDOW, now - self._started))
+        self.auto = True  # item by item from now on: a throttle then costs no rerun
+        if self.rate is None:  # unpaced so far: start from what got through
+            if not achieved:
+                return  # nothing did lately: no figure to go by, only its Retry-After
+            self.rate, self._slow = max(START, BACKOFF * achieved), True
+        else:
+            self.rate, self._slow = max(START, BACKOFF * self.rate), False
+        if self.ceiling is not None:
+            self.rate = min(self.rate, self.ceiling)
+        self.epoch += 1
+        self._grow_by = GROWTH * self.rate / BACKOFF
+        self._tokens = min(self._tokens, 0.0)
+        self._stamp = now
