@@ -38,7 +38,7 @@ def test_rate_forms(value: object, expected: object) -> None:
 @pytest.mark.parametrize("value", [0, -1, "0/s", "fast", "5/day", True, float("inf"), "nan/s", []])
 def test_bad_rates_are_refused_with_the_forms_named(value: object) -> None:
     with pytest.raises(ConfigurationError, match="rate must"):
-        serverless.parallel(rate=value)(lambda items: items)  # type: ignore[arg-type]
+        serverless.parallel(rate=value)(lambda items: items)  # type: ignore[call-overload]
 
 
 def test_with_options_takes_a_rate() -> None:
