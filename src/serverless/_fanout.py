@@ -423,10 +423,14 @@ class Fanout:
                 overloaded = isinstance(exc, WorkerUnavailable) and exc.status in (429, 503)
                 if overloaded:
                     assert isinstance(exc, WorkerUnavailable)
-                    window.overloaded(number, _now(), exc.retry_after)
-                    if exc.capacity and self.capacities is not None:  # a signed "busy"
+                    if exc.capacity and self.capacities is not None:
+                        # a signed "busy" says what the worker can take: the window is capped
+                        # to that, not shrunk below it (68 such refusals on a first call took
+                        # a 16-slot window to 1, and the call from 2.5 s to 6 s)
                         self.capacities.observe(url, exc.worker, exc.capacity)
                         window.cap(self._ceiling(url))
+                    else:
+                        window.overloaded(number, _now(), exc.retry_after)
                 if not exc.retryable or self.policy.retries == 0:
                     raise
                 # "not now" from an overloaded target is flow control, not a failure: the

@@ -89,6 +89,11 @@ class Gate:
         self.area()
         self.active += delta
 
+    @property
+    def waiting(self) -> int:
+        """Chunks waiting for a slot (some may have been cancelled meanwhile)."""
+        return len(self._waiters)
+
     def try_acquire(self) -> bool:
         """Take a slot if one is free now and nobody waits for it."""
         if self.active < self.control.limit and not self._waiters:

@@ -13,6 +13,8 @@ import pytest
 
 import serverless
 from serverless import _pool
+from serverless._dispatch import dispatcher
+from serverless._flow import Capacities
 from tests.conftest import SECRET, free_port, server
 from tests.sample_functions import sleepy, square
 
@@ -45,6 +47,23 @@ def test_more_workers_than_the_target_has_threads_costs_no_time(declaring_worker
     wider = time.perf_counter() - started
     assert out == items and stats.retries == 0
     assert wider < 1.1 * fitted, (wider, fitted)
+
+
+@pytest.mark.usefixtures("reset_settings")
+def test_a_first_call_with_more_workers_than_threads_costs_little(declaring_worker: str) -> None:
+    """Nothing learned yet (a fresh caller): 100 chunks on 16 threads. The worker refuses at
+    once what would wait beyond a round (signed, with its capacity) instead of after the 1 s
+    start_by budget: then such a first call took 20% longer than one with workers=16."""
+    serverless.init(secret=SECRET)
+    items = [0.25] * 160
+    f = sleepy.with_options(url=declaring_worker)
+    walls: dict[int, list[float]] = {}
+    for workers in (THREADS, 100, THREADS, 100):
+        dispatcher().capacities = Capacities()  # a caller that knows nothing of the worker
+        started = time.perf_counter()
+        assert f.with_options(workers=workers)(items) == items  # refusals ran nothing
+        walls.setdefault(workers, []).append(time.perf_counter() - started)
+    assert min(walls[100]) < 1.25 * min(walls[THREADS]), walls
 
 
 def test_one_slow_item_among_400_costs_no_more_than_itself() -> None:
