@@ -47,7 +47,7 @@ class ASGIEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == self.endpoint.route:
-            token = current_origin.set(self._origin(scope))
+            token = current_origin.set(self._origin(scope, chunk=True))
             self.capacity.enter()
             try:
                 await _send(await self._handle(scope, receive), send)
@@ -147,7 +147,7 @@ class ASGIEndpoint:
         then answers 503, so a balancer stops sending this worker chunks it cannot start."""
         return self.endpoint.stuck() < self.threads
 
-    def _origin(self, scope: Scope) -> Origin:
+    def _origin(self, scope: Scope, chunk: bool = False) -> Origin:
         host = ""
         for name, value in scope.get("headers") or ():
             if name == b"host":
@@ -169,6 +169,7 @@ class ASGIEndpoint:
             refusal=refusal,
             endpoint=self.endpoint,
             capacity=self.capacity,
+            chunk=chunk,
         )
 
 

@@ -31,6 +31,7 @@ class Origin:
     # many as the server has free threads.
     endpoint: Endpoint | None = None
     capacity: Capacity | None = None
+    chunk: bool = False  # the request is a chunk sent to the route, not one of the app's own
 
     def checked_url(self) -> str:
         if self.refusal:

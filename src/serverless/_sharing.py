@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._exceptions import WorkerError
+from ._exceptions import WorkerError, WorkerUnavailable
 from ._http import Body, Response
 from ._worker import Response as Answer
 
@@ -52,13 +52,25 @@ DEFAULT_WSGI_THREADS = 8  # a threaded WSGI server that does not say how many th
 
 class Capacity:
     """The threads of one server process that serve requests, how many are busy, and how
-    many chunks this process has sent to itself (they will need threads too)."""
+    many chunks this process has sent to itself (they will need threads too).
 
-    def __init__(self, threads: int | None = None) -> None:
+    reserve: the server's threads serve every request of the app (a threaded WSGI server):
+    one of them is kept for requests other than fan-outs, so that the app answers them (its
+    health check, its pages) whatever its calls do. No chunk is sent to self that would take
+    it, and a call from a request handler that would leave every thread waiting on a fan-out
+    fails at once, saying so (`parents`)."""
+
+    def __init__(self, threads: int | None = None, reserve: bool = False) -> None:
         self.threads = threads
+        self.reserve = reserve
         self.busy = 0
         self.sent = 0
+        self.parents = 0  # threads waiting on calls made from request handlers
         self._lock = threading.Lock()
+
+    def _spare(self) -> int:
+        """Threads kept free of fan-outs: one where reserved and there are three or more."""
+        return 1 if self.reserve and (self.threads or 1) >= 3 else 0
 
     def enter(self) -> None:
         with self._lock:
@@ -71,10 +83,31 @@ class Capacity:
     def try_send(self) -> bool:
         """Take a slot for one chunk sent to self if the process has a thread for it."""
         with self._lock:
-            if self.sent + self.busy >= (self.threads or 1):
+            if self.sent + self.busy >= (self.threads or 1) - self._spare():
                 return False
             self.sent += 1
             return True
+
+    def enter_parent(self, url: str, check: bool = True) -> None:
+        """A call from a request handler starts waiting on its fan-out; it fails at once
+        (`check`: at its start, not between a stream's batches) if that would leave no
+        thread for the app's other requests."""
+        with self._lock:
+            threads = self.threads or 1
+            if check and self._spare() and self.parents + 1 >= threads:
+                raise WorkerUnavailable(
+                    f"{self.parents} of this app process's {threads} request threads already "
+                    "wait on parallel calls, and this one would take the last: the app could "
+                    "then answer no other request (its health check included) until one ends. "
+                    "Give the server more threads (gunicorn --threads), or send the calls to "
+                    "separate workers (serverless.init(url=...) or SERVERLESS_URL)",
+                    url=url,
+                )
+            self.parents += 1
+
+    def leave_parent(self) -> None:
+        with self._lock:
+            self.parents -= 1
 
     def sent_done(self) -> None:
         with self._lock:
@@ -124,6 +157,9 @@ class SharedCall:
     endpoint: Endpoint
     capacity: Capacity
     reclaim: bool  # may the caller's thread claim chunks already sent (see the docstring)
+    url: str = ""  # the app's own worker route
+    parent: bool = False  # made from a request handler (not a chunk, not inside another call)
+    _admitted: bool = False  # its first wait passed enter_parent's check
     _loop: asyncio.AbstractEventLoop | None = None
     _waiters: collections.deque[asyncio.Future[str]] = field(default_factory=collections.deque)
     _asked: bool = False  # the caller's thread wants work and none was pending (loop side)
@@ -307,17 +343,33 @@ def _resolve(future: asyncio.Future[T], value: T) -> None:
         future.set_result(value)
 
 
+_waiting = threading.local()  # whether this thread already waits on a server-context call
+
+
 def run_shared(shared: SharedCall | None, submit: Callable[[], concurrent.futures.Future[T]]) -> T:
     """Wait for a call's future; a server-context call's thread works meanwhile."""
-    future = submit()
     if shared is None:
+        future = submit()
         try:
             return future.result()
         except BaseException:
             future.cancel()
             raise
+    # a call from a request handler counts against the app's threads; one made inside a
+    # chunk this thread runs for its own call (or inside a worker's chunk) does not
+    parent = shared.parent and not getattr(_waiting, "depth", 0)
+    if parent:
+        shared.capacity.enter_parent(shared.url, check=not shared._admitted)
+        shared._admitted = True
+    _waiting.depth = getattr(_waiting, "depth", 0) + 1
     try:
-        return shared.work(future)
-    except BaseException:
-        future.cancel()
-        raise
+        future = submit()
+        try:
+            return shared.work(future)
+        except BaseException:
+            future.cancel()
+            raise
+    finally:
+        _waiting.depth -= 1
+        if parent:
+            shared.capacity.leave_parent()

@@ -78,7 +78,13 @@ def resolve(
         if blocking and origin.endpoint is not None and origin.capacity is not None:
             # one host shares the replay store that makes a reclaim run at most once
             same_host = is_loopback(urlsplit(url).hostname or "")
-            shared = SharedCall(origin.endpoint, origin.capacity, same_host or retries > 0)
+            shared = SharedCall(
+                origin.endpoint,
+                origin.capacity,
+                same_host or retries > 0,
+                url=url,
+                parent=not origin.chunk,
+            )
         return Target((url,), origin.route, origin.keyring, "self", config.max_body, shared=shared)
     if origin is not None:
         logger.warning(

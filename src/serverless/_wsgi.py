@@ -27,7 +27,8 @@ class WSGIEndpoint:
     def __init__(self, endpoint: Endpoint, app: WSGIApp | None = None) -> None:
         self.endpoint = endpoint
         self.app = app
-        self.capacity = Capacity()  # every request takes one of the server's threads
+        # every request takes one of the server's threads: one is kept for the app's own
+        self.capacity = Capacity(reserve=True)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if self.capacity.threads is None:
@@ -123,6 +124,7 @@ class WSGIEndpoint:
             refusal,
             self.endpoint,
             self.capacity,
+            chunk=environ.get("PATH_INFO", "") == route,
         )
 
 

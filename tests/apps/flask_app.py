@@ -34,10 +34,13 @@ def square() -> Response:
 
 
 @app.get("/nested")
-def nested() -> Response:
+def nested() -> Response | tuple[Response, int]:
     # a parallel call whose chunks make parallel calls: every level calls back into this app
     n = request.args.get("n", default=100, type=int)
-    return jsonify(sample_functions.nested_calls(list(range(n))))
+    try:
+        return jsonify(sample_functions.nested_calls(list(range(n))))
+    except serverless.WorkerUnavailable as exc:  # no thread left for it: it says why
+        return jsonify({"error": str(exc)}), 503
 
 
 @app.get("/pid")
