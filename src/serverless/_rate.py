@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from ._exceptions import ConfigurationError
+from ._protocol import MAX_PACE
 
 Rate = float | Literal["auto"]
 
@@ -104,7 +105,7 @@ class Pacer:
         unpaced call (the function gets the whole chunk), 0 for item by item, unpaced."""
         if self.rate is None:
             return 0.0 if self.auto else None
-        return 1.0 / self.rate
+        return min(1.0 / self.rate, MAX_PACE)  # below 4/s a request carries one item anyway
 
     def part(self, items: int) -> int:
         """How many of a chunk's `items` one request carries: all of them unpaced, else what

@@ -212,3 +212,48 @@ def test_every_answer_to_an_authenticated_request_is_signed() -> None:
         answer = endpoint.run(job) if isinstance(job, Job) else job
         sig = dict(answer.headers)[p.H_REPLY_SIGNATURE]
         assert KEYS.verify(p.reply_signing_message(answer.status, call.id, answer.body), sig)
+
+
+# -- throttles (§6.3) ---------------------------------------------------------------------
+
+
+def test_a_paced_call_runs_item_by_item_and_a_throttle_keeps_the_results_before_it() -> None:
+    from tests.quota import DOWNSTREAM
+
+    DOWNSTREAM.reset(rate=0.001, burst=3.0)  # three calls served, then refused
+    reply = roundtrip(envelope(sf.quota_lookup.entry.name, [10, 11, 12, 13, 14], pace=0.0))
+    assert reply.results == [20, 22, 24]
+    assert reply.throttled is not None and reply.throttled.at == 3
+    assert reply.throttled.ran == 3 and reply.throttled.retry_after is not None
+
+
+def test_a_whole_chunk_throttle_is_resent_from_its_start() -> None:
+    from tests.quota import DOWNSTREAM
+
+    DOWNSTREAM.reset(rate=0.001, burst=2.0)
+    reply = roundtrip(envelope(sf.quota_lookup.entry.name, [10, 11, 12, 13]))
+    assert reply.results == [] and reply.throttled is not None
+    assert reply.throttled.at == 0 and reply.throttled.ran == 2  # two ran; their results lost
+
+
+@pytest.mark.parametrize("pace", [-1.0, float("nan"), float("inf"), 3601.0])
+def test_a_pace_out_of_bounds_is_refused(pace: float) -> None:
+    call = envelope(sf.square.entry.name, [1, 2], pace=pace)
+    with pytest.raises(serverless.RequestRejected, match="pace must be in"):
+        roundtrip(call)
+
+
+def test_a_fused_call_cannot_be_paced() -> None:
+    names = [sf.square.entry.name, sf.odd_only.entry.name]
+    call = envelope(",".join(names), [1, 2, 3], then=[p.Stage(fn=names[1])], pace=0.1)
+    with pytest.raises(serverless.RequestRejected, match="item by item"):
+        roundtrip(call)
+
+
+@pytest.mark.parametrize("at", [-1, 2, 7])
+def test_a_signed_throttle_outside_the_chunk_is_refused(at: int) -> None:
+    call = envelope(sf.square.entry.name, [1, 2], pace=0.0)
+    reply = p.Reply(v=p.VERSION, results=[], throttled=p.Throttle(at=at))
+    body, headers = signed_reply(call, reply)
+    with pytest.raises(serverless.ProtocolError, match="throttle outside the chunk"):
+        p.read_reply(200, p.MSGPACK, body, headers, call, 0, URL, KEYS)
