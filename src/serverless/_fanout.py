@@ -393,7 +393,8 @@ class Fanout:
         for attempt in itertools.count(1):
             part = self.pacer.part(len(whole.items))
             chunk = whole if part == len(whole.items) else whole.head(part)
-            epoch = await self.pacer.take(len(chunk.items))
+            pacer = self.pacer  # unpaced: no await, no lock (the common case)
+            epoch = pacer.epoch if pacer.rate is None else await pacer.take(len(chunk.items))
             url = await self._slot(failed)
             window = self.windows[url]
             number = window.send()
