@@ -10,6 +10,7 @@ proxies or decompress: the worker route needs none of that.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,26 @@ from urllib.parse import urlsplit
 import httptools
 
 _COPY_LIMIT = 64 * 1024  # smaller bodies are joined to the head: one write, one segment
+
+# Loopback addresses whose server this process also reaches on a Unix domain socket (the
+# local pool's workers listen on both): (host, port) -> (socket path, the registering pid).
+# A request over it skips the TCP stack: W3's round trip ~0.04 ms shorter. URLs stay TCP, so
+# statistics, probes and a worker's call back to itself are unchanged. The pid guards against
+# a forked child using its parent's pool's sockets.
+_unix_sockets: dict[tuple[str, int], tuple[str, int]] = {}
+
+
+def serve_over_unix(host: str, port: int, path: str | None) -> None:
+    """Connect to http://host:port through the Unix socket `path` (None: no longer)."""
+    if path is None:
+        _unix_sockets.pop((host, port), None)
+    else:
+        _unix_sockets[(host, port)] = (path, os.getpid())
+
+
+def _unix_path(origin: _Origin) -> str | None:
+    entry = None if origin.tls else _unix_sockets.get((origin.host, origin.port))
+    return entry[0] if entry is not None and entry[1] == os.getpid() else None
 
 
 class TransportError(Exception):
@@ -241,10 +262,16 @@ class Client:
                 self._ssl = ssl.create_default_context()
             context = self._ssl
         loop = asyncio.get_running_loop()
+        unix = _unix_path(origin)
         try:
-            _, conn = await loop.create_connection(
-                lambda: _Connection(self.max_reply), origin.host, origin.port, ssl=context
-            )
+            if unix is not None:
+                _, conn = await loop.create_unix_connection(
+                    lambda: _Connection(self.max_reply), unix
+                )
+            else:
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self.max_reply), origin.host, origin.port, ssl=context
+                )
         except OSError as exc:
             raise TransportError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from exc
         return conn
