@@ -44,9 +44,13 @@ START_TIMEOUT = 60.0
 WATCH_INTERVAL = 0.5  # seconds between rounds of the pool's thread: replace the dead, probe
 PROBE_TIMEOUT = 1.0  # seconds a round waits for the workers' answers to its probe
 # A worker that answered no probe for this long is frozen (SIGSTOP, a blocked event loop): it
-# is killed and replaced, so calls stop paying their full timeout on it. A busy worker still
-# answers: the probe is a GET its event loop refuses at once (405), whatever its threads do.
+# is killed and replaced, so calls stop paying their full timeout on it. The probe is a GET
+# its event loop refuses at once (405), but a loop can wait seconds for the GIL behind dozens
+# of CPU-bound threads (W4 on 2 cores: 2.7 s measured, and workers were killed mid-call, the
+# call failing on the dead URL): a silent worker whose CPU time still grows is busy, not
+# frozen (Linux's /proc; elsewhere silence alone decides).
 FROZEN_AFTER = 3.0
+BUSY_TICKS = 2  # CPU clock ticks (10 ms each, usually) in a round that make a silent worker busy
 PROBE_REQUEST = "HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 UNIX_PATH_MAX = 100  # sun_path holds 108 bytes on Linux, 104 on macOS: TCP only beyond this
 
@@ -71,6 +75,7 @@ class LocalPool:
         self._rounds = -1  # rounds of the pool's thread completed (0: the first one)
         self._error: ConfigurationError | None = None  # the last round's, for the callers
         self._answered = [0.0] * processes  # when each slot last answered a probe
+        self._cpu = [-1] * processes  # each slot's CPU time (ticks) when last looked at
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * processes
         self.urls: list[str] = [""] * processes
         self._sockets_dir: str | None = None  # the workers' Unix sockets (mode 0700)
@@ -153,6 +158,7 @@ class LocalPool:
                 self.urls[slot] = self._await_port(proc, port_fd)  # before pids show it
                 self._procs[slot] = proc
                 self._answered[slot] = time.monotonic()
+                self._cpu[slot] = -1
                 if unix is not None:
                     _http.serve_over_unix("127.0.0.1", _port(self.urls[slot]), unix)
                 self._unix[slot] = unix
@@ -184,6 +190,11 @@ class LocalPool:
             for sock in sockets:
                 sock.close()
         now = time.monotonic()
+        for slot, proc, _ in live:
+            cpu = _cpu_ticks(proc.pid)
+            if cpu is not None and self._cpu[slot] >= 0 and cpu - self._cpu[slot] >= BUSY_TICKS:
+                self._answered[slot] = now  # silent but burning CPU: busy
+            self._cpu[slot] = -1 if cpu is None else cpu
         with self._lock:
             for slot, proc, _ in live:
                 silent = now - self._answered[slot]
@@ -292,6 +303,16 @@ class LocalPool:
         if self._sockets_dir is not None:
             shutil.rmtree(self._sockets_dir, ignore_errors=True)
             self._sockets_dir = None
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """User plus system CPU time of a process, in clock ticks; None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()  # after the command's name
+        return int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _port(url: str) -> int:

@@ -34,9 +34,11 @@ def test_the_caller_reaches_its_workers_over_unix_sockets_in_a_private_directory
     assert stat.S_IMODE(os.stat(os.path.dirname(paths[0])).st_mode) == 0o700
     assert all(url.startswith("http://127.0.0.1:") for url in pool.urls)  # the URLs stay TCP
 
+    ports = {_pool._port(url) for url in pool.urls}
+
     async def families() -> list[int]:
-        idle = dispatcher()._client()._idle.values()
-        conns = [conn for connections in idle for conn in connections]
+        idle = dispatcher()._client()._idle.items()
+        conns = [c for origin, cs in idle if origin.port in ports for c in cs if not c.closed]
         return [c.transport.get_extra_info("socket").family for c in conns if c.transport]
 
     seen = dispatcher().run(families())
