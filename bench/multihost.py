@@ -9,6 +9,13 @@ and the wall time should fall as 1/hosts.
 
     python -m bench.multihost [--hosts 4] [--threads 8] [--items 1280] [--wait 0.05]
 
+The caller's ceiling (issue 16): one item per request, short waits, and the caller's CPU per
+item beside each row; --profile adds py-spy on the caller during each timed run and splits
+that CPU by category (HTTP client, signing, encoding, fan-out engine, event loop), in
+microseconds per request:
+
+    python -m bench.multihost --chunk-size 1 --wait 0.01 --threads 16 --items 8000 --profile
+
 Prints a markdown table and writes bench/results/multihost.json. tests/integration/test_multihost.py
 uses the Cluster below for the kill and key-rotation runs.
 """
@@ -16,6 +23,7 @@ uses the Cluster below for the kill and key-rotation runs.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import csv
 import ctypes
@@ -25,6 +33,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -37,6 +46,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import serverless
 from serverless import StepStats
@@ -423,26 +433,114 @@ def caller(cluster: Cluster) -> Iterator[None]:
 # -- the benchmark ----------------------------------------------------------------------------
 
 
+# What the caller's CPU goes to, for --profile: first match from the leaf up wins. uvloop is
+# compiled, so its work shows as the Python frame that called into it: a leaf in
+# _Connection.send is the socket write (the send syscall); a leaf at the loop thread's run is
+# uvloop itself (epoll, reads, callbacks). py-spy counts a thread preempted inside a syscall
+# as busy, which on an oversubscribed machine inflates the write several times over (45% of
+# the samples here against 20-27% kernel time by getrusage and perf): so the kernel's time
+# comes from getrusage, and py-spy splits only the user time, write samples left out.
+SYSCALL = "socket write (send syscall, from _Connection.send)"
+KERNEL = "kernel (getrusage: send, recv, epoll, wake-ups)"
+LEAF_CATEGORIES = [
+    (SYSCALL, "_Connection.send "),
+    ("uvloop internals (epoll, socket reads, callbacks)", "Thread.run "),
+]
+CALLER_CATEGORIES = [
+    ("signing (HMAC, SHA-256)", ("Keyring.", "string_to_sign", "signed_headers", "hmac")),
+    ("encoding and decoding", ("_protocol.py", "msgspec", "_values.py")),
+    ("HTTP client (_http.py, httptools)", ("serverless/_http.py", "httptools")),
+    ("fan-out engine (_fanout, _flow)", ("serverless/_fanout.py", "serverless/_flow.py")),
+    ("dispatcher (_dispatch, _function, _chunking, _stats)", ("serverless/",)),
+    ("asyncio (tasks, futures)", ("asyncio/",)),
+]
+
+
+def _categorise(frames: list[str]) -> str:
+    for name, leaf in LEAF_CATEGORIES:
+        if frames[-1].startswith(leaf):
+            return name
+    for frame in reversed(frames):
+        for name, keys in CALLER_CATEGORIES:
+            if any(key in frame for key in keys):
+                return name
+    return "other (interpreter, threading)"
+
+
+def _spy(seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy on this process for `seconds` (only busy samples: py-spy skips idle threads)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        return None
+    cmd = [spy, "record", "-p", str(os.getpid()), "-d", str(max(1, int(seconds))), "-r", "500"]
+    cmd += ["-f", "raw", "-o", str(out), "--nonblocking"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _split(path: Path) -> dict[str, float]:
+    """Share of the profile's (busy) samples per category, the socket write's left out."""
+    counts: collections.Counter[str] = collections.Counter()
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack and n.isdigit():
+            counts[_categorise(stack.split(";"))] += int(n)
+    counts.pop(SYSCALL, None)
+    total = sum(counts.values()) or 1
+    return {name: n / total for name, n in counts.most_common()}
+
+
 def measure(
-    hosts: int, threads: int, items: int, wait: float, chunk_size: int, mode: str
-) -> dict[str, float | int | str]:
+    hosts: int,
+    threads: int,
+    items: int,
+    wait: float,
+    chunk_size: int,
+    mode: str,
+    *,
+    per_slot: float = 2.0,
+    profile: bool = False,
+) -> dict[str, Any]:
+    """One timed run on `hosts` hosts; the caller's `workers` = hosts x threads x per_slot."""
+    workers = max(1, round(hosts * threads * per_slot))
     with Cluster(hosts, threads=threads, mode=mode) as cluster, caller(cluster):
-        fn = io_bound.with_options(workers=hosts * threads * 2, chunk_size=chunk_size)
+        fn = io_bound.with_options(workers=workers, chunk_size=chunk_size)
         fn(list(range(hosts * threads * chunk_size)), wait)  # warm every connection
         data = list(range(items))
+        spy = None
+        out = ROOT / "bench" / "results" / f"multihost-caller-{hosts}.txt"
+        if profile:  # sample the middle of the run: no ramp-up, no tail
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.unlink(missing_ok=True)
+            expected = items * wait / (hosts * threads)
+            spy = _spy(expected * 0.6, out)
+        before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         result, stats = fn.with_stats(data, wait)
         wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+        cpu = user + system
         assert result == [2 * x for x in data], "results lost or out of order"
         ideal = items * wait / (hosts * threads)
-        return {
+        row: dict[str, Any] = {
             "hosts": hosts,
+            "workers": workers,
             "mode": cluster.mode,
             "wall_s": wall,
             "ideal_s": ideal,
             "items_per_s": items / wall,
+            "caller_cpu_us_per_item": cpu / items * 1e6,
+            "caller_sys_us_per_item": system / items * 1e6,  # the kernel's share: sockets
+            "caller_cpu_share": cpu / wall,
             "retries": stats.retries,
         }
+        if spy is not None:
+            spy.wait(60)
+            if out.exists():
+                us = chunk_size / items * 1e6  # per request
+                split = {name: share * user * us for name, share in _split(out).items()}
+                row["profile_us_per_request"] = {KERNEL: system * us, **split}
+        return row
 
 
 def measure_kill(
@@ -477,33 +575,64 @@ def main() -> int:
     parser.add_argument("--wait", type=float, default=0.05, help="seconds each item waits")
     parser.add_argument("--chunk-size", type=int, default=4, help="items per chunk")
     parser.add_argument("--mode", choices=["auto", "netns", "loopback"], default="auto")
+    parser.add_argument("--min-hosts", type=int, default=1, help="smallest number of hosts")
+    parser.add_argument(
+        "--per-slot", type=float, default=2.0, help="caller's workers per host thread"
+    )
+    parser.add_argument("--profile", action="store_true", help="py-spy on the caller per row")
+    parser.add_argument("--no-kill", action="store_true", help="skip the SIGKILL run")
     args = parser.parse_args()
     rows = [
-        measure(n, args.threads, args.items, args.wait, args.chunk_size, args.mode)
-        for n in range(1, args.hosts + 1)
+        measure(
+            n,
+            args.threads,
+            args.items,
+            args.wait,
+            args.chunk_size,
+            args.mode,
+            per_slot=args.per_slot,
+            profile=args.profile,
+        )
+        for n in range(args.min_hosts, args.hosts + 1)
     ]
     base = float(rows[0]["wall_s"])
     print(
         f"{args.items} items x {args.wait * 1000:.0f} ms, {args.chunk_size} per chunk, "
         f"{args.threads} threads per host, HAProxy leastconn, hosts: {rows[0]['mode']}\n"
     )
-    print("| hosts | wall (s) | ideal (s) | items/s | speedup | linear efficiency | retries |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| hosts | caller workers | wall (s) | ideal (s) | items/s | speedup | "
+        "linear efficiency | caller CPU per item (of it kernel) | caller CPU / wall | retries |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    first = int(rows[0]["hosts"])
     for row in rows:
-        speedup = base / float(row["wall_s"])
+        speedup = base / float(row["wall_s"]) * first
         row["speedup"] = speedup
         row["efficiency"] = speedup / int(row["hosts"])
         print(
-            f"| {row['hosts']} | {float(row['wall_s']):.3f} | {float(row['ideal_s']):.3f} | "
-            f"{float(row['items_per_s']):.0f} | {speedup:.2f}x | "
-            f"{float(row['efficiency']):.0%} | {row['retries']} |"
+            f"| {row['hosts']} | {row['workers']} | {float(row['wall_s']):.3f} | "
+            f"{float(row['ideal_s']):.3f} | {float(row['items_per_s']):.0f} | {speedup:.2f}x | "
+            f"{float(row['efficiency']):.0%} | {row['caller_cpu_us_per_item']:.0f} us "
+            f"({row['caller_sys_us_per_item']:.0f} us) | "
+            f"{row['caller_cpu_share']:.0%} | {row['retries']} |"
         )
+    profiled = [row for row in rows if "profile_us_per_request" in row]
+    if profiled:
+        names = list(profiled[-1]["profile_us_per_request"])
+        names += sorted({n for r in profiled for n in r["profile_us_per_request"]} - set(names))
+        print("\nThe caller's CPU per request by category (py-spy, busy samples), in us:\n")
+        print("| category | " + " | ".join(f"{r['hosts']} hosts" for r in profiled) + " |")
+        print("|---|" + "---|" * len(profiled))
+        for name in names:
+            cells = [f"{r['profile_us_per_request'].get(name, 0.0):.1f}" for r in profiled]
+            print(f"| {name} | " + " | ".join(cells) + " |")
     print(
         f"\n({platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{time.strftime('%Y-%m-%d')}.)"
     )
     killed: dict[str, float | int | str] = {}
-    if args.hosts >= 2:
+    if args.hosts >= 2 and not args.no_kill:
         killed = measure_kill(
             args.hosts, args.threads, args.items, args.wait, args.chunk_size, args.mode
         )

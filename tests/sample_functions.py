@@ -137,6 +137,16 @@ def pids(numbers: list[int]) -> list[int]:
 
 
 @serverless.parallel
+async def burn_on_the_loop(seconds: list[float]) -> list[int]:
+    """Keeps the worker's event loop busy (no probe answered) while the process burns CPU."""
+    for s in seconds:
+        end = time.monotonic() + s
+        while time.monotonic() < end:
+            pass
+    return [os.getpid() for _ in seconds]
+
+
+@serverless.parallel
 async def async_double(numbers: list[int]) -> list[int]:
     await asyncio.sleep(0.001)
     return [2 * n for n in numbers]

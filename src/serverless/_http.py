@@ -10,6 +10,7 @@ proxies or decompress: the worker route needs none of that.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,26 @@ from urllib.parse import urlsplit
 import httptools
 
 _COPY_LIMIT = 64 * 1024  # smaller bodies are joined to the head: one write, one segment
+
+# Loopback addresses whose server this process also reaches on a Unix domain socket (the
+# local pool's workers listen on both): (host, port) -> (socket path, the registering pid).
+# A request over it skips the TCP stack: W3's round trip ~0.04 ms shorter. URLs stay TCP, so
+# statistics, probes and a worker's call back to itself are unchanged. The pid guards against
+# a forked child using its parent's pool's sockets.
+_unix_sockets: dict[tuple[str, int], tuple[str, int]] = {}
+
+
+def serve_over_unix(host: str, port: int, path: str | None) -> None:
+    """Connect to http://host:port through the Unix socket `path` (None: no longer)."""
+    if path is None:
+        _unix_sockets.pop((host, port), None)
+    else:
+        _unix_sockets[(host, port)] = (path, os.getpid())
+
+
+def _unix_path(origin: _Origin) -> str | None:
+    entry = None if origin.tls else _unix_sockets.get((origin.host, origin.port))
+    return entry[0] if entry is not None and entry[1] == os.getpid() else None
 
 
 class TransportError(Exception):
@@ -47,6 +68,7 @@ class _Origin:
     tls: bool
     path: str
     host_header: str
+    prefix: str  # the request line and Host: the same for every request
 
 
 class Body:
@@ -82,6 +104,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[Response] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -155,6 +178,7 @@ class _Connection(asyncio.Protocol):
     # -- requests --------------------------------------------------------------------------
 
     def _complete(self) -> None:
+        self._disarm()
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
@@ -162,14 +186,30 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(Response(self._status, self._content_type, body, self._headers))
 
     def _fail(self, exc: Exception) -> None:
+        self._disarm()
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    def send(self, head: bytes, body: bytes) -> asyncio.Future[Response]:
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._fail(asyncio.TimeoutError())
+        self.close()  # an answer may still be on its way: this stream is unusable
+
+    def send(self, head: bytes, body: bytes, deadline: float) -> asyncio.Future[Response]:
+        """Write the request; the future fails with asyncio.TimeoutError at `deadline` (the
+        loop's clock). A timer on the future, not asyncio.wait_for: on Python < 3.12 that
+        wraps every request in a task of its own (~10 us of the caller's CPU per request)."""
         assert self.transport is not None and self._waiter is None
         self._reset()
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        self._timer = loop.call_at(deadline, self._expire)
         if len(body) <= _COPY_LIMIT:
             self.transport.write(head + body)
         else:
@@ -183,6 +223,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self._disarm()
         if self.transport is not None:
             self.transport.close()
 
@@ -208,7 +249,9 @@ class Client:
             except ValueError as exc:
                 raise InvalidURL(url) from exc
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            origin = _Origin(parts.hostname, port, tls, path, parts.netloc.rpartition("@")[2])
+            host = parts.netloc.rpartition("@")[2]
+            prefix = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
+            origin = _Origin(parts.hostname, port, tls, path, host, prefix)
             self._origins[url] = origin
         return origin
 
@@ -219,10 +262,16 @@ class Client:
                 self._ssl = ssl.create_default_context()
             context = self._ssl
         loop = asyncio.get_running_loop()
+        unix = _unix_path(origin)
         try:
-            _, conn = await loop.create_connection(
-                lambda: _Connection(self.max_reply), origin.host, origin.port, ssl=context
-            )
+            if unix is not None:
+                _, conn = await loop.create_unix_connection(
+                    lambda: _Connection(self.max_reply), unix
+                )
+            else:
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self.max_reply), origin.host, origin.port, ssl=context
+                )
         except OSError as exc:
             raise TransportError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from exc
         return conn
@@ -231,7 +280,7 @@ class Client:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
-            if not conn.closed:
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn
         return None
 
@@ -248,19 +297,18 @@ class Client:
         fresh: on a new connection (never StaleConnection), not a kept-alive one."""
         body = body if isinstance(body, Body) else Body(body)
         origin = self._origin(url)
-        lines = [f"POST {origin.path} HTTP/1.1", f"Host: {origin.host_header}"]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        lines.append(f"Content-Length: {body.size}\r\n\r\n")
-        head = "\r\n".join(lines).encode()  # UTF-8: a function may have a non-ASCII name
-        return await asyncio.wait_for(self._exchange(origin, head, body, fresh), timeout)
-
-    async def _exchange(self, origin: _Origin, head: bytes, body: Body, fresh: bool) -> Response:
+        fields = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
+        head = f"{origin.prefix}{fields}Content-Length: {body.size}\r\n\r\n"
+        deadline = asyncio.get_running_loop().time() + timeout
+        if not fresh:  # one turn of the loop: a close the server sent after its last answer is
+            await asyncio.sleep(0)  # read first (the transport is then closing)
         conn = None if fresh else self._take(origin)
         reused = conn is not None
         if conn is None:
-            conn = await self._connect(origin)
+            conn = await asyncio.wait_for(self._connect(origin), timeout)
         try:
-            response = await conn.send(head, body.take())
+            # UTF-8: a function may have a non-ASCII name
+            response = await conn.send(head.encode(), body.take(), deadline)
         except TransportError as exc:
             conn.close()
             if reused and not conn.received_anything:

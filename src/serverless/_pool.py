@@ -2,7 +2,9 @@
 
 Each worker is a fresh interpreter (never a fork: the caller has threads) that imports the
 modules with registered functions and the caller's main script as `__mp_main__`, then serves
-the ASGI endpoint under uvicorn on its own port. Importing the main script stops at its first
+the ASGI endpoint under uvicorn on its own port, and on a Unix domain socket in the pool's
+private directory, which this process's HTTP client connects to instead (_http.py: no TCP
+stack on the way; the URLs stay the TCP ones). Importing the main script stops at its first
 parallel call, so a script without an `if __name__ == "__main__":` guard still works and its
 top-level work never runs in a worker. Workers die with their parent (PR_SET_PDEATHSIG plus a
 watchdog), so none is ever left behind.
@@ -21,14 +23,16 @@ import logging
 import os
 import secrets
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
-from . import _mainscript
+from . import _http, _mainscript
 from ._exceptions import ConfigurationError
 from ._pool_modules import Announcer
 from ._protocol import Keyring
@@ -40,10 +44,15 @@ START_TIMEOUT = 60.0
 WATCH_INTERVAL = 0.5  # seconds between rounds of the pool's thread: replace the dead, probe
 PROBE_TIMEOUT = 1.0  # seconds a round waits for the workers' answers to its probe
 # A worker that answered no probe for this long is frozen (SIGSTOP, a blocked event loop): it
-# is killed and replaced, so calls stop paying their full timeout on it. A busy worker still
-# answers: the probe is a GET its event loop refuses at once (405), whatever its threads do.
+# is killed and replaced, so calls stop paying their full timeout on it. The probe is a GET
+# its event loop refuses at once (405), but a loop can wait seconds for the GIL behind dozens
+# of CPU-bound threads (W4 on 2 cores: 2.7 s measured, and workers were killed mid-call, the
+# call failing on the dead URL): a silent worker whose CPU time still grows is busy, not
+# frozen (Linux's /proc; elsewhere silence alone decides).
 FROZEN_AFTER = 3.0
+BUSY_TICKS = 2  # CPU clock ticks (10 ms each, usually) in a round that make a silent worker busy
 PROBE_REQUEST = "HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+UNIX_PATH_MAX = 100  # sun_path holds 108 bytes on Linux, 104 on macOS: TCP only beyond this
 
 
 class LocalPool:
@@ -66,8 +75,12 @@ class LocalPool:
         self._rounds = -1  # rounds of the pool's thread completed (0: the first one)
         self._error: ConfigurationError | None = None  # the last round's, for the callers
         self._answered = [0.0] * processes  # when each slot last answered a probe
+        self._cpu = [-1] * processes  # each slot's CPU time (ticks) when last looked at
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * processes
         self.urls: list[str] = [""] * processes
+        self._sockets_dir: str | None = None  # the workers' Unix sockets (mode 0700)
+        self._unix: list[str | None] = [None] * processes
+        self._spawned = 0
         self.code_version = 0  # the registry's redefinition count when the workers started
 
     @property
@@ -138,11 +151,17 @@ class LocalPool:
                     logger.warning(
                         "local worker %s exited (%s); replacing it", old.pid, old.returncode
                     )
+            for slot in slots:
+                self._forget_unix(slot)
             started = [(slot, *self._spawn()) for slot in slots]
-            for slot, proc, port_fd in started:
+            for slot, proc, port_fd, unix in started:
                 self.urls[slot] = self._await_port(proc, port_fd)  # before pids show it
                 self._procs[slot] = proc
                 self._answered[slot] = time.monotonic()
+                self._cpu[slot] = -1
+                if unix is not None:
+                    _http.serve_over_unix("127.0.0.1", _port(self.urls[slot]), unix)
+                self._unix[slot] = unix
 
     def _probe(self) -> None:
         """A GET to every worker at once; kill one that has answered none for FROZEN_AFTER
@@ -151,7 +170,7 @@ class LocalPool:
             live = [(s, p, self.urls[s]) for s, p in enumerate(self._procs) if p is not None]
         sockets: dict[socket.socket, int] = {}
         for slot, _, url in live:
-            port = int(url.split(":")[2].split("/")[0])
+            port = _port(url)
             request = f"GET {self.route} {PROBE_REQUEST}"
             try:
                 sock = socket.create_connection(("127.0.0.1", port), PROBE_TIMEOUT)
@@ -171,6 +190,11 @@ class LocalPool:
             for sock in sockets:
                 sock.close()
         now = time.monotonic()
+        for slot, proc, _ in live:
+            cpu = _cpu_ticks(proc.pid)
+            if cpu is not None and self._cpu[slot] >= 0 and cpu - self._cpu[slot] >= BUSY_TICKS:
+                self._answered[slot] = now  # silent but burning CPU: busy
+            self._cpu[slot] = -1 if cpu is None else cpu
         with self._lock:
             for slot, proc, _ in live:
                 silent = now - self._answered[slot]
@@ -184,8 +208,25 @@ class LocalPool:
                     proc.wait()
                     self._wake.set()  # refill the slot now
 
-    def _spawn(self) -> tuple[subprocess.Popen[bytes], int]:
+    def _unix_path(self) -> str | None:
+        """A fresh socket path for the next worker, or None where paths would be too long."""
+        if not hasattr(socket, "AF_UNIX"):
+            return None
+        if self._sockets_dir is None:
+            self._sockets_dir = tempfile.mkdtemp(prefix="serverless-pool-")  # mode 0700
+        self._spawned += 1
+        path = os.path.join(self._sockets_dir, f"w{self._spawned}.sock")
+        return path if len(path.encode()) <= UNIX_PATH_MAX else None
+
+    def _forget_unix(self, slot: int) -> None:
+        """The slot's worker is gone: its socket is no way to it (its port may be reused)."""
+        path, self._unix[slot] = self._unix[slot], None
+        if path is not None and self.urls[slot]:
+            _http.serve_over_unix("127.0.0.1", _port(self.urls[slot]), None)
+
+    def _spawn(self) -> tuple[subprocess.Popen[bytes], int, str | None]:
         read_fd, write_fd = os.pipe()
+        unix = self._unix_path()
         config = {
             "secret": self._secret,
             "route": self.route,
@@ -196,6 +237,7 @@ class LocalPool:
             "sys_path": sys.path,
             "parent": os.getpid(),
             "port_fd": write_fd,
+            "unix": unix,
         }
         env = dict(os.environ)
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,7 +255,7 @@ class LocalPool:
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(config).encode())
         proc.stdin.close()
-        return proc, read_fd
+        return proc, read_fd, unix
 
     def _await_port(self, proc: subprocess.Popen[bytes], port_fd: int) -> str:
         deadline = time.monotonic() + START_TIMEOUT
@@ -256,6 +298,25 @@ class LocalPool:
                 proc.kill()
                 proc.wait()
         self._procs = [None] * self.processes
+        for slot in range(self.processes):
+            self._forget_unix(slot)
+        if self._sockets_dir is not None:
+            shutil.rmtree(self._sockets_dir, ignore_errors=True)
+            self._sockets_dir = None
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """User plus system CPU time of a process, in clock ticks; None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()  # after the command's name
+        return int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _port(url: str) -> int:
+    return int(url.split(":")[2].split("/")[0])
 
 
 _pool: LocalPool | None = None

@@ -96,3 +96,20 @@ def test_a_frozen_worker_is_replaced_and_calls_stop_paying_its_timeout() -> None
             os.kill(frozen, signal.SIGCONT)
             os.kill(frozen, signal.SIGKILL)
         pool.close()
+
+
+def test_a_silent_worker_burning_cpu_is_busy_not_frozen() -> None:
+    """Before: a worker whose event loop could not answer probes for 3 s was killed, busy or
+    not (W4 on 2 cores: loops starved of the GIL by CPU-bound threads), and the call failed on
+    its dead URL. A silent worker whose CPU time grows is left alone; SIGSTOP still is not."""
+    pool = _pool.LocalPool(1, 2, ["tests.sample_functions"])
+    pool.start()
+    try:
+        worker = pool.pids[0]
+        target = Target(tuple(pool.urls), pool.route, pool.keyring, "local")
+        fn = sf.burn_on_the_loop.with_options(timeout=30, retries=0)
+        with _targets.override(target):
+            assert fn([_pool.FROZEN_AFTER + 2]) == [worker]
+        assert pool.pids == [worker]
+    finally:
+        pool.close()
