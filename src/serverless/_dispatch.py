@@ -80,6 +80,7 @@ class CallSpec:
     on_reply: Callable[[int, float], None] | None = None
     results: Shape = UNTYPED  # how the (last) function's results decode
     rate: Rate | None = None  # items per second across the call (_rate.py)
+    group: str = field(default_factory=p.new_request_id)  # the call's id on its paced chunks
 
     def envelope(self, chunk: Chunk, timeout: float, pace: float | None = None) -> p.Call:
         """One chunk's request envelope, with a request id of its own, for an attempt that
@@ -103,6 +104,7 @@ class CallSpec:
             deadline=deadline,
             start_by=start_by,
             pace=None if self.then else pace,
+            group=self.group if pace is not None and not self.then else "",
         )
 
 
@@ -209,10 +211,9 @@ class Dispatcher:
             )
             if reply.throttled is not None:
                 throttled = reply.throttled
-                at, ran = throttled.at, max(throttled.at, throttled.ran)
-                raise Throttle(
-                    reply.results, stats, at, throttled.retry_after, min(ran, len(chunk.items))
-                )
+                at, ran = throttled.at, min(max(throttled.at, throttled.ran), len(chunk.items))
+                retry_after = throttled.retry_after
+                raise Throttle(reply.results, stats, at, retry_after, ran, throttled.stopped)
             if spec.on_reply is not None:
                 spec.on_reply(stats.size, stats.compute_s)
             return reply.results, stats

@@ -105,10 +105,12 @@ class Throttle(Exception):
         at: int,
         retry_after: float | None,
         ran: int,
+        stopped: bool = False,
     ) -> None:
         super().__init__(f"throttled at item {at} of chunk {stats.index}")
         self.results, self.stats, self.at, self.retry_after = results, stats, at, retry_after
         self.ran = ran  # items the downstream served before it
+        self.stopped = stopped  # nothing refused: the worker saw another chunk throttled
 
 
 class _Chunk:
@@ -384,7 +386,7 @@ class Fanout:
 
     async def _attempts(self, owner: _Chunk, chunk: Chunk, avoid: set[str], lane: int) -> list[Any]:
         failed = set(avoid)
-        retried = pushed_back = throttled = parts = 0
+        retried = pushed_back = throttled = throttles = parts = 0
         # a paced chunk goes in parts of what the rate allows in a short while (a part that
         # lasts long would hold a stale pace); a throttled one from its first refused item
         size, before = len(chunk.items), []  # before: results of the parts done, in order
@@ -393,8 +395,8 @@ class Fanout:
         for attempt in itertools.count(1):
             part = self.pacer.part(len(whole.items))
             chunk = whole if part == len(whole.items) else whole.head(part)
-            pacer = self.pacer  # unpaced: no await, no lock (the common case)
-            epoch = pacer.epoch if pacer.rate is None else await pacer.take(len(chunk.items))
+            if self.pacer.rate is not None:  # unpaced: no await, no lock (the common case)
+                await self.pacer.take(len(chunk.items))
             url = await self._slot(failed)
             window = self.windows[url]
             number = window.send()
@@ -403,18 +405,21 @@ class Fanout:
             timeout = self.timeout
             if self.deadline_at is not None:
                 timeout = min(timeout, max(0.001, self.deadline_at - _now()))
+            epoch = self.pacer.sent()
             try:
                 self.tally.sent += 1
-                tries = attempt - throttled - parts  # neither a part nor a resend is a retry
+                tries = attempt - throttles - parts  # neither a part nor a resend is a retry
                 results, stats = await self.attempt(url, chunk, tries, timeout, self.pacer.pace())
             except Throttle as exc:
                 # the items before it ran: keep their results, send the rest once the
                 # downstream's wait is over, at a lower rate (it never counts as a retry)
-                throttled += 1
+                throttles += 1
+                throttled += 0 if exc.stopped else 1
                 before += exc.results
                 compute_s += exc.stats.compute_s
                 self.pacer.succeeded(exc.ran)
-                self.pacer.throttled(epoch)
+                if not exc.stopped:  # a stop is no news of the downstream: no decrease
+                    self.pacer.throttled(epoch)
                 whole = whole.tail(exc.at)
                 logger.info("%s of %s throttled: %s", owner.describe(), self.function, exc)
                 if exc.retry_after:
@@ -454,6 +459,7 @@ class Fanout:
             finally:
                 self.load[url] -= 1
                 owner.urls.remove(url)
+                self.pacer.answered(epoch)
                 self._release()
             window.succeeded()
             self.pacer.succeeded(len(chunk.items))

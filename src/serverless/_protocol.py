@@ -93,6 +93,9 @@ class Call(msgspec.Struct, forbid_unknown_fields=False):
     # starting at most one per `pace` seconds (0: back to back), and a Throttled stops the
     # chunk with the results so far (§6.3)
     pace: float | None = None
+    # the call the chunk belongs to (the same random id on all its chunks): once one of its
+    # items is throttled, the worker stops its other item-by-item chunks at their next item
+    group: str = ""
 
 
 class WireCall(msgspec.Struct, forbid_unknown_fields=False):
@@ -112,6 +115,7 @@ class WireCall(msgspec.Struct, forbid_unknown_fields=False):
     deadline: float | None = None
     start_by: float | None = None
     pace: float | None = None
+    group: str = ""
 
 
 class ErrorInfo(msgspec.Struct, forbid_unknown_fields=False):
@@ -144,6 +148,9 @@ class Throttle(msgspec.Struct, forbid_unknown_fields=False):
     retry_after: float | None = None
     message: str = ""
     ran: int = 0  # items that ran before it (a whole-chunk call loses their results: at 0)
+    # nothing was refused: another chunk of the same call (`group`) was throttled on this
+    # worker meanwhile, and this one stopped before its next item
+    stopped: bool = False
 
 
 class Reply(msgspec.Struct, forbid_unknown_fields=False):
@@ -245,6 +252,7 @@ def typed_call(wire: WireCall, shape: _values.Shape, fmt: str) -> Call | _values
         deadline=wire.deadline,
         start_by=wire.start_by,
         pace=wire.pace,
+        group=wire.group,
     )
 
 

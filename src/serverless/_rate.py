@@ -13,7 +13,9 @@ throttles of items sent before a decrease do not decrease it again), and grows b
 times that figure per second while calls succeed (AIMD), never above the user's `rate`. An
 unpaced call (no `rate=`, or "auto") starts from BACKOFF times the rate it achieved when the
 first throttle came, a rough figure (the call may be milliseconds old), so it then doubles
-every second until the next throttle (slow start).
+every DOUBLING seconds until the next throttle (slow start). A worker that sees one item of a
+call throttled stops the call's other item-by-item chunks before their next item (the Call's
+`group`), so the downstream is not hit again by requests sent at the old rate.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ GROWTH = 0.08  # per second without throttles, the rate grows by this share of t
 WINDOW = 1.0  # seconds of successes the achieved rate is measured over
 PART_S = 0.25  # seconds of the rate one request of a paced chunk carries at most
 START = 1.0  # items per second: a throttle never sets the rate below this
-DOUBLING = 1.0  # seconds: after the first throttle episode the rate doubles this often
+HOLD = 1.0  # seconds the requests of an episode may delay the next decrease
+DOUBLING = 0.1  # seconds: after the first throttle episode the rate doubles this often (its
+# first figure may be far too low: the call can be milliseconds old)
 _UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
 _UNITS |= {"h": 3600.0, "hour": 3600.0}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*([a-z]+?)s?)?\s*$")
@@ -87,6 +91,9 @@ class Pacer:
         self._tokens = 0.0  # items that may start now; negative: a debt the clock pays off
         self._stamp = clock()
         self.epoch = 0  # rate decreases so far
+        self._in_flight = 0  # requests sent and not yet answered
+        self._older = 0  # ...of them, sent before the last decrease
+        self._decreased = -math.inf  # when
         self._started = clock()
         self._slow = False  # slow start: the rate doubles each DOUBLING seconds
         self._grow_by = 0.0  # items/s gained per second since the last decrease
@@ -129,11 +136,10 @@ class Pacer:
         self._tokens = min(1.0, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
 
-    async def take(self, items: int) -> int:
-        """Wait until `items` more may start, in the order the chunks asked; the epoch they
-        start in (what `throttled` needs to tell a new episode from an old one)."""
+    async def take(self, items: int) -> None:
+        """Wait until `items` more may start, in the order the chunks asked."""
         if self.rate is None:
-            return self.epoch
+            return
         async with self._lock:
             while True:
                 now = self._clock()
@@ -143,7 +149,6 @@ class Pacer:
                 # the rate may change meanwhile (a throttle): look again within 0.1 s
                 await self._sleep(min(0.1, -self._tokens / self.rate))
             self._tokens -= items
-            return self.epoch
 
     def succeeded(self, items: int) -> None:
         """`items` came back without a throttle."""
@@ -153,14 +158,26 @@ class Pacer:
         while self._done and self._done[0][0] < now - WINDOW:
             self._done_items -= self._done.popleft()[1]
 
+    def sent(self) -> int:
+        """A request goes out now: the epoch it belongs to (pass it to `answered`)."""
+        self._in_flight += 1
+        return self.epoch
+
+    def answered(self, epoch: int) -> None:
+        self._in_flight -= 1
+        if epoch < self.epoch:
+            self._older -= 1
+
     def throttled(self, epoch: int) -> None:
         """The downstream refused an item sent in `epoch`: back off, once per episode. The
-        items sent before the last decrease were sent too fast for it: their throttles
-        belong to the episode it answered (TCP's one decrease per window)."""
+        requests sent before the last decrease were sent too fast for it: their throttles
+        belong to the episode it answered (TCP's one decrease per window), and so do those
+        of later requests while older ones still run (a long chunk sent before the decrease
+        keeps spending the quota after it), for up to HOLD seconds."""
         self.throttles += 1
-        if epoch < self.epoch:
-            return
         now = self._clock()
+        if epoch < self.epoch or (self._older > 0 and now - self._decreased < HOLD):
+            return
         self._refill(now)
         self.succeeded(0)  # drops the successes older than the window
         # what the downstream let through lately: over the last second, or since the start
@@ -175,6 +192,7 @@ class Pacer:
         if self.ceiling is not None:
             self.rate = min(self.rate, self.ceiling)
         self.epoch += 1
+        self._older, self._decreased = self._in_flight, now
         self._grow_by = GROWTH * self.rate / BACKOFF
         self._tokens = min(self._tokens, 0.0)
         self._stamp = now

@@ -157,6 +157,9 @@ class Endpoint:
         self._replays = ReplayGuard(tolerance, shared=shared_replay)
         self._lock = threading.Lock()
         self._running: dict[int, float] = {}  # chunks running now, by token: their deadline
+        # calls (a Call's group) one of whose items was throttled here: when, and until when
+        # the downstream asked to be left alone (§6.3)
+        self._throttled_calls: dict[str, tuple[float, float | None]] = {}
 
     # -- responses -------------------------------------------------------------------------
 
@@ -449,6 +452,9 @@ class Endpoint:
             wait = _pause(call, started, index)
             if wait > 0:
                 time.sleep(wait)
+            stop = self._stop(call, started, index)
+            if stop is not None:
+                return self._reply_throttled(job, results, errors, stop, started)
             try:
                 results += _as_list(function(_Tracked([item]), *call.args, **call.kwargs))
             except _ResultError as exc:
@@ -470,6 +476,9 @@ class Endpoint:
             wait = _pause(call, started, index)
             if wait > 0:
                 await asyncio.sleep(wait)
+            stop = self._stop(call, started, index)
+            if stop is not None:
+                return self._reply_throttled(job, results, errors, stop, started)
             try:
                 result = function(_Tracked([item]), *call.args, **call.kwargs)
                 results += _as_list(await result if job.entry.is_async else result)
@@ -522,8 +531,40 @@ class Endpoint:
         point from which the caller sends the chunk again."""
         ran = at if ran is None else ran
         throttle = p.Throttle(at=at, retry_after=exc.retry_after, message=str(exc), ran=ran)
+        group = job.call.group
+        if group:  # the call's other chunks here stop at their next item (_stop)
+            now = time.perf_counter()
+            until = None if exc.retry_after is None else now + exc.retry_after
+            with self._lock:
+                self._throttled_calls.pop(group, None)
+                self._throttled_calls[group] = (now, until)
+                if len(self._throttled_calls) > MAX_THROTTLED_CALLS:  # the oldest call goes
+                    del self._throttled_calls[next(iter(self._throttled_calls))]
+        return self._reply_throttled(job, results, errors, throttle, started)
+
+    def _reply_throttled(
+        self,
+        job: Job,
+        results: list[Any],
+        errors: list[p.ItemError],
+        throttle: p.Throttle,
+        started: float,
+    ) -> Response:
         isolated = errors if job.call.isolate else None
         return self._success(job, results, started, [], isolated, throttle)
+
+    def _stop(self, call: p.Call, started: float, index: int) -> p.Throttle | None:
+        """A throttle without a refusal: another chunk of this call was throttled here since
+        this one started, so its next item would most likely be refused too."""
+        if not call.group:
+            return None
+        seen = self._throttled_calls.get(call.group)  # one dict read: atomic under the GIL
+        if seen is None or seen[0] < started:
+            return None
+        until = seen[1]
+        wait = None if until is None else max(0.0, until - time.perf_counter())
+        message = "another chunk of the call was throttled"
+        return p.Throttle(at=index, retry_after=wait, message=message, ran=index, stopped=True)
 
     def _success(
         self,
@@ -599,6 +640,7 @@ class Endpoint:
 
 
 _NONE: Any = object()  # no item to name
+MAX_THROTTLED_CALLS = 1024  # calls whose throttles a worker remembers (the newest)
 
 
 def _at(items: _Tracked) -> tuple[int, Any] | None:

@@ -257,3 +257,21 @@ def test_a_signed_throttle_outside_the_chunk_is_refused(at: int) -> None:
     body, headers = signed_reply(call, reply)
     with pytest.raises(serverless.ProtocolError, match="throttle outside the chunk"):
         p.read_reply(200, p.MSGPACK, body, headers, call, 0, URL, KEYS)
+
+
+def test_a_throttle_stops_the_calls_other_chunks_on_that_worker_before_their_next_item() -> None:
+    from tests.quota import DOWNSTREAM
+
+    endpoint = Endpoint(ROUTE, p.Keyring(SECRET), clock=lambda: NOW)
+    DOWNSTREAM.reset(rate=0.001, burst=1.0)
+    first = envelope(sf.quota_lookup.entry.name, [1, 2], pace=0.0, group="call-1")
+    reply = roundtrip(first, endpoint=endpoint)
+    assert reply.throttled is not None and not reply.throttled.stopped
+    import time
+
+    other = envelope(sf.quota_lookup.entry.name, [3, 4], pace=0.0, group="call-1")
+    stop = endpoint._stop(other, time.perf_counter() - 1.0, 1)  # it started before that
+    assert stop is not None and stop.stopped and stop.at == 1 and stop.ran == 1
+    assert endpoint._stop(other, time.perf_counter(), 1) is None  # started after: runs
+    stranger = envelope(sf.quota_lookup.entry.name, [3, 4], pace=0.0, group="call-2")
+    assert endpoint._stop(stranger, time.perf_counter() - 1.0, 1) is None

@@ -92,7 +92,7 @@ def test_throttles_back_off_once_per_episode_slow_start_then_aimd() -> None:
     pacer.throttled(0)  # sent before the decrease: the same episode, no second decrease
     assert pacer.rate == pytest.approx(160.0) and pacer.throttles == 2
     assert pacer.pace() == pytest.approx(1 / 160)
-    now[0] += 1.0  # a second: slow start doubled it
+    now[0] += 0.1  # a tenth of a second: slow start doubled it
     pacer._refill(now[0])
     assert pacer.rate == pytest.approx(320.0)
     pacer.throttled(1)  # the second episode: x0.8, and AIMD from here

@@ -1,0 +1,75 @@
+"""Issue 17: AIMD finds a quota it was not told (rate="auto", and no rate= at all), and a
+paced call holds its rate, over runs of several seconds. The downstream is the token bucket of
+tests/quota.py, in this process: the worker runs here too, through the in-process transport,
+so its counters are the worker side's. (No socket is needed; these are here for their length.)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from serverless import _targets
+from serverless._dispatch import Target
+from serverless._inprocess import InProcess
+from serverless._protocol import Keyring
+from serverless._worker import Endpoint
+from tests import sample_functions as sf
+from tests.conftest import SECRET
+from tests.quota import DOWNSTREAM
+
+QUOTA = 200.0
+
+
+@pytest.fixture(autouse=True)
+def in_process() -> Iterator[None]:
+    keyring = Keyring(SECRET)
+    transport = InProcess(Endpoint("/serverless", keyring))
+    target = Target(
+        ("inprocess://w/serverless",), "/serverless", keyring, "in-process", transport=transport
+    )
+    with _targets.override(target):
+        yield
+    transport.close()
+
+
+def served_rate() -> float:
+    times = sorted(DOWNSTREAM.times)
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+@pytest.mark.parametrize("rate", ["auto", None])
+def test_aimd_finds_the_quota(rate: str | None) -> None:
+    """1,200 items of 20 ms against 200/s (a bucket of 20), in 40 chunks of 30 as W6 cuts
+    3,000 in 100: at least 80% of the quota over the run, at most 5% of the downstream's
+    calls refused, every result once and in order. (The first wave of unpaced calls, one per
+    chunk, meets an empty bucket: that is most of the refusals; the slow start from a rough
+    first figure costs about half a second, more of this 6 s run than of W6's 15 s, where
+    bench/ checks the issue's 85%.)"""
+    DOWNSTREAM.reset(rate=QUOTA, burst=20.0, latency=0.02)
+    f = sf.quota_lookup.with_options(workers=40, rate=rate)
+    out, stats = f.with_stats(list(range(1200)))
+    assert out == [2 * n for n in range(1200)]
+    served, refused = sum(DOWNSTREAM.served.values()), sum(DOWNSTREAM.refused.values())
+    assert refused == stats.throttles
+    assert served_rate() >= 0.80 * QUOTA, (served_rate(), stats.rate)
+    assert refused <= 0.05 * (served + refused), (refused, served)
+    if rate == "auto":
+        assert DOWNSTREAM.served == dict.fromkeys(range(1200), 1)
+
+
+def test_a_paced_call_holds_its_rate_for_five_seconds() -> None:
+    """rate=200 on 1,100 items of 20 ms: within 5% of the rate over the run and in each
+    second of it, with nothing refused."""
+    DOWNSTREAM.reset(rate=QUOTA, burst=QUOTA, latency=0.02)
+    started = time.monotonic()
+    out, stats = sf.quota_lookup.with_options(rate=QUOTA).with_stats(list(range(1100)))
+    assert out == [2 * n for n in range(1100)] and stats.throttles == 0
+    assert time.monotonic() - started >= 5.0
+    assert abs(served_rate() - QUOTA) <= 0.05 * QUOTA, served_rate()
+    first = min(DOWNSTREAM.times)
+    for second in range(1, 5):
+        count = sum(1 for t in DOWNSTREAM.times if second <= t - first < second + 1)
+        assert abs(count - QUOTA) <= 0.05 * QUOTA, (second, count)
