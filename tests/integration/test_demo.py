@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,8 +20,9 @@ from pathlib import Path
 import pytest
 import zipcodes
 
+import serverless
 from serverless.demo import pipeline
-from serverless.demo.geocoder import Geocoder, lookups_served
+from serverless.demo.geocoder import Geocoder, lookups_served, service_stats
 from tests.conftest import free_port, haproxy, server, test_env
 from tests.faults import Attacker
 
@@ -70,6 +72,53 @@ def test_geocoder_latency_is_applied_and_checked(geocoder: str) -> None:
     assert time.perf_counter() - started >= 0.2
     assert get(f"{geocoder}/zip/40057?latency=-1")[0] == 400
     assert get(f"{geocoder}/zip/40057?latency=soon")[0] == 400
+
+
+def _answer(url: str) -> tuple[int, str | None]:
+    """A lookup's status and Retry-After header."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers.get("Retry-After")
+    except urllib.error.HTTPError as error:
+        body = json.load(error)
+        assert error.code != 429 or body["error"] == "over the query limit"
+        return error.code, error.headers.get("Retry-After")
+
+
+def test_geocoder_enforces_its_quota_with_429_and_retry_after() -> None:
+    """3000/min (Google's default) is 50/s, a bucket of 50: 80 lookups at once get 50 served
+    and the rest refused, each refusal with a Retry-After of whole seconds, all counted."""
+    with pytest.raises(serverless.ConfigurationError, match="figure"):
+        Geocoder(quota="auto")
+    with Geocoder(latency=0.0, quota="3000/min") as url:
+        answers: list[tuple[int, str | None]] = []
+        threads = [
+            threading.Thread(target=lambda: answers.append(_answer(f"{url}/zip/40057")))
+            for _ in range(80)
+        ]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        took = time.monotonic() - started
+        refused = [after for status, after in answers if status == 429]
+        assert len(answers) == 80 and {status for status, _ in answers} == {200, 429}
+        assert 50 <= 80 - len(refused) <= 50 + 50 * took + 1  # the burst, and the refill
+        assert set(refused) == {"1"}  # a token is due in 20 ms: rounded up to one second
+        assert service_stats(url) == {"lookups": 80 - len(refused), "throttled": len(refused)}
+        time.sleep(1.0)  # one second refills it
+        assert _answer(f"{url}/zip/40057")[0] == 200
+
+
+def test_get_address_raises_throttled_on_a_429() -> None:
+    with Geocoder(latency=0.0, quota=1) as url:
+        assert pipeline.get_address(40057, url)[2] == "Pleasureville, KY 40057, USA"
+        with pytest.raises(serverless.Throttled) as refused:
+            pipeline.get_address(40057, url)
+        pipeline.close_connections()
+        assert refused.value.retry_after == 1.0
+        assert service_stats(url) == {"lookups": 1, "throttled": 1}
 
 
 def test_get_address_makes_a_real_call_and_counts(geocoder: str) -> None:
@@ -151,6 +200,83 @@ def test_demo_figures_hold_together() -> None:
         for c in figures["timeline"]
     )
     assert figures["lookup_mean_s"] >= 0.01
+
+
+QUOTA_LINE = re.compile(
+    r"Quota = 100/s: geolocate ran at ([\d.]+) lookups/s \(\d+% of it; pacing ended at "
+    r"([\d.]+/s|unpaced)\), (\d+) lookups throttled \(429\); 300 serial lookups at that "
+    r"quota would take ([\d.]+)s \([\d.]+ ms or 1/quota each, the longer\): a speedup of "
+    r"([\d.]+)X"
+)
+
+
+@pytest.mark.parametrize("rate", [None, "100/s"])
+def test_demo_with_a_quota_resolves_every_zipcode(rate: str | None) -> None:
+    """`serverless demo --quota 100/s`, adaptive (rate="auto") or with --rate 100/s: every
+    code resolved, each looked up once, and the throttles the report gives are the 429s the
+    geocoder counted itself."""
+    args = [*DEMO, "--count", "300", "--workers", "20", "--latency", "0.01", "--seed", "7"]
+    args += ["--quota", "100/s", "--json"] + (["--rate", rate] if rate else [])
+    done = subprocess.run(args, env=test_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    expected = {
+        f"{z:05d}" for z in pipeline.zipcodes(300, 7) if zipcodes.filter_by(zip_code=f"{z:05d}")
+    }
+    assert {line.split(" => ")[0] for line in figures["addresses"]} == expected
+    geolocate = figures["steps"][0]
+    service = figures["service"]
+    assert service["lookups"] == 300  # no lookup served twice (no hedge, no rerun)
+    assert service["throttled"] == figures["throttled"] == geolocate["throttles"]
+    assert figures["steps"][1]["fused_with"] is None  # a paced step runs alone
+    assert figures["quota"] == 100.0
+    if rate:  # paced at the quota: nothing refused, and the quota used
+        assert geolocate["throttles"] == 0 and geolocate["rate"] == 100.0
+        assert 90 <= figures["rate_achieved"] <= 105
+    else:  # found the quota from the throttles
+        assert geolocate["throttles"] > 0 and geolocate["rate"] is not None
+    match = QUOTA_LINE.search(pipeline.report(figures))
+    assert match, pipeline.report(figures)
+    assert int(match[3]) == service["throttled"]
+    # serial lookups at that quota: each the longer of its measured time and 1/quota
+    serial = 300 * max(figures["lookup_latency_s"], 1 / 100)
+    assert float(match[4]) == pytest.approx(serial, abs=0.01) and serial >= 3.0
+    assert float(match[5]) == pytest.approx(serial / figures["parallel_duration"], abs=0.1)
+
+
+def test_a_paced_call_holds_its_rate_on_real_servers() -> None:
+    """rate=100 over 6 s through the local pool, measured by the geocoder: its lookup count,
+    polled every 50 ms, rises at 100/s (within 5%) over the run and over its middle."""
+    codes = pipeline.zipcodes(600, 11)
+    with Geocoder(latency=0.01) as url:
+        samples: list[tuple[float, int]] = []
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(0.05):
+                samples.append((time.monotonic(), lookups_served(url)))
+
+        step = pipeline.geolocate.with_options(workers=20, rate=100, hedge=False)
+        step([10000], url)  # the local pool starts: no part of the measured run
+        base = lookups_served(url)
+        poller = threading.Thread(target=poll)
+        poller.start()
+        try:
+            run = serverless.Pipeline(step.partial(url)).execute(codes)
+        finally:
+            stop.set()
+            poller.join(5)
+        samples.append((time.monotonic(), lookups_served(url)))  # at most 50 ms late
+    assert [z for z, _, _ in run.result] == codes
+    counts = [(t, n - base) for t, n in samples]
+    first = next(t for t, n in counts if n > 0)
+    last = next(t for t, n in counts if n == 600)
+    assert last - first >= 5.0
+    assert 600 / (last - first) == pytest.approx(100, rel=0.05)
+    middle = [(t, n) for t, n in counts if first + 1 <= t <= last - 1]
+    (t0, n0), (t1, n1) = middle[0], middle[-1]
+    assert (n1 - n0) / (t1 - t0) == pytest.approx(100, rel=0.05)
+    assert run.steps[0].throttles == 0 and run.steps[0].rate == 100.0
 
 
 @pytest.fixture(scope="module")
