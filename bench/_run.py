@@ -266,7 +266,7 @@ class Runner:
         with Geocoder(latency=s.w6_latency, quota=s.w6_quota) as url:
             self.tool.start(W6_WIDTH, True)
             try:
-                rows = []
+                rows: list[dict[str, Any]] = []
                 for name, call in self._quota_variants(url.removeprefix("http://")):
                     if rows:  # the bucket refills: each row starts with a second of the quota
                         time.sleep(1.2)
