@@ -14,6 +14,10 @@ table and writes bench/results/latest.json. Workloads:
     W4   200 items of ~20 ms pure-Python CPU (chunks of 2): speedup over serial
     W5p  20,000 dicts with a 1 KB string each (chunks of 200): caller peak RSS
     W5s  a generator of 10,000,000 integers streamed through (chunks of 10,000): RSS growth
+    W6   3,000 lookups from a service with a 200/s quota (429 + Retry-After beyond it) and
+         20 ms latency, 100 workers: ours with rate=200, rate="auto" and no rate (Throttled
+         on 429); the peers one task per item, a 429 lost or retried by hand. Its own table:
+         quota used, 429s, items lost, counted by the service
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _work
-from ._run import WORKLOADS
+from ._run import ALL_WORKLOADS, QUOTA_WORKLOADS, WORKLOADS
 from ._tools import TOOLS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +90,7 @@ def _text(data: bytes | str | None) -> str:
 
 def with_ratios(rows: list[dict[str, Any]]) -> None:
     """ratio = warm time / the best peer's warm time for the same workload (lower is better)."""
-    for workload in {r["workload"] for r in rows}:
+    for workload in {r["workload"] for r in rows} & set(WORKLOADS):
         peers = [
             r["warm_s"]
             for r in rows
@@ -120,6 +124,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if r["workload"] in QUOTA_WORKLOADS:
+            continue
         head = f"| {r['workload']} | {r['tool']} "
         if not r.get("ok"):
             why = r.get("skipped") or f"FAILED: {r.get('error', '?')}"
@@ -130,6 +136,31 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             head + f"| {warm} | {r['cold_s']:.2f} s | {_metric(r)} | {r['rss_peak_mb']:.0f} MB "
             f"| {'' if ratio is None else f'{ratio:.2f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def quota_table(rows: list[dict[str, Any]]) -> str:
+    """W6: the quota used (lookups the service served per second of the run / its quota),
+    the share of downstream calls it refused (429), items lost, and whether every item came
+    back resolved, in input order."""
+    lines = [
+        "| workload | tool | variant | wall | quota used | 429s of calls | items lost | "
+        "all resolved, in order |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["workload"] not in QUOTA_WORKLOADS:
+            continue
+        head = f"| {r['workload']} | {r['tool']} | {r.get('variant', '')} "
+        if "wall_s" not in r:
+            why = r.get("skipped") or f"FAILED: {r.get('error', '?')}"
+            lines.append(head + f"| {why} | | | | |")
+            continue
+        lines.append(
+            head + f"| {r['wall_s']:.2f} s | {r['quota_used']:.1%} ({r['served']} served) | "
+            f"{r['refused_share']:.1%} ({r['refused']}) | {r['lost']} | "
+            f"{'yes' if r['in_order'] else 'no'} |"
         )
     return "\n".join(lines)
 
@@ -147,7 +178,7 @@ def machine() -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tools", default=",".join(TOOLS))
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--workloads", default=",".join(ALL_WORKLOADS))
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
     parser.add_argument("--runs", type=int, default=3, help="warm runs (median reported)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per tool")
@@ -155,7 +186,7 @@ def main() -> int:
     args = parser.parse_args()
     tools = [t for t in args.tools.split(",") if t]
     unknown = [t for t in tools if t not in TOOLS] + [
-        w for w in args.workloads.split(",") if w not in WORKLOADS
+        w for w in args.workloads.split(",") if w not in ALL_WORKLOADS
     ]
     if unknown:
         parser.error(f"unknown tools or workloads: {', '.join(unknown)}")
@@ -163,7 +194,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     for tool in tools:
         rows += run_tool(tool, args, loops)
-    order = {w: n for n, w in enumerate(WORKLOADS)}
+    order = {w: n for n, w in enumerate(ALL_WORKLOADS)}
     rows.sort(key=lambda r: (order.get(r["workload"], 99), tools.index(r["tool"])))
     with_ratios(rows)
     info = machine()
@@ -174,8 +205,12 @@ def main() -> int:
         f"{', quick sizes' if args.quick else ''}; versions: "
         + ", ".join(f"{k} {v}" for k, v in versions.items())
     )
-    print()
-    print(table(rows))
+    if any(r["workload"] in WORKLOADS for r in rows):
+        print()
+        print(table(rows))
+    if any(r["workload"] in QUOTA_WORKLOADS for r in rows):
+        print()
+        print(quota_table(rows))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(

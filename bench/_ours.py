@@ -27,3 +27,15 @@ def spin(items: list[int], loops: int) -> list[int]:
 @serverless.parallel
 def payload(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return _work.payload(items)
+
+
+@serverless.parallel
+def lookup(items: list[int], service: str) -> list[list[Any]]:
+    """W6: the service's 429 becomes serverless.Throttled, with its Retry-After."""
+    out: list[list[Any]] = []
+    for code in items:
+        status, address, wait = _work.get_zip(code, service)
+        if status == 429:
+            raise serverless.Throttled("429 from the service", retry_after=wait or None)
+        out.append([code, address])
+    return out

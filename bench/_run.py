@@ -72,10 +72,16 @@ class Sizes:
     w5_chunk: int
     w5_stream: int
     w5_stream_chunk: int
+    w6_items: int = 3000
+    w6_quota: float = 200.0  # lookups per second the service allows
+    w6_latency: float = 0.02  # seconds per lookup, refused ones included
 
 
 FULL = Sizes(3000, 0.1, 30, 200_000, 2000, 10_000, 300, 200, 20_000, 200, 10_000_000, 10_000)
-QUICK = Sizes(300, 0.01, 3, 20_000, 200, 500, 30, 20, 2000, 20, 100_000, 1000)
+QUICK = Sizes(
+    300, 0.01, 3, 20_000, 200, 500, 30, 20, 2000, 20, 100_000, 1000, w6_items=200, w6_quota=100
+)
+W6_WIDTH = 100  # workers: chunks in flight for ours, threads (or thread slots) for the peers
 
 
 def flat(chunks: Iterable[list[Any]]) -> list[Any]:
@@ -245,6 +251,101 @@ class Runner:
         )
         return row
 
+    def w6(self) -> list[dict[str, Any]]:
+        """A downstream with a quota: the demo's geocoder allowing w6_quota lookups/s (a token
+        bucket holding one second of it), 429 + Retry-After beyond, w6_latency per call.
+        Every figure but the wall time is counted by the service itself."""
+        if self.tool.process_per_slot:
+            return [{"skipped": "needs 100 processes for 100 blocking calls at once"}]
+        try:
+            from serverless.demo.geocoder import Geocoder
+        except ImportError as exc:  # aiohttp: the demo extra
+            return [{"skipped": f"needs the demo extra: {exc.name} not installed"}]
+        s = self.sizes
+        items = quota_items(s.w6_items)
+        with Geocoder(latency=s.w6_latency, quota=s.w6_quota) as url:
+            self.tool.start(W6_WIDTH, True)
+            try:
+                rows: list[dict[str, Any]] = []
+                for name, call in self._quota_variants(url.removeprefix("http://")):
+                    if rows:  # the bucket refills: each row starts with a second of the quota
+                        time.sleep(1.2)
+                    rows.append(self._quota_row(name, call, items, url, s.w6_quota))
+                return rows
+            finally:
+                self.tool.close()
+
+    def _quota_variants(self, service: str) -> list[tuple[str, Callable[[list[int]], Any]]]:
+        quota = self.sizes.w6_quota
+        if isinstance(self.tool, _Ours):
+            import serverless
+
+            from . import _ours
+
+            def ours(**options: Any) -> Callable[[list[int]], Any]:
+                step = _ours.lookup.with_options(workers=W6_WIDTH, **options).partial(service)
+                return lambda items: serverless.Pipeline(step).execute(items)
+
+            _ours.square.with_options(workers=W6_WIDTH)(list(range(W6_WIDTH)))  # start the pool
+            return [
+                (f"rate={quota:g}", ours(rate=quota)),
+                ("rate=auto", ours(rate="auto")),
+                ("no rate", ours()),
+            ]
+        self.tool.map("square", [[n] for n in range(W6_WIDTH)], ())  # start the workers
+
+        # one task per item, as the peers' docs map over a list of URLs
+        def peer(by_hand: bool) -> Callable[[list[int]], Any]:
+            return lambda items: flat(self.tool.map("lookup", split(items, 1), (service, by_hand)))
+
+        return [("429 = item lost", peer(False)), ("retry 429s by hand", peer(True))]
+
+    def _quota_row(
+        self, name: str, call: Callable[[list[int]], Any], items: list[int], url: str, quota: float
+    ) -> dict[str, Any]:
+        from serverless.demo.geocoder import service_stats
+
+        before = service_stats(url)
+        started = time.perf_counter()
+        out = call(items)
+        wall = time.perf_counter() - started
+        after = service_stats(url)
+        run = out if not isinstance(out, list) else None  # ours: a PipelineRun
+        result: list[list[Any]] = run.result if run is not None else out
+        served = after["lookups"] - before["lookups"]
+        refused = after["throttled"] - before["throttled"]
+        lost = sum(1 for r in result if r[1] == _work.REFUSED)
+        ordered = len(result) == len(items) and all(
+            r[0] == code and (r[1] in (None, _work.REFUSED) or f"{code:05d}" in r[1])
+            for r, code in zip(result, items, strict=True)
+        )
+        row: dict[str, Any] = {
+            "variant": name,
+            "wall_s": wall,
+            "served": served,  # lookups the service answered (200 or 404)
+            "refused": refused,  # and refused with a 429
+            "quota_used": served / wall / quota,
+            "refused_share": refused / max(1, served + refused),
+            "lost": lost,
+            "in_order": ordered and not lost,  # every item resolved, in input order
+        }
+        if run is not None:
+            step = run.steps[0]
+            row.update(throttles=step.throttles, rate=step.rate, window=step.window)
+            if not row["in_order"]:
+                row["error"] = "items lost, or results out of order"
+        elif not ordered:
+            row["error"] = "results out of order"
+        return row
+
+
+def quota_items(count: int) -> list[int]:
+    """W6's zipcodes: random 5-digit codes, about half of them real (the demo's draw)."""
+    import random
+
+    rng = random.Random(6)
+    return [rng.randint(10000, 99999) for _ in range(count)]
+
 
 def _lazy_chunks(count: int, size: int) -> Iterator[list[int]]:
     items = iter(range(count))
@@ -281,12 +382,15 @@ WORKLOADS = {
     "W5p": Runner.w5p,
     "W5s": Runner.w5s,
 }
+# workloads with rows of their own columns (one per variant): printed as a table of their own
+QUOTA_WORKLOADS: dict[str, Callable[[Runner], list[dict[str, Any]]]] = {"W6": Runner.w6}
+ALL_WORKLOADS = [*WORKLOADS, *QUOTA_WORKLOADS]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tool", required=True, choices=sorted(TOOLS))
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--workloads", default=",".join(ALL_WORKLOADS))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--loops", type=int, default=_work.SPIN_PER_ITEM)
@@ -299,14 +403,19 @@ def main() -> int:
         return 0
     runner = Runner(tool, QUICK if args.quick else FULL, args.runs, args.loops)
     for name in args.workloads.split(","):
-        row: dict[str, Any] = {"workload": name, "tool": args.tool, "version": tool.version}
+        head: dict[str, Any] = {"workload": name, "tool": args.tool, "version": tool.version}
         try:
-            row.update(WORKLOADS[name](runner))
-            row["ok"] = "skipped" not in row
+            if name in QUOTA_WORKLOADS:
+                rows = [head | r for r in QUOTA_WORKLOADS[name](runner)]
+            else:
+                rows = [head | WORKLOADS[name](runner)]
+            for row in rows:
+                row["ok"] = "skipped" not in row and "error" not in row
         except Exception as exc:
             traceback.print_exc()
-            row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
-        print(json.dumps(row), flush=True)
+            rows = [head | {"ok": False, "error": f"{type(exc).__name__}: {exc}"}]
+        for row in rows:
+            print(json.dumps(row), flush=True)
     runner.rss.stop()
     return 0
 

@@ -6,6 +6,8 @@ import them by name and the peers' subprocesses do not pay for our imports.
 
 from __future__ import annotations
 
+import http.client
+import threading
 import time
 from typing import Any
 
@@ -43,3 +45,49 @@ def payload(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def make_payload(count: int) -> list[dict[str, Any]]:
     return [{"id": i, "s": f"{i:08d}" * 128} for i in range(count)]
+
+
+# -- W6: a downstream with a quota (the demo's geocoder: 429 + Retry-After beyond it) ----------
+
+REFUSED = "429"  # a peer's result for an item the service refused: lost unless retried by hand
+_local = threading.local()
+
+
+def get_zip(code: int, service: str) -> tuple[int, str | None, str]:
+    """One lookup: (status, address or None, the Retry-After header or ""), on a keep-alive
+    connection per thread (service: host:port)."""
+    connections: dict[str, http.client.HTTPConnection] = _local.__dict__.setdefault("c", {})
+    for attempt in (1, 2):  # a kept-alive connection the server closed is retried once, fresh
+        connection = connections.get(service)
+        if connection is None:
+            connection = connections[service] = http.client.HTTPConnection(service, timeout=30)
+        try:
+            connection.request("GET", f"/zip/{code:05d}")
+            response = connection.getresponse()
+            body = response.read()
+            break
+        except (ConnectionError, http.client.HTTPException):
+            connection.close()
+            del connections[service]
+            if attempt == 2:
+                raise
+    if response.status == 200:
+        return 200, body.decode(), ""
+    return response.status, None, response.getheader("Retry-After") or ""
+
+
+def lookup(items: list[int], service: str, by_hand: bool = False) -> list[list[Any]]:
+    """W6, the peers: [code, address or None] per item, or [code, REFUSED] where the service
+    said 429 (an item lost); by_hand: sleep its Retry-After and ask again until served."""
+    out: list[list[Any]] = []
+    for code in items:
+        while True:
+            status, address, wait = get_zip(code, service)
+            if status != 429:
+                out.append([code, address])
+                break
+            if not by_hand:
+                out.append([code, REFUSED])
+                break
+            time.sleep(float(wait or 1))
+    return out

@@ -48,3 +48,24 @@ def test_quick_bench_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     assert stream["ok"] or stream["skipped"] == "n/a: needs f.stream"
     assert rows[("W5s", "threads")]["ok"]
     assert "ratio_to_best_peer" in rows[("W1", "serverless")]
+    # W6, a service with a quota (100/s at quick sizes, 200 items), its own table; the
+    # figures are the service's own counts
+    assert "| workload | tool | variant | wall | quota used | 429s of calls |" in done.stdout
+    quota = {(r["tool"], r["variant"]): r for r in data["rows"] if r["workload"] == "W6"}
+    assert set(quota) == {
+        ("serverless", "rate=100"),
+        ("serverless", "rate=auto"),
+        ("serverless", "no rate"),
+        ("threads", "429 = item lost"),
+        ("threads", "retry 429s by hand"),
+    }
+    for (tool, variant), row in quota.items():
+        assert f"| W6 | {tool} | {variant} | " in done.stdout
+        if tool == "serverless":  # every item resolved, in order; the caller saw every 429
+            assert row["ok"] and row["in_order"] and row["lost"] == 0, row
+            assert row["throttles"] == row["refused"] and row["served"] >= 200
+        else:  # a 429 is a lost item, unless the thread sleeps its Retry-After and asks again
+            assert row["ok"] and row["lost"] == (row["refused"] if "lost" in variant else 0)
+    paced = quota[("serverless", "rate=100")]
+    assert paced["refused"] == 0 and paced["served"] == 200
+    assert quota[("threads", "429 = item lost")]["lost"] > 0

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,8 +20,9 @@ from pathlib import Path
 import pytest
 import zipcodes
 
+import serverless
 from serverless.demo import pipeline
-from serverless.demo.geocoder import Geocoder, lookups_served
+from serverless.demo.geocoder import Geocoder, lookups_served, service_stats
 from tests.conftest import free_port, haproxy, server, test_env
 from tests.faults import Attacker
 
@@ -70,6 +72,46 @@ def test_geocoder_latency_is_applied_and_checked(geocoder: str) -> None:
     assert time.perf_counter() - started >= 0.2
     assert get(f"{geocoder}/zip/40057?latency=-1")[0] == 400
     assert get(f"{geocoder}/zip/40057?latency=soon")[0] == 400
+
+
+def _answer(url: str) -> tuple[int, str | None]:
+    """A lookup's status and Retry-After header."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers.get("Retry-After")
+    except urllib.error.HTTPError as error:
+        body = json.load(error)
+        assert error.code != 429 or body["error"] == "over the query limit"
+        return error.code, error.headers.get("Retry-After")
+
+
+def test_geocoder_enforces_its_quota_with_429_and_retry_after() -> None:
+    """60/min is 1/s, a bucket of one: of 40 lookups at once one is served and the rest are
+    refused, each with a Retry-After of whole seconds, all counted; get_address turns the
+    429 into serverless.Throttled, and a second later the bucket has a token again."""
+    with pytest.raises(serverless.ConfigurationError, match="figure"):
+        Geocoder(quota="auto")
+    with Geocoder(latency=0.0, quota="60/min") as url:
+        answers: list[tuple[int, str | None]] = []
+        threads = [
+            threading.Thread(target=lambda: answers.append(_answer(f"{url}/zip/40057")))
+            for _ in range(40)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        refused = [after for status, after in answers if status == 429]
+        assert len(answers) == 40 and 1 <= 40 - len(refused) <= 2  # 2: took over a second
+        assert set(refused) == {"1"}  # whole seconds, rounded up
+        with pytest.raises(serverless.Throttled) as throttled:
+            pipeline.get_address(40057, url)
+        assert throttled.value.retry_after == 1.0
+        time.sleep(1.0)
+        assert pipeline.get_address(40057, url)[2] == "Pleasureville, KY 40057, USA"
+        pipeline.close_connections()
+        served = 40 - len(refused) + 1
+        assert service_stats(url) == {"lookups": served, "throttled": len(refused) + 1}
 
 
 def test_get_address_makes_a_real_call_and_counts(geocoder: str) -> None:
@@ -153,6 +195,83 @@ def test_demo_figures_hold_together() -> None:
     assert figures["lookup_mean_s"] >= 0.01
 
 
+QUOTA_LINE = re.compile(
+    r"Quota = 100/s: geolocate ran at ([\d.]+) lookups/s \(\d+% of it; pacing ended at "
+    r"([\d.]+/s|unpaced)\), (\d+) lookups throttled \(429\); 200 serial lookups at that "
+    r"quota would take ([\d.]+)s \([\d.]+ ms or 1/quota each, the longer\): a speedup of "
+    r"([\d.]+)X"
+)
+
+
+@pytest.mark.parametrize("rate", [None, "100/s"])
+def test_demo_with_a_quota_resolves_every_zipcode(rate: str | None) -> None:
+    """`serverless demo --quota 100/s`, adaptive (rate="auto") or with --rate 100/s: every
+    code resolved, each looked up once, and the throttles the report gives are the 429s the
+    geocoder counted itself."""
+    args = [*DEMO, "--count", "200", "--workers", "20", "--latency", "0.01", "--seed", "7"]
+    args += ["--quota", "100/s", "--json"] + (["--rate", rate] if rate else [])
+    done = subprocess.run(args, env=test_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    expected = {
+        f"{z:05d}" for z in pipeline.zipcodes(200, 7) if zipcodes.filter_by(zip_code=f"{z:05d}")
+    }
+    assert {line.split(" => ")[0] for line in figures["addresses"]} == expected
+    geolocate = figures["steps"][0]
+    service = figures["service"]
+    assert service["lookups"] == 200  # no lookup served twice (no hedge, no rerun)
+    assert service["throttled"] == figures["throttled"] == geolocate["throttles"]
+    assert figures["steps"][1]["fused_with"] is None  # a paced step runs alone
+    assert figures["quota"] == 100.0
+    if rate:  # paced at the quota: nothing refused, and the quota used
+        assert geolocate["throttles"] == 0 and geolocate["rate"] == 100.0
+        assert 80 <= figures["rate_achieved"] <= 105
+    else:  # found the quota from the throttles
+        assert geolocate["throttles"] > 0 and geolocate["rate"] is not None
+    match = QUOTA_LINE.search(pipeline.report(figures))
+    assert match, pipeline.report(figures)
+    assert int(match[3]) == service["throttled"]
+    # serial lookups at that quota: each the longer of its measured time and 1/quota
+    serial = 200 * max(figures["lookup_latency_s"], 1 / 100)
+    assert float(match[4]) == pytest.approx(serial, abs=0.01) and serial >= 2.0
+    assert float(match[5]) == pytest.approx(serial / figures["parallel_duration"], abs=0.1)
+
+
+def test_a_paced_call_holds_its_rate_on_real_servers() -> None:
+    """rate=100 over 5.2 s through the local pool, measured by the geocoder: its lookup
+    count, polled every 50 ms, rises at 100/s (within 5%) over the run and over its middle."""
+    codes = pipeline.zipcodes(520, 11)
+    with Geocoder(latency=0.01) as url:
+        samples: list[tuple[float, int]] = []
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(0.05):
+                samples.append((time.monotonic(), lookups_served(url)))
+
+        step = pipeline.geolocate.with_options(workers=20, rate=100, hedge=False)
+        step([10000], url)  # the local pool starts: no part of the measured run
+        base = lookups_served(url)
+        poller = threading.Thread(target=poll)
+        poller.start()
+        try:
+            run = serverless.Pipeline(step.partial(url)).execute(codes)
+        finally:
+            stop.set()
+            poller.join(5)
+        samples.append((time.monotonic(), lookups_served(url)))  # at most 50 ms late
+    assert [z for z, _, _ in run.result] == codes
+    counts = [(t, n - base) for t, n in samples]
+    first = next(t for t, n in counts if n > 0)
+    last = next(t for t, n in counts if n == 520)
+    assert last - first >= 5.0
+    assert 520 / (last - first) == pytest.approx(100, rel=0.05)
+    middle = [(t, n) for t, n in counts if first + 1 <= t <= last - 1]
+    (t0, n0), (t1, n1) = middle[0], middle[-1]
+    assert (n1 - n0) / (t1 - t0) == pytest.approx(100, rel=0.05)
+    assert run.steps[0].throttles == 0 and run.steps[0].rate == 100.0
+
+
 @pytest.fixture(scope="module")
 def web_demo() -> Iterator[str]:
     port = free_port()
@@ -225,6 +344,45 @@ def test_web_page_in_a_real_browser(web_demo: str, tmp_path: Path) -> None:
     assert fused_bars == bars == 20  # one bar per chunk: geolocate and cleanup, fused
     expected = sum(1 for z in pipeline.zipcodes(400, 4) if zipcodes.filter_by(zip_code=f"{z:05d}"))
     assert resolved == expected and heading == f"({expected} of 400)"
+
+
+@pytest.mark.skipif(
+    not shutil.which(CHROMIUM), reason="needs Debian's chromium (scripts/test installs it)"
+)
+def test_web_page_shows_throttled_chunks() -> None:
+    """`serverless demo --web --quota 100/s`: geolocate finds the quota (rate="auto"), and
+    the chunks the geocoder throttled get their own colour, named in the legend."""
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    args = ["serverless._cli", "demo", "--web", "--port", str(port), "--processes", "2"]
+    with (
+        server([*args, "--quota", "100/s"], port),
+        sync_playwright() as playwright,
+    ):
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(f"http://127.0.0.1:{port}/")
+            for name, value in (("count", "200"), ("workers", "10"), ("latency", "0.01")):
+                page.fill(f"input[name={name}]", value)
+            page.click("#run")
+            page.wait_for_selector("#timeline svg", timeout=60_000)
+            report = page.inner_text("#report")
+            legend = page.inner_text(".legend")
+            throttled = page.locator("rect.chunk.throttled")
+            count, fill = throttled.count(), throttled.first.get_attribute("fill")
+            steps = {page.locator("rect.chunk").nth(n).get_attribute("data-step") for n in (0, -1)}
+        finally:
+            browser.close()
+    assert not errors
+    match = re.search(r"Quota = 100/s: .* (\d+) lookups throttled \(429\)", report)
+    assert match and int(match[1]) > 0, report
+    assert 0 < count <= int(match[1]) and fill == "var(--throttled)"
+    assert "throttled: the geocoder answered 429" in legend
+    assert steps == {"geolocate", "cleanup"}  # a paced step runs alone: not fused
 
 
 def test_demo_against_workers_behind_a_load_balancer(tmp_path: Path) -> None:

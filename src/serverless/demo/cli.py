@@ -23,6 +23,18 @@ def add_parser(commands: Any) -> None:
     demo.add_argument(
         "--latency", type=float, default=0.1, help="seconds the geocoder adds per lookup (0.1)"
     )
+    demo.add_argument(
+        "--quota",
+        default=None,
+        help='the geocoder allows this many lookups per second ("200/s", "3000/min") and '
+        "answers 429 beyond it; geolocate then runs with --rate, or finds the quota itself",
+    )
+    demo.add_argument(
+        "--rate",
+        default=None,
+        help='geolocate\'s rate= ("200/s", "3000/min", "auto"); default: "auto" with '
+        "--quota, unpaced without",
+    )
     demo.add_argument("--seed", type=int, default=None, help="random seed for the zipcodes")
     demo.add_argument(
         "--url", default=None, help="send chunks to workers at this URL instead of the local pool"
@@ -55,9 +67,23 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from . import geocoder
+    from .._exceptions import ConfigurationError
+    from .._rate import parse_rate
+    from .quota import parse_quota
 
-    with geocoder.Geocoder(args.latency, host=args.geocoder_host) as geocoder_url:
+    try:
+        from . import geocoder  # aiohttp: the demo extra
+    except ImportError as exc:
+        print(f"serverless demo: {exc}", file=sys.stderr)
+        return 2
+    try:
+        args.quota = None if args.quota is None else parse_quota(args.quota)
+        args.rate = parse_rate(args.rate) or ("auto" if args.quota else None)
+    except ConfigurationError as exc:
+        print(f"serverless demo: {exc}", file=sys.stderr)
+        return 2
+    service = geocoder.Geocoder(args.latency, host=args.geocoder_host, quota=args.quota)
+    with service as geocoder_url:
         if args.web:
             from . import web
 
@@ -68,16 +94,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _terminal(args: argparse.Namespace, geocoder_url: str) -> int:
+    from .geocoder import service_stats
     from .pipeline import report, run, verify_serial, warm_up
 
     ready = warm_up(geocoder_url, args.workers, args.url)
     progress = _Progress(geocoder_url, args.count, sys.stderr)
+    before = service_stats(geocoder_url)
     progress.start()
     try:
-        result = run(geocoder_url, args.count, args.workers, args.seed, args.url)
+        result = run(
+            geocoder_url, args.count, args.workers, args.seed, args.url, args.rate, args.quota
+        )
     finally:
         progress.stop()
+    after = service_stats(geocoder_url)
     result["workers_ready_s"] = ready
+    # what the geocoder itself counted during the run: lookups answered, and refused (429)
+    result["service"] = {k: after[k] - before[k] for k in after}
     if args.verify_serial:
         result["serial_check"] = verify_serial(geocoder_url, args.verify_serial, args.seed)
     if args.json:
@@ -90,6 +123,12 @@ def _terminal(args: argparse.Namespace, geocoder_url: str) -> int:
         f"{args.count} lookups at {result['lookup_mean_s'] * 1000:.1f} ms each, and the rest; "
         f"workers: {target}, ready in {ready:.2f}s before the run)"
     )
+    if args.quota:
+        service = result["service"]
+        print(
+            f"(the geocoder counted {service['lookups']} lookups answered and "
+            f"{service['throttled']} refused with a 429 during the run)"
+        )
     check = result.get("serial_check")
     if check:
         ratio = result["lookup_mean_s"] / check["serial_mean_s"]

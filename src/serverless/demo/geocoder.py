@@ -9,7 +9,11 @@ Atlantic). It is asynchronous, so a hundred concurrent lookups cost no threads.
     GET /zip/40057 -> 200 {"zipcode": "40057", "address": "Pleasureville, KY 40057, USA"}
     GET /zip/00000 -> 404 {"zipcode": "00000", "error": "unknown zipcode"}
     GET /zip/40057?latency=0.02 -> the same, with this latency (seconds, at most 10)
-    GET /stats     -> 200 {"lookups": 1234}   (answered so far; the demo's progress bar)
+    GET /stats     -> 200 {"lookups": 1234, "throttled": 0}   (answered so far, refused)
+
+With --quota 200/s (or 3000/min, as Google's Geocoding API allows by default) it enforces a
+quota as the real APIs do: a token bucket (quota.py), and beyond it 429 with a Retry-After in
+whole seconds. A refused lookup still takes the latency: the refusal crosses the same network.
 """
 
 from __future__ import annotations
@@ -25,9 +29,15 @@ import sys
 import time
 from types import TracebackType
 
-from aiohttp import web
-
 from .._exceptions import ConfigurationError
+
+try:
+    from aiohttp import web
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "the demo's geocoder needs aiohttp: pip install 'simple-serverless[demo]'", name="aiohttp"
+    ) from exc
+from .quota import TokenBucket, parse_quota, retry_after
 
 START_TIMEOUT = 30.0
 MAX_LATENCY = 10.0
@@ -47,11 +57,14 @@ def load_addresses() -> dict[str, str]:
     }
 
 
-def make_app(addresses: dict[str, str], latency: float) -> web.Application:
-    served = 0
+def make_app(
+    addresses: dict[str, str], latency: float, quota: float | None = None
+) -> web.Application:
+    served = throttled = 0
+    bucket = TokenBucket(quota, time.monotonic()) if quota else None
 
     async def lookup(request: web.Request) -> web.Response:
-        nonlocal served
+        nonlocal served, throttled
         code = request.match_info["code"]
         try:
             wait = float(request.query.get("latency", latency))
@@ -61,8 +74,17 @@ def make_app(addresses: dict[str, str], latency: float) -> web.Application:
             return web.json_response(
                 {"error": f"latency must be in [0, {MAX_LATENCY}]"}, status=400
             )
+        refused = bucket.take(time.monotonic()) if bucket is not None else None
+        if refused is not None:
+            throttled += 1  # counted on arrival, as the bucket decides then
         if wait > 0:
             await asyncio.sleep(wait)
+        if refused is not None:
+            return web.json_response(
+                {"zipcode": code, "error": "over the query limit"},
+                status=429,
+                headers={"Retry-After": retry_after(refused)},
+            )
         served += 1
         address = addresses.get(code)
         if address is None:
@@ -70,7 +92,7 @@ def make_app(addresses: dict[str, str], latency: float) -> web.Application:
         return web.json_response({"zipcode": code, "address": address})
 
     async def stats(request: web.Request) -> web.Response:
-        return web.json_response({"lookups": served})
+        return web.json_response({"lookups": served, "throttled": throttled})
 
     app = web.Application()
     app.router.add_get("/zip/{code}", lookup)
@@ -83,13 +105,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8089, help="0 picks a free port")
     parser.add_argument("--latency", type=float, default=0.1, help="seconds added per lookup")
+    parser.add_argument(
+        "--quota",
+        type=_quota,
+        default=None,
+        help='lookups allowed per second ("200/s", "3000/min"); 429 beyond it',
+    )
     parser.add_argument("--parent", type=int, default=0, help="exit when this process dies")
     args = parser.parse_args(argv)
     if args.parent:
         from .._local_worker import _die_with_parent
 
         _die_with_parent(args.parent)
-    app = make_app(load_addresses(), args.latency)
+    app = make_app(load_addresses(), args.latency, args.quota)
 
     async def serve() -> None:
         runner = web.AppRunner(app, access_log=None)
@@ -106,14 +134,29 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(serve())
 
 
+def _quota(value: str) -> float:
+    try:
+        return parse_quota(value)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 class Geocoder:
     """The service as a child process: `with Geocoder(latency=0.1) as url: ...`.
 
     It dies with this process (PR_SET_PDEATHSIG), so an interrupted demo leaves no orphan.
+    quota: lookups per second it allows (a number, "200/s", "3000/min"); None: no limit.
     """
 
-    def __init__(self, latency: float = 0.1, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        latency: float = 0.1,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        quota: str | float | None = None,
+    ) -> None:
         self.latency, self.host, self.port = latency, host, port
+        self.quota = None if quota is None else parse_quota(quota)  # fails here, not in the child
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -121,6 +164,8 @@ class Geocoder:
         command = [sys.executable, "-m", "serverless.demo.geocoder", "--host", self.host]
         command += ["--port", str(self.port), "--latency", str(self.latency)]
         command += ["--parent", str(os.getpid())]
+        if self.quota is not None:
+            command += ["--quota", repr(self.quota)]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE)
         assert self.proc.stdout is not None
         deadline = time.monotonic() + START_TIMEOUT
@@ -154,12 +199,17 @@ class Geocoder:
         self.stop()
 
 
-def lookups_served(url: str, timeout: float = 1.0) -> int:
-    """How many lookups the service has answered (for a progress bar)."""
+def service_stats(url: str, timeout: float = 1.0) -> dict[str, int]:
+    """The service's counters: {"lookups": answered, "throttled": refused with a 429}."""
     from urllib.request import urlopen
 
     with urlopen(f"{url}/stats", timeout=timeout) as response:
-        return int(json.load(response)["lookups"])
+        return {k: int(v) for k, v in json.load(response).items()}
+
+
+def lookups_served(url: str, timeout: float = 1.0) -> int:
+    """How many lookups the service has answered (for a progress bar)."""
+    return service_stats(url, timeout)["lookups"]
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@
 geocoding service in serverless.demo.geocoder), `cleanup` (parallel: drops unknown codes) and
 `sort` (sequential, in the caller), as in the seed. The workers learn the geocoder's URL as an
 argument of the call, so the same code runs on the local pool and on remote workers (--url).
+
+When the geocoder enforces a quota (--quota), `geolocate` raises serverless.Throttled on its
+429, and the step runs with `rate=` (the quota, or "auto": found from the throttles).
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ def get_address(zipcode: int, geocoder: str) -> Entry:
                 raise
     if response.status == 404:
         return zipcode, time.perf_counter() - start, None
+    if response.status == 429:  # over the quota: the caller waits, slows down, sends it again
+        wait = response.getheader("Retry-After")
+        raise serverless.Throttled(f"geocoder over its quota at {zipcode:05d}", retry_after=wait)
     if response.status != 200:
         raise RuntimeError(f"geocoder answered {response.status} for {zipcode:05d}: {body!r}")
     return zipcode, time.perf_counter() - start, json.loads(body)["address"]
@@ -104,23 +110,33 @@ def run(
     workers: int = 100,
     seed: int | None = None,
     url: str | None = None,
+    rate: float | str | None = None,
+    quota: float | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline once; the figures of the seed's report, all measured.
 
     geolocate and cleanup go to the same workers, so the Pipeline fuses them: each chunk is
-    geolocated and cleaned in one request, and only the resolved addresses come back."""
+    geolocated and cleaned in one request, and only the resolved addresses come back.
+    rate: geolocate's rate= (items/s, "200/s", "auto"), for a geocoder with a quota (its
+    lookups/s, for the report); a paced step runs alone, so then the two are not fused."""
+    # a paced step's hedge would spend the quota twice on the same lookups
+    paced = {"rate": rate, "hedge": False} if rate is not None else {}
     pipeline = serverless.Pipeline(
-        geolocate.with_options(workers=workers, url=url).partial(geocoder),
+        geolocate.with_options(workers=workers, url=url, **paced).partial(geocoder),
         cleanup.with_options(workers=workers, url=url),
         sort,
     )
-    return figures(pipeline.execute(zipcodes(count, seed)), count, workers)
+    return figures(pipeline.execute(zipcodes(count, seed)), count, workers, quota)
 
 
-def figures(run: serverless.PipelineRun, count: int, workers: int) -> dict[str, Any]:
+def figures(
+    run: serverless.PipelineRun, count: int, workers: int, quota: float | None = None
+) -> dict[str, Any]:
     """The report's figures. The regular (serial-equivalent) duration is the steps' compute
     time as measured around each function call on the workers, every lookup included: what
-    one thread making the same calls one after the other would have spent."""
+    one thread making the same calls one after the other would have spent. With a quota
+    (lookups/s), the serial lookups could not go faster than it either: they would take
+    count x max(the mean lookup, 1 / quota)."""
     regular = sum(s.compute_s for s in run.steps)
     offset = 0.0
     timeline: list[dict[str, Any]] = []
@@ -143,11 +159,13 @@ def figures(run: serverless.PipelineRun, count: int, workers: int) -> dict[str, 
                     "end": offset + c.end,
                     "compute_s": c.compute_s,
                     "attempts": c.attempts,
+                    "throttles": c.throttles,
                 }
             )
         offset += step.duration
-    lookups = run.steps[0].compute_s
-    return {
+    geo = run.steps[0]
+    lookups = geo.compute_s
+    out = {
         "count": count,
         "workers": workers,
         "regular_duration": regular,
@@ -157,7 +175,23 @@ def figures(run: serverless.PipelineRun, count: int, workers: int) -> dict[str, 
         "steps": steps,
         "timeline": timeline,
         "addresses": [f"{z:05d} => {a}" for z, _, a in run.result],
+        "quota": quota,
     }
+    if quota:
+        # a paced lookup's compute time includes its pacing: the geocoder's latency is the
+        # mean of what the lookups themselves measured (each entry carries its own time)
+        took = [t for _, t, _ in run.result]  # the resolved codes' lookups: a fair sample
+        latency = sum(took) / len(took) if took else 0.0
+        serial = count * max(latency, 1.0 / quota)
+        out |= {
+            "rate_achieved": geo.items_per_s,  # lookups per second over the geolocate step
+            "rate_settled": geo.rate,  # where the pacing (rate= or AIMD) ended
+            "throttled": geo.throttles,  # lookups the geocoder refused with a 429
+            "lookup_latency_s": latency,
+            "serial_at_quota_s": serial,
+            "speedup_at_quota": serial / run.duration if run.duration else 0.0,
+        }
+    return out
 
 
 def _step_figures(s: serverless.StepStats) -> dict[str, Any]:
@@ -174,6 +208,9 @@ def _step_figures(s: serverless.StepStats) -> dict[str, Any]:
         "processes": s.processes,
         "target": s.target,
         "fused_with": s.fused_with,  # the step number whose requests also ran this one
+        "throttles": s.throttles,  # lookups the downstream refused (each sent again)
+        "rate": s.rate,  # items/s it was paced at when it ended (None: unpaced)
+        "items_per_s": s.items_per_s,
     }
 
 
@@ -183,13 +220,18 @@ def verify_serial(geocoder: str, sample: int, seed: int | None = None) -> dict[s
     codes = zipcodes(sample, seed)
     started = time.perf_counter()
     for code in codes:
-        get_address(code, geocoder)
+        while True:
+            try:
+                get_address(code, geocoder)
+                break
+            except serverless.Throttled as exc:  # one thread over a quota: wait, as told
+                time.sleep(exc.retry_after or 1.0)
     elapsed = time.perf_counter() - started
     return {"sample": sample, "serial_s": elapsed, "serial_mean_s": elapsed / sample}
 
 
 def report(figures: dict[str, Any]) -> str:
-    """The seed's report, line for line."""
+    """The seed's report, line for line, and the quota's figures where there was one."""
     lines = [
         "*Serverless Pipeline Demo*",
         f"Number of zipcodes = {figures['count']}",
@@ -205,4 +247,17 @@ def report(figures: dict[str, Any]) -> str:
             f'  {n} - Step "{s["name"]}" took {s["duration"]:.2f}s for {s["workers"]} '
             f"worker{plural} and {s['count']} elements{fused}"
         )
+    if figures.get("quota"):
+        lines.append(quota_line(figures))
     return "\n".join(lines)
+
+
+def quota_line(f: dict[str, Any]) -> str:
+    settled = f"{f['rate_settled']:.1f}/s" if f["rate_settled"] else "unpaced"
+    return (
+        f"Quota = {f['quota']:g}/s: geolocate ran at {f['rate_achieved']:.1f} lookups/s "
+        f"({f['rate_achieved'] / f['quota']:.0%} of it; pacing ended at {settled}), "
+        f"{f['throttled']} lookups throttled (429); {f['count']} serial lookups at that quota "
+        f"would take {f['serial_at_quota_s']:.2f}s ({f['lookup_latency_s'] * 1000:.1f} ms or "
+        f"1/quota each, the longer): a speedup of {f['speedup_at_quota']:.1f}X"
+    )

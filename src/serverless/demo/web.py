@@ -42,8 +42,10 @@ def _run(request: Request) -> Response:
         return JSONResponse({"error": params}, status_code=400)
     count, workers, latency, seed = params
     geocoder = f"{os.environ['SERVERLESS_DEMO_GEOCODER']}/?latency={latency}"
+    quota = float(os.environ.get("SERVERLESS_DEMO_QUOTA") or 0) or None  # --quota, --rate
+    rate = os.environ.get("SERVERLESS_DEMO_RATE") or None
     try:
-        result = run(geocoder, count, workers, seed)
+        result = run(geocoder, count, workers, seed, rate=rate, quota=quota)
     except serverless.ServerlessError as exc:
         return JSONResponse({"error": str(exc)}, status_code=502)
     result["latency"] = latency
@@ -87,6 +89,8 @@ def serve(args: argparse.Namespace, geocoder_url: str) -> int:
     import uvicorn
 
     os.environ["SERVERLESS_DEMO_GEOCODER"] = geocoder_url
+    os.environ["SERVERLESS_DEMO_QUOTA"] = repr(args.quota) if args.quota else ""
+    os.environ["SERVERLESS_DEMO_RATE"] = str(args.rate) if args.rate else ""
     os.environ.setdefault("SERVERLESS_SECRET", secrets.token_hex(32))
     # The steps call back into this very server, through its own address: never to the Host
     # a browser (or anyone) sends (docs/security.md).
