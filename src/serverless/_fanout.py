@@ -391,7 +391,7 @@ class Fanout:
         # lasts long would hold a stale pace); a throttled one from its first refused item
         size, before = len(chunk.items), []  # before: results of the parts done, in order
         compute_s = 0.0  # worker time spent on it in those parts
-        whole = chunk
+        whole, began = chunk, _now()
         for attempt in itertools.count(1):
             part = self.pacer.part(len(whole.items))
             chunk = whole if part == len(whole.items) else whole.head(part)
@@ -474,6 +474,8 @@ class Fanout:
                 ceiling = self._ceiling(url)
                 if ceiling != window.ceiling:
                     window.cap(ceiling)
+            if parts or throttles:  # its timings span every request it took, waits included
+                stats.start = began
             stats.start -= self.started  # seconds since the call started
             stats.end -= self.started
             stats.size, stats.compute_s = size, stats.compute_s + compute_s

@@ -184,3 +184,25 @@ def test_errors_return_keeps_each_items_error_and_resends_throttled_ones() -> No
         else:
             assert value == n
     assert DOWNSTREAM.served == dict.fromkeys(range(60), 1)
+
+
+def test_a_throttle_in_a_fused_pipeline_sends_the_chunk_again_whole() -> None:
+    """A fused call runs its stages on whole chunks: a throttle in the first stage sends the
+    chunk again through every stage (it failed on the stage figures before)."""
+    DOWNSTREAM.reset(rate=300.0, burst=5.0)
+    first = sf.quota_lookup.with_options(chunk_size=10, workers=8)
+    pipeline = serverless.Pipeline(first, sf.square.with_options(chunk_size=10, workers=8))
+    run = pipeline.execute(list(range(100)))
+    assert run.result == [(2 * n) ** 2 for n in range(100)]
+    assert run.steps[1].fused_with == 1 and run.steps[0].throttles > 0
+    assert set(DOWNSTREAM.served) == set(range(100))
+
+
+def test_a_chunk_sent_in_parts_spans_all_of_them_in_its_timings() -> None:
+    DOWNSTREAM.reset(rate=1000.0, burst=1000.0)
+    out, stats = sf.quota_lookup.with_options(workers=1, chunk_size=20, rate=20).with_stats(
+        list(range(20))
+    )
+    assert out == [2 * n for n in range(20)]
+    (chunk,) = stats.chunks
+    assert chunk.start < 0.1 and chunk.end > 0.8 and chunk.size == 20 and chunk.attempts == 1
