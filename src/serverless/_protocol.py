@@ -439,10 +439,14 @@ def read_reply(
     if reply.v != VERSION:
         raise ProtocolError(_versions(what, reply.v), url=url, status=status)
     if status == 200 and reply.results is not None:
-        if call.then and reply.throttled is None and (
-            reply.stages is None
-            or len(reply.stages) != len(call.then) + 1
-            or reply.stages[-1].count != len(reply.results)
+        if (
+            call.then
+            and reply.throttled is None
+            and (
+                reply.stages is None
+                or len(reply.stages) != len(call.then) + 1
+                or reply.stages[-1].count != len(reply.results)
+            )
         ):
             raise ProtocolError(f"{what}: its per-stage figures do not match", url=url)
         if reply.throttled is not None and not 0 <= reply.throttled.at < len(call.items):
