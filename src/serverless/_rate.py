@@ -9,8 +9,10 @@ burst at each chunk's start.
 
 When the function raises `serverless.Throttled` (the downstream said "too many"), the rate
 follows TCP's congestion control: it drops to BACKOFF times itself once per episode (the
-throttles of items sent before a decrease do not decrease it again), and grows by GROWTH
-times that figure per second while calls succeed (AIMD), never above the user's `rate`. An
+throttles of items sent before a decrease do not decrease it again), or at once to what got
+through over the last second if that is lower, and grows by GROWTH times that figure per
+second while calls succeed (AIMD), never above the user's `rate`, nor above twice what got
+through lately (growth follows deliveries, as TCP's window grows on acks). An
 unpaced call (no `rate=`, or "auto") starts from BACKOFF times the rate it achieved when the
 first throttle came, a rough figure (the call may be milliseconds old), so it then doubles
 every DOUBLING seconds until the next throttle (slow start). A worker that sees one item of a
@@ -127,11 +129,14 @@ class Pacer:
         grown = now - self._stamp  # seconds of growth since the last look
         if self.epoch and grown > 0:
             if self._slow:  # the first episode's estimate is rough: double until the next
-                self.rate *= 2.0 ** (grown / DOUBLING)
+                raised = self.rate * 2.0 ** (grown / DOUBLING)
             else:
-                self.rate += self._grow_by * grown
-            if self.ceiling is not None:
-                self.rate = min(self.rate, self.ceiling)
+                raised = self.rate + self._grow_by * grown
+            # growth follows deliveries, as TCP's window grows on acks: never above twice
+            # what got through lately (a call waiting out a Retry-After delivers nothing,
+            # and slow start ran to 38,000/s against a 200/s quota during one such wait)
+            raised = min(raised, max(self.rate, 2.0 * self._achieved(now)))
+            self.rate = min(raised, self.ceiling) if self.ceiling is not None else raised
         # a burst of at most one item: the downstream sees the rate, not a backlog
         self._tokens = min(1.0, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
@@ -155,8 +160,16 @@ class Pacer:
         now = self._clock()
         self._done.append((now, items))
         self._done_items += items
+        self._forget(now)
+
+    def _forget(self, now: float) -> None:
         while self._done and self._done[0][0] < now - WINDOW:
             self._done_items -= self._done.popleft()[1]
+
+    def _achieved(self, now: float) -> float:
+        """Items per second that got through: over the last second, or since the start."""
+        self._forget(now)
+        return self._done_items / max(0.01, min(WINDOW, now - self._started))
 
     def sent(self) -> int:
         """A request goes out now: the epoch it belongs to (pass it to `answered`)."""
@@ -179,16 +192,19 @@ class Pacer:
         if epoch < self.epoch or (self._older > 0 and now - self._decreased < HOLD):
             return
         self._refill(now)
-        self.succeeded(0)  # drops the successes older than the window
-        # what the downstream let through lately: over the last second, or since the start
-        achieved = self._done_items / max(0.01, min(WINDOW, now - self._started))
+        achieved = self._achieved(now)
         self.auto = True  # item by item from now on: a throttle then costs no rerun
         if self.rate is None:  # unpaced so far: start from what got through
             if not achieved:
                 return  # nothing did lately: no figure to go by, only its Retry-After
             self.rate, self._slow = max(START, BACKOFF * achieved), True
         else:
-            self.rate, self._slow = max(START, BACKOFF * self.rate), False
+            lowered = BACKOFF * self.rate
+            if achieved and now - self._started >= WINDOW:
+                # far above what gets through (a slow start that overshot a bucket's burst):
+                # down to that at once, not by 0.8 an episode (616/s to 200/s took nine)
+                lowered = min(lowered, achieved)
+            self.rate, self._slow = max(START, lowered), False
         if self.ceiling is not None:
             self.rate = min(self.rate, self.ceiling)
         self.epoch += 1

@@ -95,11 +95,16 @@ def test_throttles_back_off_once_per_episode_slow_start_then_aimd() -> None:
     now[0] += 0.1  # a tenth of a second: slow start doubled it
     pacer._refill(now[0])
     assert pacer.rate == pytest.approx(320.0)
-    pacer.throttled(1)  # the second episode: x0.8, and AIMD from here
-    assert pacer.rate == pytest.approx(256.0)
-    now[0] += 2.0  # two seconds: +8% of 320 per second
+    pacer.throttled(1)  # the second episode: down to what got through (under 0.8 x 320)
+    assert pacer.rate == pytest.approx(200.0)
+    for _ in range(20):  # two seconds of deliveries: +8% of 250 per second
+        now[0] += 0.1
+        pacer.succeeded(20)
     pacer._refill(now[0])
-    assert pacer.rate == pytest.approx(256.0 + 2 * 25.6)
+    assert pacer.rate == pytest.approx(200.0 + 2 * 20.0)
+    now[0] += 5.0  # nothing delivered for a while (a Retry-After): no growth past 2 x that
+    pacer._refill(now[0])
+    assert pacer.rate == pytest.approx(240.0)
 
 
 def test_a_users_rate_is_a_ceiling() -> None:
@@ -111,6 +116,7 @@ def test_a_users_rate_is_a_ceiling() -> None:
     pacer.throttled(0)
     assert pacer.rate == pytest.approx(40.0)
     now[0] += 100.0
+    pacer.succeeded(100)
     pacer._refill(now[0])
     assert pacer.rate == 50.0
 
