@@ -9,8 +9,8 @@ burst at each chunk's start.
 
 When the function raises `serverless.Throttled` (the downstream said "too many"), the rate
 follows TCP's congestion control: it drops to BACKOFF times itself once per episode (the
-throttles of items sent before a decrease do not decrease it again), or at once to what got
-through over the last second if that is lower, and grows by GROWTH times that figure per
+throttles of items sent before a decrease do not decrease it again), or down to what got
+through over the last second if that is lower (at most halving it), and grows by GROWTH times that figure per
 second while calls succeed (AIMD), never above the user's `rate`, nor above twice what got
 through lately (growth follows deliveries, as TCP's window grows on acks). An
 unpaced call (no `rate=`, or "auto") starts from BACKOFF times the rate it achieved when the
@@ -202,8 +202,10 @@ class Pacer:
             lowered = BACKOFF * self.rate
             if achieved and now - self._started >= WINDOW:
                 # far above what gets through (a slow start that overshot a bucket's burst):
-                # down to that at once, not by 0.8 an episode (616/s to 200/s took nine)
-                lowered = min(lowered, achieved)
+                # towards that faster than by 0.8 an episode (616/s to 200/s took nine), but
+                # at most halved: what came back lags what got through (long chunks, and
+                # chunks waiting out a Retry-After), and once took 656/s to 28/s
+                lowered = max(min(lowered, achieved), 0.5 * self.rate)
             self.rate, self._slow = max(START, lowered), False
         if self.ceiling is not None:
             self.rate = min(self.rate, self.ceiling)
