@@ -10,14 +10,15 @@ burst at each chunk's start.
 When the function raises `serverless.Throttled` (the downstream said "too many"), the rate
 follows TCP's congestion control: it drops to BACKOFF times itself once per episode (the
 throttles of items sent before a decrease do not decrease it again), or down to what got
-through over the last second if that is lower (at most halving it), and grows by GROWTH times that figure per
-second while calls succeed (AIMD), never above the user's `rate`, nor above twice what got
-through lately (growth follows deliveries, as TCP's window grows on acks). An
-unpaced call (no `rate=`, or "auto") starts from BACKOFF times the rate it achieved when the
-first throttle came, a rough figure (the call may be milliseconds old), so it then doubles
-every DOUBLING seconds until the next throttle (slow start). A worker that sees one item of a
-call throttled stops the call's other item-by-item chunks before their next item (the Call's
-`group`), so the downstream is not hit again by requests sent at the old rate.
+through over the last second if that is lower (at most halving it), and grows by GROWTH
+times that figure per second while calls succeed (AIMD), never above the user's `rate`, nor
+above twice what got through lately (growth follows deliveries, as TCP's window grows on
+acks). An unpaced call (no `rate=`, or "auto") starts from BACKOFF times the rate it
+achieved when the first throttle came, a rough figure (the call may be milliseconds old), so
+it then doubles every DOUBLING seconds until the next throttle (slow start). A worker that
+sees one item of a call throttled stops the call's other item-by-item chunks before their
+next item (the Call's `group`), so the downstream is not hit again by requests sent at the
+old rate.
 """
 
 from __future__ import annotations

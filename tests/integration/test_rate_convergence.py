@@ -43,11 +43,11 @@ def served_rate() -> float:
 @pytest.mark.parametrize("rate", ["auto", None])
 def test_aimd_finds_the_quota(rate: str | None) -> None:
     """2,010 items of 20 ms against 200/s (a bucket of 20), in 67 chunks of 30 as W6 cuts
-    3,000 in 100: at least 80% of the quota over the run (70% with no rate=), at most 5% of the downstream's
-    calls refused, every result once and in order. (The first wave of unpaced calls, one per
-    chunk, meets an empty bucket: that is most of the refusals; the slow start from a rough
-    first figure costs about half a second, more of this 10 s run than of W6's 15 s, where
-    bench/ checks the issue's 85%.)"""
+    3,000 in 100: at least 80% of the quota over the run (70% with no rate=), at most 5% of
+    the downstream's calls refused, every result once and in order. The first wave of
+    unpaced calls, one per chunk, meets an empty bucket: that is most of the refusals. The
+    slow start from a rough first figure costs about half a second, more of this 10 s run
+    than of W6's 15 s, where bench/ checks the issue's 85%."""
     DOWNSTREAM.reset(rate=QUOTA, burst=20.0, latency=0.02)
     f = sf.quota_lookup.with_options(workers=67, rate=rate)
     out, stats = f.with_stats(list(range(2010)))
