@@ -45,19 +45,19 @@ class Downstream:
         with self._lock:
             now = time.monotonic()
             if now < self.closed_until:
-                self.refused[item] += 1
-                self.refusals.append(now)
-                return self.closed_until - now
-            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
-            if self._tokens >= 1:
-                self._tokens -= 1
-                self.served[item] += 1
-                self.times.append(now)
-                return None
+                wait = self.closed_until - now
+            else:
+                self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+                self._stamp = now
+                if self._tokens >= 1:
+                    self._tokens -= 1
+                    self.served[item] += 1
+                    self.times.append(now)
+                    return None
+                wait = (1 - self._tokens) / self.rate
             self.refused[item] += 1
             self.refusals.append(now)
-            return (1 - self._tokens) / self.rate
+            return wait
 
 
 DOWNSTREAM = Downstream()

@@ -113,8 +113,10 @@ class Pacer:
     def pace(self) -> float | None:
         """Seconds between item starts within a chunk (the Call's `pace`): None for an
         unpaced call (the function gets the whole chunk), 0 for item by item, unpaced."""
+        if not self.itemwise:
+            return None
         if self.rate is None:
-            return 0.0 if self.auto else None
+            return 0.0
         return min(1.0 / self.rate, MAX_PACE)  # below 4/s a request carries one item anyway
 
     def part(self, items: int) -> int:

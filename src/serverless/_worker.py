@@ -457,14 +457,10 @@ class Endpoint:
                 return self._reply_throttled(job, results, errors, stop, started)
             try:
                 results += _as_list(function(_Tracked([item]), *call.args, **call.kwargs))
-            except _ResultError as exc:
-                return self._failure(job, "result", exc.__cause__ or exc, None, started)
-            except Throttled as exc:
-                return self._throttled(job, results, errors, index, exc, started)
             except Exception as exc:
-                if not call.isolate:
-                    return self._failure(job, "user", exc, (index, item), started)
-                errors.append(p.ItemError(index, len(results), _error_info(exc, index, item)))
+                answer = self._item_failed(job, exc, index, item, results, errors, started)
+                if answer is not None:
+                    return answer
         return self._success(job, results, started, [], errors if call.isolate else None)
 
     async def _run_itemwise_async(self, job: Job) -> Response:
@@ -482,14 +478,10 @@ class Endpoint:
             try:
                 result = function(_Tracked([item]), *call.args, **call.kwargs)
                 results += _as_list(await result if job.entry.is_async else result)
-            except _ResultError as exc:
-                return self._failure(job, "result", exc.__cause__ or exc, None, started)
-            except Throttled as exc:
-                return self._throttled(job, results, errors, index, exc, started)
             except Exception as exc:
-                if not call.isolate:
-                    return self._failure(job, "user", exc, (index, item), started)
-                errors.append(p.ItemError(index, len(results), _error_info(exc, index, item)))
+                answer = self._item_failed(job, exc, index, item, results, errors, started)
+                if answer is not None:
+                    return answer
         return self._success(job, results, started, [], errors if call.isolate else None)
 
     async def _run_async(self, job: Job) -> Response:
@@ -516,6 +508,27 @@ class Endpoint:
         except Exception as exc:
             return self._failure(job, "user", exc, _at(items), started, stage)
         return self._success(job, results, started, figures)
+
+    def _item_failed(
+        self,
+        job: Job,
+        exc: Exception,
+        index: int,
+        item: Any,
+        results: list[Any],
+        errors: list[p.ItemError],
+        started: float,
+    ) -> Response | None:
+        """Item `index` of an item-by-item run raised: the answer that ends the chunk, or
+        None where the run goes on (isolated: its error is kept in place)."""
+        if isinstance(exc, _ResultError):
+            return self._failure(job, "result", exc.__cause__ or exc, None, started)
+        if isinstance(exc, Throttled):
+            return self._throttled(job, results, errors, index, exc, started)
+        if not job.call.isolate:
+            return self._failure(job, "user", exc, (index, item), started)
+        errors.append(p.ItemError(index, len(results), _error_info(exc, index, item)))
+        return None
 
     def _throttled(
         self,
