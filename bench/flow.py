@@ -32,8 +32,8 @@ SECRET = "bench-flow-secret-0123456789abcdef"
 
 
 def engine(chunks: int, widths: list[int]) -> list[dict[str, Any]]:
-    from serverless._chunking import Chunk, chunk_iterable
-    from serverless._fanout import Fanout, Policy, Tally
+    from serverless._caller.chunking import Chunk, chunk_iterable
+    from serverless._caller.fanout import Fanout, Policy, Tally
     from serverless._stats import ChunkStats
 
     rng = random.Random(7)

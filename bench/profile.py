@@ -82,7 +82,7 @@ def main() -> int:
     if not Path(spy).exists():
         print("py-spy is not installed: pip install .[bench]")
         return 2
-    from serverless import _pool
+    from serverless._pool import pool as _pool
 
     _ours.square([1])  # start the local pool
     assert _pool._pool is not None

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serverless._replay import HostReplayStore, SeenIds
+from serverless._worker.replay import HostReplayStore, SeenIds
 from tests.conftest import free_port, serving, test_env
 from tests.integration.test_security import slowloris, stalled_uploads
 

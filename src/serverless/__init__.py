@@ -22,10 +22,10 @@ from ._exceptions import (
 )
 from ._function import ParallelFunction, SequentialFunction, parallel, sequential
 from ._pipeline import Pipeline
-from ._pool import shutdown
-from ._route import WorkerRoute, init
-from ._serve import worker_asgi, worker_wsgi
+from ._pool.pool import shutdown
 from ._stats import ChunkStats, PipelineRun, StepStats
+from ._worker.route import WorkerRoute, init
+from ._worker.serve import worker_asgi, worker_wsgi
 
 __version__ = "0.1.0"
 

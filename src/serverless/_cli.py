@@ -65,7 +65,7 @@ def _add_worker(commands: Any) -> None:
 
 def _worker(args: argparse.Namespace) -> int:
     from ._exceptions import ConfigurationError
-    from ._serve import serve
+    from ._worker.serve import serve
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:

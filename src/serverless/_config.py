@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import threading
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from ._exceptions import ConfigurationError
-from ._protocol import MAX_BODY, Keyring
-from ._rate import Rate, parse_rate
+from ._wire.protocol import MAX_BODY, Keyring
+
+# rate=: items per second, or "auto" (found from the downstream's throttles)
+Rate = float | Literal["auto"]
 
 # "raise": the first failure raises; "return": a failed item's RemoteError in its place
 ErrorMode = Literal["raise", "return"]
@@ -131,3 +135,35 @@ def configure(**changes: Any) -> Settings:
     with _lock:
         _settings = replace(_settings, **changes)
         return _settings
+
+
+_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
+_UNITS |= {"h": 3600.0, "hour": 3600.0}
+_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*([a-z]+?)s?)?\s*$")
+
+
+def parse_rate(value: object) -> Rate | None:
+    """`rate=`: items per second as a number, a string such as "50/s", "3000/min" or
+    "10000/h", "auto" (no figure: find the downstream's quota from its throttles), or None."""
+    if value is None:
+        return None
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool):
+        raise ConfigurationError(f"rate must be items per second or a string, not {value!r}")
+    if isinstance(value, int | float):
+        figure = float(value)
+    elif isinstance(value, str):
+        match = _PATTERN.match(value.lower())
+        unit = _UNITS.get(match.group(2) or "s") if match else None
+        if match is None or unit is None:
+            raise ConfigurationError(
+                f'rate must be a number of items per second, a string such as "50/s" or '
+                f'"3000/min", or "auto", not {value!r}'
+            )
+        figure = float(match.group(1)) / unit
+    else:
+        raise ConfigurationError(f"rate must be items per second or a string, not {value!r}")
+    if not math.isfinite(figure) or figure <= 0:
+        raise ConfigurationError(f"rate must be a positive number of items per second: {value!r}")
+    return figure

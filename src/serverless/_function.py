@@ -27,19 +27,19 @@ from typing import (
     overload,
 )
 
-from . import _mainscript, _registry
-from ._chunking import AdaptiveChunks, Chunk, chunk_adaptive, chunk_iterable, chunk_sequence
+from . import _registry
+from ._caller.chunking import AdaptiveChunks, Chunk, chunk_adaptive, chunk_iterable, chunk_sequence
+from ._caller.dispatch import CallSpec, Target, dispatcher
+from ._caller.fanout import Tally, close_batches, next_batch
+from ._caller.sharing import run_shared
 from ._config import ErrorMode, Options
-from ._dispatch import CallSpec, Target, dispatcher
 from ._exceptions import ConfigurationError
-from ._fanout import Tally, close_batches, next_batch
-from ._local_worker import check_not_importing_main
-from ._protocol import STAGE_SEPARATOR, Stage
+from ._pool import mainscript as _mainscript
 from ._registry import BIND_CLASS, BIND_INSTANCE, BIND_NONE, Bind
-from ._sharing import run_shared
 from ._stats import StepKind, StepStats, TargetKind
 from ._targets import resolve
-from ._values import Shape, check_args, check_items
+from ._wire.protocol import STAGE_SEPARATOR, Stage
+from ._wire.values import Shape, check_args, check_items
 
 P = ParamSpec("P")
 Q = ParamSpec("Q")
@@ -467,7 +467,7 @@ def _on_call() -> None:
     """Every step call starts here. In a local worker importing the caller's main script, a
     call ends that import; in the caller, the first call from the script's unguarded top level
     marks where such an import stops."""
-    check_not_importing_main()
+    _mainscript.check_not_importing_main()
     _mainscript.note_call()
 
 

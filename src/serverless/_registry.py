@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from ._exceptions import ConfigurationError
-from ._values import Shape, shape_of
+from ._wire.values import Shape, shape_of
 
 # multiprocessing's spawn start method imports the parent's main script as "__mp_main__".
 _MAIN_ALIASES = {"__mp_main__": "__main__"}

@@ -8,13 +8,15 @@ import logging
 from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
-from . import _mainscript, _pool, _registry
+from . import _registry
+from ._caller.dispatch import Target
+from ._caller.sharing import SharedCall
 from ._config import settings
-from ._context import current_origin
-from ._dispatch import Target
 from ._exceptions import ConfigurationError
-from ._origin import is_loopback
-from ._sharing import SharedCall
+from ._pool import mainscript as _mainscript
+from ._pool import pool as _pool
+from ._worker.context import current_origin
+from ._worker.origin import is_loopback
 
 logger = logging.getLogger("serverless")
 

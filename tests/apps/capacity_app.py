@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from serverless import _protocol as p
-from serverless import _serve, _worker
+from serverless._wire import protocol as p
+from serverless._worker import endpoint as _worker
+from serverless._worker import serve as _serve
 
 THREADS = int(os.environ.get("SERVERLESS_THREADS", "64"))
 _plain = _worker.Endpoint._reply
@@ -21,7 +22,7 @@ def _declaring(
     reply: p.Reply,
     fmt: str,
     signer: tuple[str, str] | None = None,
-) -> _worker.Response:
+) -> p.Response:
     if reply.worker:
         reply.capacity = THREADS
     return _plain(self, status, reply, fmt, signer)

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 import serverless
-from serverless import _pool
-from serverless._dispatch import dispatcher
-from serverless._flow import Capacities
+from serverless._caller.dispatch import dispatcher
+from serverless._caller.flow import Capacities
+from serverless._pool import pool as _pool
 from tests.conftest import SECRET, free_port, server
 from tests.sample_functions import sleepy, square
 

@@ -21,8 +21,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from serverless import _protocol as p
-from serverless._admission import REQUEST_ID
+from serverless._wire import protocol as p
+from serverless._worker.admission import REQUEST_ID
 from tests.conftest import SECRET, free_port, server
 
 ROUTE = "/serverless"

@@ -70,7 +70,7 @@ def test_named_lambdas_run_apart_on_the_workers(tmp_path: Path) -> None:
 
 # Prints what a call of a __main__ function raised, and whether a local pool was started.
 INTERACTIVE = """import serverless
-from serverless import _pool
+from serverless._pool import pool as _pool
 
 @serverless.parallel
 def inc(xs):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from serverless._local_worker import listening_socket
+from serverless._pool.child import listening_socket
 
 
 def test_local_pool_connections_have_nodelay() -> None:
@@ -36,7 +36,7 @@ def test_local_pool_connections_have_nodelay() -> None:
 
 
 def test_tracked_chunk_names_the_item_being_processed() -> None:
-    from serverless._worker import _Tracked
+    from serverless._worker.endpoint import _Tracked
 
     items = _Tracked([10, 20, 30])
     assert items.failing_index() is None  # not iterated

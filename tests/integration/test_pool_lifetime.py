@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from serverless import _pool, _targets
-from serverless._dispatch import Target
+from serverless import _targets
+from serverless._caller.dispatch import Target
+from serverless._pool import pool as _pool
 from tests import sample_functions as sf
 from tests.integration.test_local_pool import _alive, run_script
 
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.timeout(60)
 THREADS_SCRIPT = """
 import threading, time
 import serverless
-from serverless import _config, _pool
+from serverless import _config
+from serverless._pool import pool as _pool
 from tests import sample_functions as sf
 
 _config.configure(local_processes=2)

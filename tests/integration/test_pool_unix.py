@@ -11,8 +11,9 @@ import stat
 import pytest
 
 import serverless
-from serverless import _http, _pool
-from serverless._dispatch import dispatcher
+from serverless._caller import http as _http
+from serverless._caller.dispatch import dispatcher
+from serverless._pool import pool as _pool
 from tests import sample_functions as sf
 
 pytestmark = pytest.mark.timeout(60)

@@ -3,7 +3,7 @@ page, calls a real worker (uvicorn/ASGI and gunicorn/WSGI), and the page's worke
 checked value by value.
 
 The client functions below (key_id, string_to_sign, sign, post) use only the standard library on
-purpose: do not replace them with serverless._protocol.
+purpose: do not replace them with serverless._wire.protocol.
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def test_worked_example_in_the_doc_is_right() -> None:
 
 
 def test_the_doc_client_agrees_with_the_library() -> None:
-    from serverless import _protocol as p
+    from serverless._wire import protocol as p
 
     body = json_envelope(SQUARE, EXAMPLE_REQUEST_ID, [1, 2, 3], args=[10], kwargs={"scale": 2})
     assert key_id(SECRET) == p.key_id(SECRET)

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import pytest
 
 from serverless import _targets
-from serverless._dispatch import Target
-from serverless._inprocess import InProcess
-from serverless._protocol import Keyring
-from serverless._worker import Endpoint
+from serverless._caller.dispatch import Target
+from serverless._caller.inprocess import InProcess
+from serverless._wire.protocol import Keyring
+from serverless._worker.endpoint import Endpoint
 from tests import sample_functions as sf
 from tests.conftest import SECRET
 from tests.quota import DOWNSTREAM

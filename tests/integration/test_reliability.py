@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 import serverless
-from serverless import DeadlineExceeded, RemoteError, ServerlessError, WorkerTimeout, _pool
-from serverless._dispatch import dispatcher
+from serverless import DeadlineExceeded, RemoteError, ServerlessError, WorkerTimeout
+from serverless._caller.dispatch import dispatcher
+from serverless._pool import pool as _pool
 from tests.conftest import SECRET, free_port, haproxy, server
 from tests.faults import ResetProxy
 from tests.sample_functions import hang_on, reject, sleepy, square, straggle

@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 
 import serverless
-from serverless import _pool
-from serverless import _protocol as p
 from serverless._exceptions import ConfigurationError
+from serverless._pool import pool as _pool
+from serverless._wire import protocol as p
 from tests import import_canary
 from tests import sample_functions as sf
 from tests.conftest import SECRET, TESTS, free_port, server, serving, test_env
@@ -43,7 +43,7 @@ SQUARE = "tests.sample_functions:square"
 
 
 def _policy(*args: Any, **kwargs: Any) -> Any:
-    from serverless._origin import OriginPolicy
+    from serverless._worker.origin import OriginPolicy
 
     return OriginPolicy.configured(*args, **kwargs)
 
@@ -233,7 +233,7 @@ def _rss_mb(pid: int) -> float:
 def _call(port: int, fn: str = SQUARE, timeout: float = 10) -> tuple[int, p.Reply | None]:
     rid = p.new_request_id()
     body = p.encode(p.Call(v=p.VERSION, fn=fn, id=rid, index=0, items=[1, 2, 3]), p.MSGPACK)
-    headers = p.signed_headers(KEYRING, ROUTE, fn, rid, body)
+    headers = p.signed_headers(KEYRING, ROUTE, fn, rid, body, now=time.time())
     return _post(port, headers, body, timeout)
 
 
@@ -432,7 +432,7 @@ def test_a_captured_request_runs_once_across_processes_and_restarts(
     calls.touch()
     rid = p.new_request_id()
     body = p.encode(p.Call(v=p.VERSION, fn=SQUARE, id=rid, index=0, items=[1, 2, 3]), p.MSGPACK)
-    headers = p.signed_headers(KEYRING, ROUTE, SQUARE, rid, body)
+    headers = p.signed_headers(KEYRING, ROUTE, SQUARE, rid, body, now=time.time())
     port = free_port()
     statuses = []
     for _ in range(2):  # the second round is a restart within the tolerance window
@@ -444,7 +444,7 @@ def test_a_captured_request_runs_once_across_processes_and_restarts(
 
 
 def test_the_host_store_shares_ids_between_processes(tmp_path: Path) -> None:
-    from serverless._replay import HostReplayStore
+    from serverless._worker.replay import HostReplayStore
 
     a, b = HostReplayStore(300, tmp_path / "s"), HostReplayStore(300, tmp_path / "s")
     assert a.claim("a" * 32, 1000.0) and not b.claim("a" * 32, 1001.0)
@@ -453,7 +453,7 @@ def test_the_host_store_shares_ids_between_processes(tmp_path: Path) -> None:
 
 
 def test_the_host_store_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
-    from serverless._replay import HostReplayStore
+    from serverless._worker.replay import HostReplayStore
 
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o777)
@@ -489,7 +489,7 @@ def test_four_mib_of_empty_arrays_is_refused_before_decoding(post: Any) -> None:
     marker = b"\xa5items\x90"
     assert marker in head
     body = head.replace(marker, b"\xa5items\xdd" + count.to_bytes(4, "big") + b"\x90" * count)
-    headers = p.signed_headers(KEYRING, ROUTE, SQUARE, rid, body)
+    headers = p.signed_headers(KEYRING, ROUTE, SQUARE, rid, body, now=time.time())
     tracemalloc.start()
     try:
         status, reply = post(headers, body)
@@ -502,7 +502,7 @@ def test_four_mib_of_empty_arrays_is_refused_before_decoding(post: Any) -> None:
 
 @pytest.mark.parametrize("json", [True, False])
 def test_container_count_is_exact_where_it_matters(json: bool) -> None:
-    from serverless._bounds import too_many_containers
+    from serverless._wire.bounds import too_many_containers
 
     fmt = p.JSON if json else p.MSGPACK
     legit = p.encode({"items": ["[" * 50, {"a": [1, 2]}, [[3.5], "\x90\x91"]] * 1000}, fmt)
@@ -517,7 +517,7 @@ def test_the_local_pool_never_imports_a_module_named_on_the_wire() -> None:
     fn = "tests.import_canary:anything"
     rid = p.new_request_id()
     body = p.encode(p.Call(v=p.VERSION, fn=fn, id=rid, index=0, items=[1]), p.MSGPACK)
-    headers = p.signed_headers(pool.keyring, pool.route, fn, rid, body)
+    headers = p.signed_headers(pool.keyring, pool.route, fn, rid, body, now=time.time())
     port = int(pool.urls[0].split(":")[2].split("/")[0])
     status, _ = _post(port, headers, body)
     assert status == 404
@@ -535,14 +535,14 @@ def test_a_non_ascii_function_name_is_served(reset_settings: None) -> None:
     fn = "tests.sample_functions:квадрат"
     rid = p.new_request_id()
     body = p.encode(p.Call(v=p.VERSION, fn=fn, id=rid, index=0, items=[2, 3]), p.MSGPACK)
-    headers = p.signed_headers(KEYRING, ROUTE, fn, rid, body)
+    headers = p.signed_headers(KEYRING, ROUTE, fn, rid, body, now=time.time())
     route = serverless.init(ROUTE, SECRET)
     status, reply = asyncio.run(asgi_post(route.asgi(), headers, body))  # UTF-8 header bytes
     assert status == 200 and reply is not None and reply.results == [4, 9]
 
 
 def test_the_budget_gives_way_to_newcomers_only_after_min_age() -> None:
-    from serverless._admission import Budget
+    from serverless._worker.admission import Budget
 
     now = [0.0]
     budget = Budget(limit=100, min_age=1.0, clock=lambda: now[0])

@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
-from serverless import _pool, _targets
-from serverless._dispatch import Target, dispatcher
-from serverless._flow import Capacities
-from serverless._inprocess import InProcess
-from serverless._protocol import Keyring
-from serverless._worker import Endpoint
+from serverless import _targets
+from serverless._caller.dispatch import Target, dispatcher
+from serverless._caller.flow import Capacities
+from serverless._caller.inprocess import InProcess
+from serverless._pool import pool as _pool
+from serverless._wire.protocol import Keyring
+from serverless._worker.endpoint import Endpoint
 from tests.conftest import SECRET
 
 ROUTE = "/serverless"
@@ -40,7 +41,7 @@ def no_sockets_or_processes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def in_process() -> Iterator[InProcess]:
+def in_process() -> Iterator[InProcess[Endpoint]]:
     """The transport every call of the test goes through (two URLs, one endpoint)."""
     keyring = Keyring(SECRET)
     transport = InProcess(Endpoint(ROUTE, keyring))
@@ -52,5 +53,5 @@ def in_process() -> Iterator[InProcess]:
 
 
 @pytest.fixture(autouse=True)
-def _every_call_in_process(in_process: InProcess) -> None:
+def _every_call_in_process(in_process: InProcess[Endpoint]) -> None:
     """Unit tests' calls never leave the process."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,9 +12,10 @@ import msgspec
 import pytest
 
 import serverless
-from serverless import _pool, _targets
-from serverless import _protocol as p
-from serverless._context import current_origin
+from serverless import _targets
+from serverless._pool import pool as _pool
+from serverless._wire import protocol as p
+from serverless._worker.context import current_origin
 from tests.conftest import SECRET
 
 ROUTE = "/serverless"
@@ -31,7 +33,7 @@ def signed(
     rid = p.new_request_id()
     call = p.Call(v=p.VERSION, fn=fn, id=rid, index=0, items=items, args=args or [], bind=bind)
     body = p.encode(call, fmt)
-    return p.signed_headers(p.Keyring(secret), ROUTE, fn, rid, body, fmt), body
+    return p.signed_headers(p.Keyring(secret), ROUTE, fn, rid, body, fmt, now=time.time()), body
 
 
 def wsgi_post(

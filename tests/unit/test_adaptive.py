@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from serverless._chunking import AdaptiveChunks, chunk_adaptive
+from serverless._caller.chunking import AdaptiveChunks, chunk_adaptive
 from tests import sample_functions as sf
 
 

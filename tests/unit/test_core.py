@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import serverless
-from serverless import _protocol as p
 from serverless import _registry
-from serverless._chunking import chunk_iterable, chunk_sequence, even_bounds
+from serverless._caller.chunking import chunk_iterable, chunk_sequence, even_bounds
+from serverless._wire import protocol as p
 
 
 @given(st.integers(0, 5000), st.integers(1, 300))

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from serverless import ProtocolError, RemoteError, WorkerTimeout, WorkerUnavailable, _http, _targets
-from serverless import _protocol as p
-from serverless._dispatch import Target
-from serverless._gate import Gate
-from serverless._inprocess import InProcess
-from serverless._worker import Endpoint, Job, Response
+from serverless import ProtocolError, RemoteError, WorkerTimeout, WorkerUnavailable, _targets
+from serverless._caller import http as _http
+from serverless._caller.dispatch import Target
+from serverless._caller.inprocess import InProcess
+from serverless._wire import protocol as p
+from serverless._wire.protocol import Response
+from serverless._worker.endpoint import Endpoint, Job
+from serverless._worker.gate import Gate
 from tests import sample_functions as sf
 from tests.conftest import SECRET
 from tests.unit.conftest import ROUTE, URLS
@@ -86,7 +88,7 @@ def test_an_isolated_reply_is_checked() -> None:
 # -- retries=0: no resend once a request may have reached a worker -------------------------------
 
 
-class LostAnswers(InProcess):
+class LostAnswers(InProcess[Endpoint]):
     """Runs every request, then loses the answer on a kept-alive connection before its first
     byte, as a worker process killed mid-chunk does: what _http.Client reports as a
     StaleConnection. A fresh connection's answer arrives."""
@@ -99,7 +101,7 @@ class LostAnswers(InProcess):
         timeout: float,
         *,
         fresh: bool = False,
-    ) -> _http.Response:
+    ) -> Response:
         response = await super().post(url, body, headers, timeout)
         if not fresh:
             raise _http.StaleConnection("connection reset by peer")
@@ -201,14 +203,16 @@ def test_refusals_are_signed_and_say_why() -> None:
     job.capacity = 4
     response = endpoint.late(job, waited=True)
     assert response is not None
-    assert response.status == 503 and ("retry-after", "1") in response.headers
+    assert response.status == 503 and response.headers["retry-after"] == "1"
     reply = p.decode_reply(response.body, p.MSGPACK)
     assert reply.error is not None and reply.error.kind == "busy" and reply.capacity == 4
     message = p.reply_signing_message(503, job.call.id, response.body)
     assert endpoint.keyring.verify(message, dict(response.headers)[p.H_REPLY_SIGNATURE])
 
 
-def test_each_request_carries_its_deadline_and_start_by(in_process: InProcess) -> None:
+def test_each_request_carries_its_deadline_and_start_by(
+    in_process: InProcess[Endpoint],
+) -> None:
     seen: list[p.Call] = []
     run = in_process.endpoint.run
 

@@ -15,9 +15,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serverless import RemoteError, WorkerTimeout, WorkerUnavailable, _fanout
-from serverless._chunking import Chunk, chunk_iterable
-from serverless._fanout import Fanout, Policy, Tally
+from serverless import RemoteError, WorkerTimeout, WorkerUnavailable
+from serverless._caller import fanout as _fanout
+from serverless._caller.chunking import Chunk, chunk_iterable
+from serverless._caller.fanout import Fanout, Policy, Tally
 from serverless._stats import ChunkStats
 
 URLS = ("http://a/serverless", "http://b/serverless", "http://c/serverless")

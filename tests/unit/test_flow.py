@@ -12,15 +12,17 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from serverless import WorkerUnavailable, _fanout
-from serverless import _protocol as p
-from serverless._chunking import Chunk, chunk_iterable, chunk_sequence
-from serverless._dispatch import dispatcher
-from serverless._fanout import Attempt, Fanout, Policy, Tally
-from serverless._flow import Capacities, Window
-from serverless._inprocess import InProcess
+from serverless import WorkerUnavailable
+from serverless._caller import fanout as _fanout
+from serverless._caller.chunking import Chunk, chunk_iterable, chunk_sequence
+from serverless._caller.dispatch import dispatcher
+from serverless._caller.fanout import Attempt, Fanout, Policy, Tally
+from serverless._caller.flow import Capacities, Window
+from serverless._caller.inprocess import InProcess
 from serverless._stats import ChunkStats
-from serverless._worker import Endpoint, Response
+from serverless._wire import protocol as p
+from serverless._wire.protocol import Response
+from serverless._worker.endpoint import Endpoint
 from tests.sample_functions import sleepy
 
 A, B = "http://a/serverless", "http://b/serverless"
@@ -229,7 +231,9 @@ class Declaring(Endpoint):
         return super()._reply(status, reply, fmt, signer)
 
 
-def test_a_list_is_cut_into_as_many_chunks_as_the_target_can_run(in_process: InProcess) -> None:
+def test_a_list_is_cut_into_as_many_chunks_as_the_target_can_run(
+    in_process: InProcess[Endpoint],
+) -> None:
     # both unit-test URLs reach one endpoint in this process: 3 + 3 slots
     in_process.endpoint.__class__ = Declaring
     capacities = dispatcher().capacities

@@ -3,12 +3,16 @@ local pool; the worker's per-stage figures keep the statistics per step."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import serverless
-from serverless import _fanout, _registry
-from serverless import _protocol as p
-from serverless._worker import Endpoint, Response
+from serverless import _registry
+from serverless._caller import fanout as _fanout
+from serverless._wire import protocol as p
+from serverless._wire.protocol import Response
+from serverless._worker.endpoint import Endpoint
 from tests import sample_functions as sf
 from tests.conftest import SECRET
 
@@ -114,7 +118,7 @@ def _fused_request(names: list[str], then: list[p.Stage]) -> tuple[dict[str, str
     rid = p.new_request_id()
     call = p.Call(v=p.VERSION, fn=function, id=rid, index=0, items=[1, 2, 3], then=then)
     body = p.encode(call)
-    headers = p.signed_headers(p.Keyring(SECRET), "/r", function, rid, body)
+    headers = p.signed_headers(p.Keyring(SECRET), "/r", function, rid, body, now=time.time())
     return {k.lower(): v for k, v in headers.items()}, body
 
 

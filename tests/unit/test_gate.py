@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from serverless._gate import FLOOR, Gate, Limit
+from serverless._worker.gate import FLOOR, Gate, Limit
 
 
 def test_cpu_bound_chunks_narrow_the_limit_step_by_step_to_the_floor() -> None:

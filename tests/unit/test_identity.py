@@ -4,14 +4,16 @@ register is refused in the caller, before any request, with the cause and the fi
 from __future__ import annotations
 
 import textwrap
+import time
 from typing import Any
 
 import pytest
 
 import serverless
-from serverless import _protocol as p
 from serverless import _registry
-from serverless._worker import Endpoint, Response
+from serverless._wire import protocol as p
+from serverless._wire.protocol import Response
+from serverless._worker.endpoint import Endpoint
 from tests.conftest import SECRET
 
 # -- the registry's rules, in process ------------------------------------------------------
@@ -136,12 +138,12 @@ def test_a_404_for_an_unregistered_function_says_how_to_register_it() -> None:
         rid = p.new_request_id()
         call = p.Call(v=p.VERSION, fn=name, id=rid, index=0, items=[1])
         body = p.encode(call)
-        headers = p.signed_headers(p.Keyring(SECRET), "/r", name, rid, body)
+        headers = p.signed_headers(p.Keyring(SECRET), "/r", name, rid, body, now=time.time())
         response = endpoint.accept("POST", {k.lower(): v for k, v in headers.items()}, body)
         assert isinstance(response, Response) and response.status == 404
         content_type = dict(response.headers).get("content-type")
         with pytest.raises(serverless.RequestRejected) as info:
-            headers = {k.lower(): v for k, v in response.headers}
+            headers = dict(response.headers)
             keys = p.Keyring(SECRET)
             p.read_reply(404, content_type, response.body, headers, call, 0, "http://w/r", keys)
         assert f"function {name!r} is not registered" in str(info.value)

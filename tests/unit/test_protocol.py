@@ -10,8 +10,8 @@ import msgspec
 import pytest
 
 import serverless
-from serverless import _protocol as p
-from serverless._worker import Endpoint, Job
+from serverless._wire import protocol as p
+from serverless._worker.endpoint import Endpoint, Job
 from tests import sample_functions as sf
 from tests.conftest import SECRET
 
@@ -43,7 +43,7 @@ def roundtrip(
     job = endpoint.accept("POST", {k.lower(): v for k, v in headers.items()}, body)
     answer = endpoint.run(job) if isinstance(job, Job) else job
     content_type = dict(answer.headers)["content-type"]
-    headers = {k.lower(): v for k, v in answer.headers}
+    headers = dict(answer.headers)
     return p.read_reply(answer.status, content_type, answer.body, headers, call, offset, URL, KEYS)
 
 

@@ -11,7 +11,8 @@ import pytest
 
 import serverless
 from serverless import ConfigurationError, DeadlineExceeded, RemoteError, Throttled
-from serverless._rate import Pacer, parse_rate
+from serverless._caller.rate import Pacer
+from serverless._config import parse_rate
 from tests import sample_functions as sf
 from tests.quota import DOWNSTREAM
 

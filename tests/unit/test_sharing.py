@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from serverless import WorkerUnavailable
-from serverless._sharing import Capacity
+from serverless._worker.capacity import Capacity
 
 
 def test_the_last_thread_is_kept_for_the_apps_own_requests() -> None:

@@ -20,10 +20,11 @@ import msgspec
 import pytest
 
 import serverless
-from serverless import _protocol as p
-from serverless import _values
 from serverless._function import ParallelFunction
-from serverless._worker import Endpoint, Response
+from serverless._wire import protocol as p
+from serverless._wire import values as _values
+from serverless._wire.protocol import Response
+from serverless._worker.endpoint import Endpoint
 from tests import value_functions as vf
 from tests.conftest import SECRET
 
@@ -234,11 +235,11 @@ def roundtrip(
     body, headers = p.build_request(KEYRING, "/r", call, time.time())
     if fmt == p.JSON:
         body = msgspec.json.encode(call)
-        headers = p.signed_headers(KEYRING, "/r", call.fn, call.id, body, p.JSON)
+        headers = p.signed_headers(KEYRING, "/r", call.fn, call.id, body, p.JSON, now=time.time())
     job = ENDPOINT.accept("POST", {k.lower(): v for k, v in headers.items()}, body)
     answer = job if isinstance(job, Response) else ENDPOINT.run(job)
     content_type = dict(answer.headers)["content-type"]
-    headers = {k.lower(): v for k, v in answer.headers}
+    headers = dict(answer.headers)
     keys = p.Keyring(SECRET)
     reply = p.read_reply(
         answer.status, content_type, answer.body, headers, call, 100, "in-process", keys, shape
@@ -313,7 +314,7 @@ def test_a_foreign_client_gets_a_422_naming_the_item() -> None:
         items=[[1, 2], [1, "x"]],
     )
     body = msgspec.json.encode(call)
-    headers = p.signed_headers(KEYRING, "/r", call.fn, call.id, body, p.JSON)
+    headers = p.signed_headers(KEYRING, "/r", call.fn, call.id, body, p.JSON, now=time.time())
     answer = ENDPOINT.accept("POST", {k.lower(): v for k, v in headers.items()}, body)
     assert isinstance(answer, Response) and answer.status == 422
     reply = p.decode_reply(answer.body, p.JSON)

@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from .._config import parse_rate
     from .._exceptions import ConfigurationError
-    from .._rate import parse_rate
     from .quota import parse_quota
 
     try:

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent", type=int, default=0, help="exit when this process dies")
     args = parser.parse_args(argv)
     if args.parent:
-        from .._local_worker import _die_with_parent
+        from .._pool.child import _die_with_parent
 
         _die_with_parent(args.parent)
     app = make_app(load_addresses(), args.latency, args.quota)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 
+from .._config import parse_rate
 from .._exceptions import ConfigurationError
-from .._rate import parse_rate
 
 
 def parse_quota(value: str | float) -> float:

@@ -20,7 +20,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 import serverless
-from serverless._uvserver import raise_open_files_limit, uvicorn_settings
+from serverless._worker.uvserver import raise_open_files_limit, uvicorn_settings
 
 from .pipeline import run
 

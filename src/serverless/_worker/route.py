@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._asgi import ASGIApp, ASGIEndpoint
-from ._config import configure, secrets_from_env
-from ._exceptions import ConfigurationError
-from ._origin import OriginPolicy
-from ._protocol import MAX_BODY, TOLERANCE, Keyring
-from ._worker import Endpoint
-from ._wsgi import WSGIApp, WSGIEndpoint
+from .._config import configure, secrets_from_env
+from .._exceptions import ConfigurationError
+from .._wire.protocol import MAX_BODY, TOLERANCE, Keyring
+from .asgi import ASGIApp, ASGIEndpoint
+from .endpoint import Endpoint
+from .origin import OriginPolicy
+from .wsgi import WSGIApp, WSGIEndpoint
 
 
 class WorkerRoute:

@@ -1,9 +1,10 @@
 """The transport seam: how the dispatcher posts one signed chunk and gets the raw answer.
 
 One async method, `post(url, body, headers, timeout) -> Response`. The lean HTTP client
-(`_http.Client`) is the transport of every real call; `_inprocess.InProcess` hands the same
-signed bytes to a worker `Endpoint` in this process, with no socket, so the fan-out, the
+(`http.Client`) is the transport of every real call; `inprocess.InProcess` hands the same
+signed bytes to a worker endpoint in this process, with no socket, so the fan-out, the
 calling forms and the protocol are tested end to end without servers (STYLE.md, pattern A).
+A work-sharing call (sharing.py) posts through the HTTP client on the lanes it is given.
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from ._http import Body, Response
+from .._wire.protocol import Response
+from .http import Body
 
 __all__ = ["Body", "Response", "Transport"]
 
 
 class Transport(Protocol):
-    """Posts bytes to a worker route. Raises `_http.TransportError` (no usable answer: a
+    """Posts bytes to a worker route. Raises `http.TransportError` (no usable answer: a
     `StaleConnection` when a kept-alive connection failed before any byte came back),
-    `_http.InvalidURL`, or TimeoutError."""
+    `http.InvalidURL`, or TimeoutError."""
 
     async def post(
         self,

@@ -32,10 +32,11 @@ import tempfile
 import threading
 import time
 
-from . import _http, _mainscript
-from ._exceptions import ConfigurationError
-from ._pool_modules import Announcer
-from ._protocol import Keyring
+from .._caller import http as _http
+from .._exceptions import ConfigurationError
+from .._wire.protocol import Keyring
+from . import mainscript as _mainscript
+from .modules import Announcer
 
 logger = logging.getLogger("serverless.pool")
 
@@ -244,7 +245,7 @@ class LocalPool:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-c", "from serverless._local_worker import child; child()"],
+                [sys.executable, "-c", "from serverless._pool.child import child; child()"],
                 stdin=subprocess.PIPE,
                 env=env,
                 pass_fds=(write_fd,),

@@ -1,7 +1,7 @@
 """Which functions of the caller's main script the local pool's workers can register.
 
 A local worker registers the functions of the script being run (`__main__`) by importing the
-script as `__mp_main__` (_local_worker). It cannot when there is no script file (`python -c`,
+script as `__mp_main__` (child.py). It cannot when there is no script file (`python -c`,
 a script read from stdin, a REPL, a notebook); and its import stops at the first step called
 from the script's top level outside `if __name__ == "__main__":`, so a function decorated after
 that call, or inside the guard, is never registered there. All of this is known in the caller,
@@ -21,8 +21,8 @@ from collections.abc import Iterable
 from types import FrameType
 from typing import Any
 
-from . import _registry
-from ._exceptions import ConfigurationError
+from .. import _registry
+from .._exceptions import ConfigurationError
 
 _MAIN_GUARD = 'if __name__ == "__main__":'
 
@@ -34,6 +34,19 @@ _checked: dict[str, _registry.Entry] = {}  # entries found importable (the answe
 _top: FrameType | None = None  # the main script's `<module>` frame
 _guarded_at: dict[int, bool] = {}  # whether its instruction at an offset is under a guard
 _MAIN_THREAD = threading.main_thread().ident
+
+
+importing_main = False  # True in a local worker while it imports the caller's main script
+
+
+class StopMainImport(BaseException):
+    """Raised by a step called while a local worker imports the caller's main script: the
+    functions defined above the call are registered, the script's top-level work is skipped."""
+
+
+def check_not_importing_main() -> None:
+    if importing_main:
+        raise StopMainImport
 
 
 def reference() -> dict[str, str] | None:

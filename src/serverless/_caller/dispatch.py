@@ -18,25 +18,24 @@ from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from . import _http
-from . import _protocol as p
-from ._chunking import Chunk
-from ._config import ErrorMode
-from ._exceptions import (
+from .._config import ErrorMode, Rate
+from .._exceptions import (
     ConfigurationError,
     ProtocolError,
     WorkerError,
     WorkerTimeout,
     WorkerUnavailable,
 )
-from ._fanout import Fanout, Policy, Tally, Throttle
-from ._flow import Capacities
-from ._rate import Rate
-from ._registry import Bind
-from ._sharing import INLINE, SharedCall
-from ._stats import ChunkStats, TargetKind
-from ._transport import Transport
-from ._values import UNTYPED, Shape
+from .._registry import Bind
+from .._stats import ChunkStats, TargetKind
+from .._wire import protocol as p
+from .._wire.values import UNTYPED, Shape
+from . import http as _http
+from .chunking import Chunk
+from .fanout import Fanout, Policy, Tally, Throttle
+from .flow import Capacities
+from .sharing import INLINE, SharedCall
+from .transport import Transport
 
 logger = logging.getLogger("serverless.dispatch")
 T = TypeVar("T")

@@ -25,11 +25,11 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ._asgi import ASGIEndpoint, Receive, Scope, Send
-from ._config import secrets_from_env
-from ._exceptions import ConfigurationError
-from ._route import WorkerRoute, init
-from ._wsgi import StartResponse, WSGIEndpoint
+from .._config import secrets_from_env
+from .._exceptions import ConfigurationError
+from .asgi import ASGIEndpoint, Receive, Scope, Send
+from .route import WorkerRoute, init
+from .wsgi import StartResponse, WSGIEndpoint
 
 logger = logging.getLogger("serverless.serve")
 
@@ -45,7 +45,7 @@ _HEADERS = [("content-type", "text/plain"), ("content-length", str(len(_OK)))]
 
 def import_modules(modules: Iterable[str]) -> list[str]:
     """Import each module (registering its functions); the ones that registered none."""
-    from . import _registry
+    from .. import _registry
 
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # `serverless worker app` finds ./app.py, as uvicorn does
@@ -206,11 +206,11 @@ def serve(
     os.environ["SERVERLESS_HEALTH"] = health
     os.environ["SERVERLESS_THREADS"] = str(threads)
     _route(modules, route, None, threads)
-    from ._uvserver import raise_open_files_limit, uvicorn_settings  # uvicorn: only to serve
+    from .uvserver import raise_open_files_limit, uvicorn_settings  # uvicorn: only to serve
 
     raise_open_files_limit()
     uvicorn.run(
-        "serverless._serve:worker_asgi",
+        "serverless._worker.serve:worker_asgi",
         factory=True,
         host=host,
         port=port,

@@ -2,9 +2,9 @@
 serves the worker route under uvicorn on a loopback port and, where the pool names one, on a
 Unix domain socket, which its caller uses (see _pool.py for the caller's side).
 
-Importing the main script stops at its first parallel call (`StopMainImport`), so a script
-without an `if __name__ == "__main__":` guard still works and its top-level work never runs
-in a worker. A worker dies with its parent (PR_SET_PDEATHSIG plus a watchdog).
+Importing the main script stops at its first parallel call (mainscript.StopMainImport), so a
+script without an `if __name__ == "__main__":` guard still works and its top-level work never
+runs in a worker. A worker dies with its parent (PR_SET_PDEATHSIG plus a watchdog).
 """
 
 from __future__ import annotations
@@ -27,22 +27,11 @@ import time
 import types
 from typing import Any
 
-from . import _registry
-from ._protocol import Keyring
+from .. import _registry
+from .._wire.protocol import Keyring
+from . import mainscript
 
 logger = logging.getLogger("serverless.pool")
-
-importing_main = False  # True in a worker while it imports the caller's main script
-
-
-class StopMainImport(BaseException):
-    """Raised by a step called while a worker imports the caller's main script: the functions
-    defined above the call are registered, the script's top-level work is skipped."""
-
-
-def check_not_importing_main() -> None:
-    if importing_main:
-        raise StopMainImport
 
 
 def child() -> None:
@@ -58,10 +47,10 @@ def child() -> None:
                 logger.exception("local worker cannot import %s", name)
     import uvicorn  # before the main script: importing it rebinds sys.modules["__mp_main__"]
 
-    from ._asgi import ASGIEndpoint
-    from ._pool_modules import announced
-    from ._uvserver import GuardedHttpTools, uvicorn_settings
-    from ._worker import Endpoint
+    from .._worker.asgi import ASGIEndpoint
+    from .._worker.endpoint import Endpoint
+    from .._worker.uvserver import GuardedHttpTools, uvicorn_settings
+    from .modules import announced
 
     if config["main"]:
         _import_main(config["main"])
@@ -145,7 +134,6 @@ def unix_listening_socket(path: str) -> socket.socket:
 
 def _import_main(reference: dict[str, str]) -> None:
     """Run the caller's main script as `__mp_main__`, as multiprocessing's spawn does."""
-    global importing_main
     module = types.ModuleType("__mp_main__")
     try:
         if "module" in reference:
@@ -169,16 +157,16 @@ def _import_main(reference: dict[str, str]) -> None:
         return
     sys.modules["__mp_main__"] = module
     _registry.set_main_module(module)
-    importing_main = True
+    mainscript.importing_main = True
     try:  # the script's own output at import time would repeat once per worker: hide it
         with contextlib.redirect_stdout(io.StringIO()):
             exec(code, module.__dict__)
-    except StopMainImport:
+    except mainscript.StopMainImport:
         pass
     except BaseException:
         logger.exception("the main script raised while a local worker imported it")
     finally:
-        importing_main = False
+        mainscript.importing_main = False
 
 
 def _die_with_parent(parent: int) -> None:

@@ -32,7 +32,7 @@ from typing import Any, Final
 
 import msgspec
 
-from ._exceptions import SerializationError
+from .._exceptions import SerializationError
 
 MSGPACK: Final = "application/msgpack"  # the same strings as _protocol's (no import cycle)
 JSON: Final = "application/json"

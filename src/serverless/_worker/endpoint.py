@@ -17,28 +17,23 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from . import _protocol as p
-from . import _registry
-from ._admission import MAX_FUNCTION, REQUEST_ID, Budget, known_signature, process_budget
-from ._bounds import MAX_CONTAINERS, too_many_containers
-from ._exceptions import SerializationError, Throttled
-from ._origin import OriginPolicy
-from ._replay import ReplayGuard
-from ._values import Mismatch, inexact_result
+from .. import _registry
+from .._exceptions import SerializationError, Throttled
+from .._wire import protocol as p
+from .._wire.bounds import MAX_CONTAINERS, too_many_containers
+from .._wire.protocol import Response
+from .._wire.values import Mismatch, inexact_result
+from .admission import MAX_FUNCTION, REQUEST_ID, Budget, known_signature, process_budget
+from .origin import OriginPolicy
+from .replay import ReplayGuard
 
 logger = logging.getLogger("serverless.worker")
-
-
-@dataclass
-class Response:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
 
 
 @dataclass
@@ -179,9 +174,9 @@ class Endpoint:
         signer = (head.kid, head.request_id) if head is not None and head.kid else None
         response = self._reply(status, p.Reply(v=p.VERSION, error=error), fmt, signer)
         if close:
-            response.headers.append(("connection", "close"))
+            response.headers["connection"] = "close"
         if status == 503:
-            response.headers.append(("retry-after", "1"))
+            response.headers["retry-after"] = "1"
         return response
 
     def _reply(
@@ -193,11 +188,11 @@ class Endpoint:
             body = p.encode(reply, fmt)
         except RecursionError as exc:  # msgspec on a result nested too deep
             raise SerializationError(f"cannot encode for the wire: {exc}") from exc
-        headers = [("content-type", fmt), ("content-length", str(len(body)))]
+        headers = {"content-type": fmt, "content-length": str(len(body))}
         if signer is not None:
             kid, request_id = signer
             message = p.reply_signing_message(status, request_id, body)
-            headers.append((p.H_REPLY_SIGNATURE, self.keyring.sign(message, kid)))
+            headers[p.H_REPLY_SIGNATURE] = self.keyring.sign(message, kid)
         return Response(status, headers, body)
 
     def too_large(self, content_length: int | None) -> Response | None:
@@ -219,6 +214,20 @@ class Endpoint:
             return head
         refused = self.authenticate(head, hashlib.sha256(body).hexdigest())
         return refused if refused is not None else self.admit(head, body)
+
+    async def answer(
+        self, headers: Mapping[str, str], body: bytes, threads: Executor, capacity: int
+    ) -> Response:
+        """A request whose body is in memory, answered as a server would (the in-process
+        transport): accept, then run, a sync chunk in `threads`, of which there are
+        `capacity`, an async one on this loop. `headers` must have lower-case names."""
+        job = self.accept("POST", headers, body)
+        if not isinstance(job, Job):
+            return job
+        if job.is_async:
+            return await self.run_async(job)
+        job.capacity = capacity
+        return await asyncio.get_running_loop().run_in_executor(threads, self.run, job)
 
     def check_head(
         self, method: str, headers: Mapping[str, str], length: int | None
@@ -372,7 +381,7 @@ class Endpoint:
         reply = p.Reply(v=p.VERSION, worker=worker_id(), error=error, capacity=job.capacity)
         response = self._reply(status, reply, job.fmt, (job.kid, job.call.id))
         if status == 503:
-            response.headers.append(("retry-after", "1"))
+            response.headers["retry-after"] = "1"
         return response
 
     def stuck(self) -> int:

@@ -24,11 +24,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._chunking import Chunk
-from ._exceptions import DeadlineExceeded, WorkerError, WorkerUnavailable
-from ._flow import Capacities, Window
-from ._rate import Pacer, Rate
-from ._stats import ChunkStats
+from .._config import Rate
+from .._exceptions import DeadlineExceeded, WorkerError, WorkerUnavailable
+from .._stats import ChunkStats
+from .chunking import Chunk
+from .flow import Capacities, Window
+from .rate import Pacer
 
 logger = logging.getLogger("serverless.dispatch")
 

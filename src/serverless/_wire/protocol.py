@@ -12,15 +12,14 @@ import functools
 import hashlib
 import hmac
 import secrets
-import time
 import types
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from . import _values
-from ._exceptions import (
+from .._exceptions import (
     ConfigurationError,
     ProtocolError,
     RemoteError,
@@ -29,6 +28,7 @@ from ._exceptions import (
     WorkerTimeout,
     WorkerUnavailable,
 )
+from . import values as _values
 
 VERSION = 2  # 2: replies are signed and bound to their request (v1 callers cannot check them)
 MSGPACK = "application/msgpack"
@@ -43,6 +43,21 @@ H_TIMESTAMP = "serverless-timestamp"
 H_REQUEST_ID = "serverless-request-id"
 H_SIGNATURE = "serverless-signature"
 H_REPLY_SIGNATURE = "serverless-reply-signature"
+
+
+@dataclass
+class Response:
+    """An answer as bytes: what a worker endpoint returns and what a transport hands back to
+    the caller. Header names are lower-case; the HTTP client keeps only those the caller
+    reads (content-type, Serverless-*, Retry-After)."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    @property
+    def content_type(self) -> str | None:
+        return self.headers.get("content-type")
 
 
 STAGE_SEPARATOR = ","  # fused stages: "mod:a,mod:b" (never in a Python qualified name)
@@ -339,10 +354,12 @@ def signed_headers(
     request_id: str,
     body: bytes,
     fmt: str = MSGPACK,
-    now: float | None = None,
+    *,
+    now: float,
 ) -> dict[str, str]:
-    """Headers for one POST of `body`, whose envelope carries `request_id`."""
-    timestamp = f"{time.time() if now is None else now:.3f}"
+    """Headers for one POST of `body`, whose envelope carries `request_id`, signed at the
+    time `now` (the caller's clock: this module reads none)."""
+    timestamp = f"{now:.3f}"
     message = string_to_sign("POST", path, function, timestamp, request_id, body)
     return {
         "Content-Type": fmt,

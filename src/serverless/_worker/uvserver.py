@@ -17,7 +17,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ._exceptions import ConfigurationError
+from .._exceptions import ConfigurationError
 
 HEADER_TIMEOUT_ENV = "SERVERLESS_HEADER_TIMEOUT"
 DEFAULT_HEADER_TIMEOUT = 10.0

@@ -9,11 +9,12 @@ from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
 
-from ._admission import BODY_IDLE
-from ._context import Origin, current_origin
-from ._origin import resolve_origin
-from ._sharing import Capacity, wsgi_threads
-from ._worker import Endpoint, Job, Response
+from .._wire.protocol import Response
+from .admission import BODY_IDLE
+from .capacity import Capacity, wsgi_threads
+from .context import Origin, current_origin
+from .endpoint import Endpoint, Job
+from .origin import resolve_origin
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -146,6 +147,6 @@ def _server_socket(environ: dict[str, Any]) -> tuple[str, int] | None:
 def _send(response: Response, start_response: StartResponse) -> list[bytes]:
     # PEP 3333 forbids hop-by-hop headers from applications; gunicorn closes a connection
     # whose body was left unread once its keep-alive times out.
-    headers = [(k, v) for k, v in response.headers if k != "connection"]
+    headers = [(k, v) for k, v in response.headers.items() if k != "connection"]
     start_response(f"{response.status} {HTTPStatus(response.status).phrase}", headers)
     return [response.body]

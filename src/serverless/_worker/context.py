@@ -6,12 +6,12 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ._exceptions import ConfigurationError
-from ._protocol import Keyring
+from .._exceptions import ConfigurationError
+from .._wire.protocol import Keyring
 
 if TYPE_CHECKING:
-    from ._sharing import Capacity
-    from ._worker import Endpoint
+    from .capacity import Capacity
+    from .endpoint import Endpoint
 
 
 @dataclass(frozen=True)

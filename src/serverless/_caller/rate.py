@@ -1,4 +1,4 @@
-"""Rate limits: the `rate=` option, and the pacer that holds one call to it. No I/O.
+"""The pacer that holds one call to its `rate=` (parsed in _config.py). No I/O.
 
 One caller dispatches every chunk of a call, so a rate held here is global by construction:
 whatever the number of workers, the downstream sees at most `rate` items per second from this
@@ -25,16 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Literal
 
-from ._exceptions import ConfigurationError
-from ._protocol import MAX_PACE
-
-Rate = float | Literal["auto"]
+from .._config import Rate
+from .._wire.protocol import MAX_PACE
 
 BACKOFF = 0.8  # a throttle sets the rate to this times the rate achieved over the last second
 GROWTH = 0.08  # per second without throttles, the rate grows by this share of that figure
@@ -43,39 +39,9 @@ PART_S = 0.25  # seconds of the rate one request of a paced chunk carries at mos
 START = 1.0  # items per second: a throttle never sets the rate below this
 HOLD = 1.0  # seconds the requests of an episode may delay the next decrease
 DOUBLING = 0.1  # seconds: after the first throttle episode the rate doubles this often (its
+
+
 # first figure may be far too low: the call can be milliseconds old)
-_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
-_UNITS |= {"h": 3600.0, "hour": 3600.0}
-_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*([a-z]+?)s?)?\s*$")
-
-
-def parse_rate(value: object) -> Rate | None:
-    """`rate=`: items per second as a number, a string such as "50/s", "3000/min" or
-    "10000/h", "auto" (no figure: find the downstream's quota from its throttles), or None."""
-    if value is None:
-        return None
-    if value == "auto":
-        return "auto"
-    if isinstance(value, bool):
-        raise ConfigurationError(f"rate must be items per second or a string, not {value!r}")
-    if isinstance(value, int | float):
-        figure = float(value)
-    elif isinstance(value, str):
-        match = _PATTERN.match(value.lower())
-        unit = _UNITS.get(match.group(2) or "s") if match else None
-        if match is None or unit is None:
-            raise ConfigurationError(
-                f'rate must be a number of items per second, a string such as "50/s" or '
-                f'"3000/min", or "auto", not {value!r}'
-            )
-        figure = float(match.group(1)) / unit
-    else:
-        raise ConfigurationError(f"rate must be items per second or a string, not {value!r}")
-    if not math.isfinite(figure) or figure <= 0:
-        raise ConfigurationError(f"rate must be a positive number of items per second: {value!r}")
-    return figure
-
-
 class Pacer:
     """The rate of one call, on the dispatcher's loop. `rate` is None while the call is
     unpaced (no `rate=` and no throttle yet)."""

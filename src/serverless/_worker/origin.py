@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ._exceptions import ConfigurationError
+from .._exceptions import ConfigurationError
 
 SELF_URL_ENV = "SERVERLESS_SELF_URL"
 TRUSTED_HOSTS_ENV = "SERVERLESS_TRUSTED_HOSTS"

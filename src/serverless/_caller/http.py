@@ -13,11 +13,13 @@ import asyncio
 import os
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httptools
+
+from .._wire.protocol import Response
 
 _COPY_LIMIT = 64 * 1024  # smaller bodies are joined to the head: one write, one segment
 
@@ -85,16 +87,6 @@ class Body:
         return data
 
 
-@dataclass(frozen=True)
-class Response:
-    status: int
-    content_type: str | None
-    body: bytes
-    # the answer's Serverless-* headers (lower-case names): the reply's signature; and
-    # Retry-After, how long an overloaded target asks the caller to hold off
-    headers: Mapping[str, str] = field(default_factory=dict)
-
-
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; at most one request on it at a time."""
 
@@ -109,7 +101,6 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self._status = 0
-        self._content_type: str | None = None
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._size = 0
@@ -140,11 +131,12 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
-        if lower == b"content-type":
-            self._content_type = value.decode("latin-1")
-        elif (lower.startswith(b"serverless-") or lower == b"retry-after") and len(
-            self._headers
-        ) < 16:
+        # kept: the content type; the reply's signature (Serverless-*) and Retry-After (how
+        # long an overloaded target asks the caller to hold off), at most 16 of those
+        if lower == b"content-type" or (
+            (lower == b"retry-after" or lower.startswith(b"serverless-"))
+            and len(self._headers) < 16
+        ):
             self._headers[lower.decode("latin-1")] = value.decode("latin-1")
         elif lower == b"content-length":
             self._framed = True
@@ -183,7 +175,7 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
             self._body = []  # an idle connection must not keep its last answer alive
-            waiter.set_result(Response(self._status, self._content_type, body, self._headers))
+            waiter.set_result(Response(self._status, self._headers, body))
 
     def _fail(self, exc: Exception) -> None:
         self._disarm()

@@ -16,9 +16,11 @@ and is refused when dequeued, and one already running is left alone: at most onc
 timing guess. Across hosts (a configured self URL behind a balancer) the store is per host,
 so reclaiming is left to calls that allow a second run (`retries > 0`).
 
-The hook for the worker's `start_by` (another branch): a chunk sent to self carries
-`start_by()`; a signed "busy" refusal proves it never started, and `refused()` puts it back in
-line, where the caller's thread takes it.
+A chunk sent to self carries the call's `start_by` (_caller/dispatch.py): a 503 proves it
+never started, and `refused()` puts it back in line, where the caller's thread takes it.
+
+The endpoint and the thread count are the worker side's (_worker/endpoint.py and capacity.py);
+the top level hands them over, so this module sees them only through the protocols below.
 """
 
 from __future__ import annotations
@@ -26,104 +28,41 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import signal
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from ._exceptions import WorkerError, WorkerUnavailable
-from ._http import Body, Response
-from ._worker import Response as Answer
+from .._exceptions import WorkerError
+from .._wire.protocol import Response
+from .http import Body
 
 if TYPE_CHECKING:
     import concurrent.futures
 
-    from ._http import Client
-    from ._worker import Endpoint
+    from .http import Client
 
 T = TypeVar("T")
 
 INLINE = "inline:"  # the lane of the caller's own thread
-START_WITHIN = 0.5  # seconds a chunk sent to self may wait for a thread (the start_by hook)
-DEFAULT_WSGI_THREADS = 8  # a threaded WSGI server that does not say how many threads it has
 
 
-class Capacity:
-    """The threads of one server process that serve requests, how many are busy, and how
-    many chunks this process has sent to itself (they will need threads too).
+class Endpoint(Protocol):
+    """The app's own worker endpoint, which runs chunks in this process."""
 
-    reserve: the server's threads serve every request of the app (a threaded WSGI server):
-    one of them is kept for requests other than fan-outs, so that the app answers them (its
-    health check, its pages) whatever its calls do. No chunk is sent to self that would take
-    it, and a call from a request handler that would leave every thread waiting on a fan-out
-    fails at once, saying so (`parents`)."""
+    def accept(self, method: str, headers: Mapping[str, str], body: bytes) -> object:
+        """A job to `run`, or the Response that refuses the request."""
 
-    def __init__(self, threads: int | None = None, reserve: bool = False) -> None:
-        self.threads = threads
-        self.reserve = reserve
-        self.busy = 0
-        self.sent = 0
-        self.parents = 0  # threads waiting on calls made from request handlers
-        self._lock = threading.Lock()
-
-    def _spare(self) -> int:
-        """Threads kept free of fan-outs: one where reserved and there are three or more."""
-        return 1 if self.reserve and (self.threads or 1) >= 3 else 0
-
-    def enter(self) -> None:
-        with self._lock:
-            self.busy += 1
-
-    def leave(self) -> None:
-        with self._lock:
-            self.busy -= 1
-
-    def try_send(self) -> bool:
-        """Take a slot for one chunk sent to self if the process has a thread for it."""
-        with self._lock:
-            if self.sent + self.busy >= (self.threads or 1) - self._spare():
-                return False
-            self.sent += 1
-            return True
-
-    def enter_parent(self, url: str, check: bool = True) -> None:
-        """A call from a request handler starts waiting on its fan-out; it fails at once
-        (`check`: at its start, not between a stream's batches) if that would leave no
-        thread for the app's other requests."""
-        with self._lock:
-            threads = self.threads or 1
-            if check and self._spare() and self.parents + 1 >= threads:
-                raise WorkerUnavailable(
-                    f"{self.parents} of this app process's {threads} request threads already "
-                    "wait on parallel calls, and this one would take the last: the app could "
-                    "then answer no other request (its health check included) until one ends. "
-                    "Give the server more threads (gunicorn --threads), or send the calls to "
-                    "separate workers (serverless.init(url=...) or SERVERLESS_URL)",
-                    url=url,
-                )
-            self.parents += 1
-
-    def leave_parent(self) -> None:
-        with self._lock:
-            self.parents -= 1
-
-    def sent_done(self) -> None:
-        with self._lock:
-            self.sent -= 1
+    def run(self, job: Any) -> Response: ...
 
 
-def wsgi_threads(environ: Mapping[str, Any]) -> int:
-    """The WSGI server's threads per process. gunicorn's worker object owns the SIGTERM
-    handler, and its configuration says exactly; other threaded servers get a default."""
-    if not environ.get("wsgi.multithread"):
-        return 1
-    owner = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
-    threads = getattr(getattr(owner, "cfg", None), "threads", None)
-    if isinstance(threads, int) and threads > 0:
-        return threads
-    return DEFAULT_WSGI_THREADS
+class Capacity(Protocol):
+    """The request threads of the server process this call is made in."""
+
+    def try_send(self) -> bool: ...
+    def sent_done(self) -> None: ...
+    def enter_parent(self, url: str, check: bool = True) -> None: ...
+    def leave_parent(self) -> None: ...
 
 
 @dataclass
@@ -231,14 +170,9 @@ class SharedCall:
 
     def refused(self, exc: WorkerError) -> bool:
         """Whether a refusal of a chunk sent to self means it never started, so the caller's
-        thread may run it. Today: a 503 (every 503 of a worker is answered before the chunk
-        runs) where a second run is allowed anyway. The merge with `start_by`: a signed
-        refusal of kind "busy" is proof enough, whatever `retries` says."""
+        thread may run it: a 503 (a worker answers every 503 before the chunk runs), where
+        a second run is allowed anyway (`reclaim`)."""
         return exc.status == 503 and self.reclaim
-
-    def start_by(self) -> float:
-        """The start_by a chunk sent to self carries (the merge puts it in the envelope)."""
-        return time.time() + START_WITHIN
 
     async def post(
         self,
@@ -312,10 +246,10 @@ class SharedCall:
                     return
                 accepted = self.endpoint.accept("POST", job.headers, job.data)
                 job.sent.tried = True
-                if not isinstance(accepted, Answer):
+                if not isinstance(accepted, Response):
                     job.sent.open, job.sent.taken = False, True
                     loop.call_soon_threadsafe(_resolve, job.sent.claimed, None)
-            if isinstance(accepted, Answer):  # 409: it started elsewhere; leave it
+            if isinstance(accepted, Response):  # 409: it started elsewhere; leave it
                 return
             self.reclaims += 1
             target = job.sent.result
@@ -324,13 +258,11 @@ class SharedCall:
             target = job.result
         self.inline_runs += 1
         try:
-            answer = accepted if isinstance(accepted, Answer) else self.endpoint.run(accepted)
+            answer = accepted if isinstance(accepted, Response) else self.endpoint.run(accepted)
         except Exception as exc:  # the endpoint answers every failure; this is a bug's path
             loop.call_soon_threadsafe(_fail, target, exc)
             return
-        headers = {k.lower(): v for k, v in answer.headers}
-        response = Response(answer.status, headers.get("content-type"), answer.body, headers)
-        loop.call_soon_threadsafe(_resolve, target, response)
+        loop.call_soon_threadsafe(_resolve, target, answer)
 
 
 def _fail(future: asyncio.Future[Any], exc: Exception) -> None:

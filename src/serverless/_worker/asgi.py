@@ -14,12 +14,13 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ._admission import BODY_IDLE, Hold
-from ._context import Origin, current_origin
-from ._gate import Gate
-from ._origin import resolve_origin
-from ._sharing import Capacity
-from ._worker import Endpoint, Job, Response
+from .._wire.protocol import Response
+from .admission import BODY_IDLE, Hold
+from .capacity import Capacity
+from .context import Origin, current_origin
+from .endpoint import Endpoint, Job
+from .gate import Gate
+from .origin import resolve_origin
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -247,7 +248,7 @@ async def _disconnected(receive: Receive) -> None:
 
 
 async def _send(response: Response, send: Send) -> None:
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()]
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     await send({"type": "http.response.body", "body": response.body})
 
