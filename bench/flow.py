@@ -33,23 +33,20 @@ SECRET = "bench-flow-secret-0123456789abcdef"
 
 def engine(chunks: int, widths: list[int]) -> list[dict[str, Any]]:
     from serverless._caller.chunking import Chunk, chunk_iterable
-    from serverless._caller.fanout import Fanout, Policy, Tally
-    from serverless._stats import ChunkStats
+    from serverless._caller.fanout import Answer, Fanout, Tally
+    from serverless._caller.plan import CallPlan
 
     rng = random.Random(7)
 
-    async def attempt(
-        url: str, chunk: Chunk, number: int, timeout: float, pace: float | None
-    ) -> Any:
+    async def attempt(url: str, chunk: Chunk, timeout: float, pace: float | None) -> Any:
         await asyncio.sleep(rng.uniform(0.001, 0.010))
-        return chunk.items, ChunkStats(chunk.index, 1, "w", url, 0, 0, 0, 0, number)
+        return Answer(chunk.items, "w")
 
     async def one(width: int) -> None:
         urls = tuple(f"http://h{n}/serverless" for n in range(4))
-        policy = Policy(workers=width, retries=3, hedge=True)
+        policy = CallPlan("f", workers=width, retries=3, hedge=True)
         fanout = Fanout(
-            "f", urls, chunk_iterable(range(chunks), 1), attempt, policy, Tally(),
-            lazy_input=False, timeout=30.0,
+            policy, urls, chunk_iterable(range(chunks), 1), attempt, Tally(), lazy_input=False,
         )  # fmt: skip
         async for _ in fanout.results():
             pass

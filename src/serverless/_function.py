@@ -14,7 +14,7 @@ import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import (
     Any,
     Concatenate,
@@ -28,9 +28,10 @@ from typing import (
 )
 
 from . import _registry
-from ._caller.chunking import AdaptiveChunks, Chunk, chunk_adaptive, chunk_iterable, chunk_sequence
-from ._caller.dispatch import CallSpec, Target, dispatcher
+from ._caller.chunking import AdaptiveChunks, Chunk
+from ._caller.dispatch import Target, dispatcher
 from ._caller.fanout import Tally, close_batches, next_batch
+from ._caller.plan import CallPlan, make_plan
 from ._caller.sharing import run_shared
 from ._config import ErrorMode, Options
 from ._exceptions import ConfigurationError
@@ -38,7 +39,6 @@ from ._pool import mainscript as _mainscript
 from ._registry import BIND_CLASS, BIND_INSTANCE, BIND_NONE, Bind
 from ._stats import StepKind, StepStats, TargetKind
 from ._targets import resolve
-from ._wire.protocol import STAGE_SEPARATOR, Stage
 from ._wire.values import Shape, check_args, check_items
 
 P = ParamSpec("P")
@@ -151,9 +151,6 @@ class StageInfo:
     alone: bool = False  # paced (rate=): its chunks run item by item, with no other stage
 
 
-PACED_CHUNK_S = 0.05  # seconds of its rate= one chunk of a paced list holds
-
-
 class ParallelFunction(_Step[P, R]):
     """A function whose list argument is split into chunks run by workers in parallel."""
 
@@ -247,57 +244,36 @@ class ParallelFunction(_Step[P, R]):
         _on_call()
         bind, _, args = self._split(args)
         items = _items_argument(self.__name__, args)
-        opts = self.options
         steps = [self, *then]
         # only the first stage's input and the last stage's results cross the wire
         shape = self.entry.shape(bind)
         last = then[-1].entry.shape(then[-1]._bind) if then else shape
-        spec = CallSpec(
-            function=STAGE_SEPARATOR.join(step.entry.name for step in steps),
-            bind=bind,
-            args=[*args[1:], *self._bound_args],
-            kwargs={**self._bound_kwargs, **kwargs},
-            workers=opts.workers,
-            timeout=max(step.options.timeout for step in steps),
-            retries=min(step.options.retries for step in steps),
-            then=[Stage(fn=step.entry.name, bind=step._bind) for step in then],
-            deadline=opts.deadline,
-            hedge=all(step.options.hedging for step in steps),
-            # an item that failed in one stage has no input for the next
-            errors=opts.errors if not then else "raise",
-            results=last,
-            rate=opts.items_per_s if not then else None,
-        )
-        check_args(shape, spec.args, spec.kwargs)
+        call_args = [*args[1:], *self._bound_args]
+        call_kwargs = {**self._bound_kwargs, **kwargs}
+        check_args(shape, call_args, call_kwargs)
+        count = len(items) if isinstance(items, Sequence) else None
         if isinstance(items, Sequence):
             check_items(shape, items)  # before any request, and before a pool starts
         # the target is chosen here, in the caller's thread: it may be the app serving the
         # request this thread is handling; an empty input goes nowhere
-        empty = isinstance(items, Sequence) and not items
-        target = None if empty else self._target(steps, blocking, spec.retries)
-        if isinstance(items, Sequence):
-            parts = opts.workers
-            if target is not None and opts.chunk_size is None:
-                # as many even chunks as the target can run at once, where its workers said
-                # it (docs/deploy.md's 96 slots with workers=100: not a second round of 4)
-                parts = min(parts, dispatcher().capacities.total(target.urls) or parts)
-            if isinstance(spec.rate, float) and opts.chunk_size is None:
-                # a paced chunk holds PACED_CHUNK_S of the rate: short enough that the last
-                # ones end together, long enough that a request carries several items
-                longest = max(1, int(spec.rate * min(PACED_CHUNK_S, spec.timeout / 4)))
-                parts = max(parts, -(-len(items) // longest))
-            chunks = chunk_sequence(items, parts, opts.chunk_size)
-            count: int | None = len(items)
-            lazy = False
-        elif opts.chunk_size is None:  # unknown length: sizes follow the measured compute
-            policy = AdaptiveChunks()
-            spec = replace(spec, on_reply=policy.observe)
-            chunks, count, lazy = chunk_adaptive(items, policy), None, True
-        else:
-            chunks, count, lazy = chunk_iterable(items, opts.chunk_size), None, True
-        if lazy and shape.items is None:
+        retries = min(step.options.retries for step in steps)
+        target = None if count == 0 else self._target(steps, blocking, retries)
+        capacity = dispatcher().capacities.total(target.urls) if target is not None else None
+        plan = make_plan(
+            [
+                (step.entry.name, step._bind if step is not self else bind, step.options)
+                for step in steps
+            ],
+            call_args,
+            call_kwargs,
+            last,
+            count,
+            capacity,
+        )
+        chunks, sizer = plan.chunks(items)
+        if count is None and shape.items is None:
             chunks = _checked(chunks, shape)
-        return Invocation(steps, spec, chunks, count, lazy, target)
+        return Invocation(steps, plan, chunks, count, target, sizer)
 
     def _target(
         self, steps: list[ParallelFunction[Any, Any]], blocking: bool, retries: int
@@ -313,14 +289,14 @@ class Invocation:
     def __init__(
         self,
         steps: list[ParallelFunction[Any, Any]],
-        spec: CallSpec,
+        plan: CallPlan,
         chunks: Iterator[Chunk],
-        count: int | None,
-        lazy: bool,  # a generator or other iterator: read it off the loop thread
+        count: int | None,  # None: an iterator, read off the loop thread
         target: Target | None,
+        sizer: AdaptiveChunks | None = None,
     ) -> None:
-        self.steps, self.spec, self.chunks, self.count = steps, spec, chunks, count
-        self.lazy, self.target = lazy, target
+        self.steps, self.plan, self.chunks, self.count = steps, plan, chunks, count
+        self.target, self.sizer = target, sizer
         self.started = time.perf_counter()
         self.stats: list[StepStats] = []  # one per step, once the call is done
 
@@ -330,7 +306,12 @@ class Invocation:
         produced = 0
         if self.target is not None:
             fanout = dispatcher().fanout(
-                self.spec, self.target, self.chunks, tally, lazy_input=self.lazy
+                self.plan,
+                self.target,
+                self.chunks,
+                tally,
+                lazy_input=self.count is None,
+                sizer=self.sizer,
             )
             async with contextlib.aclosing(fanout):  # cancels what is in flight if closed
                 async for batch in fanout:

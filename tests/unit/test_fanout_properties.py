@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import given, settings
@@ -18,8 +19,8 @@ from hypothesis import strategies as st
 from serverless import RemoteError, WorkerTimeout, WorkerUnavailable
 from serverless._caller import fanout as _fanout
 from serverless._caller.chunking import Chunk, chunk_iterable
-from serverless._caller.fanout import Fanout, Policy, Tally
-from serverless._stats import ChunkStats
+from serverless._caller.fanout import Answer, Fanout, Tally
+from serverless._caller.plan import CallPlan
 
 URLS = ("http://a/serverless", "http://b/serverless", "http://c/serverless")
 
@@ -27,7 +28,7 @@ URLS = ("http://a/serverless", "http://b/serverless", "http://c/serverless")
 def run(
     count: int,
     chunk_size: int,
-    policy: Policy,
+    policy: CallPlan,
     rng: random.Random,
     fail_rate: float,
     bad: set[int],
@@ -35,10 +36,8 @@ def run(
 ) -> tuple[list[Any], Tally, list[int]]:
     sent: list[int] = []  # item offsets of every attempt that answered
 
-    async def attempt(
-        url: str, chunk: Chunk, number: int, timeout: float, pace: float | None
-    ) -> Any:
-        index, offset, items = chunk
+    async def attempt(url: str, chunk: Chunk, timeout: float, pace: float | None) -> Any:
+        _, offset, items = chunk
         await asyncio.sleep(rng.random() * 0.002)
         roll = rng.random()
         if roll < fail_rate / 2:
@@ -53,20 +52,17 @@ def run(
             # errors="return": the worker isolates each item and answers errors in place
             out.append(error if item in bad else item * 2)
         sent.append(offset)
-        stats = ChunkStats(index, len(items), "w", url, 0.0, 0.0, 0.0, 0.0, number)
-        return out, stats
+        return Answer(out, "w")
 
     async def main() -> tuple[list[Any], Tally]:
         tally = Tally()
         engine = Fanout(
-            "f",
+            replace(policy, timeout=1.0),
             URLS,
             chunk_iterable(range(count), chunk_size),
             attempt,
-            policy,
             tally,
             lazy_input=rng.random() < 0.5,
-            timeout=1.0,
         )
         out: list[Any] = []
         async for batch in engine.results():
@@ -94,7 +90,7 @@ def run(
 def test_every_result_once_in_order(
     count: int, chunk_size: int, workers: int, seed: int, fail_rate: float, hedge: bool
 ) -> None:
-    policy = Policy(workers=workers, retries=30, hedge=hedge)
+    policy = CallPlan("f", workers=workers, retries=30, hedge=hedge)
     out, tally, _ = run(count, chunk_size, policy, random.Random(seed), fail_rate, set())
     assert out == [2 * n for n in range(count)]
     assert tally.count == count  # each chunk counted once, hedged or not
@@ -111,7 +107,7 @@ def test_every_result_once_in_order(
 def test_errors_return_isolates_exactly_the_failing_items(
     count: int, chunk_size: int, bad: set[int], seed: int
 ) -> None:
-    policy = Policy(workers=5, retries=30)
+    policy = CallPlan("f", workers=5, retries=30)
     out, _, sent = run(count, chunk_size, policy, random.Random(seed), 0.1, bad, isolate=True)
     assert len(out) == count
     assert sorted(sent) == list(range(0, count, chunk_size))  # one answered run per chunk

@@ -10,16 +10,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from serverless import WorkerUnavailable
 from serverless._caller import fanout as _fanout
 from serverless._caller.chunking import Chunk, chunk_iterable, chunk_sequence
 from serverless._caller.dispatch import dispatcher
-from serverless._caller.fanout import Attempt, Fanout, Policy, Tally
+from serverless._caller.fanout import Answer, Attempt, Fanout, Tally
 from serverless._caller.flow import Capacities, Window
 from serverless._caller.inprocess import InProcess
-from serverless._stats import ChunkStats
+from serverless._caller.plan import CallPlan
 from serverless._wire import protocol as p
 from serverless._wire.protocol import Response
 from serverless._worker.endpoint import Endpoint
@@ -95,9 +96,7 @@ class Threads:
         self.refused: list[tuple[str, float]] = []
         self.most = 0
 
-    async def __call__(
-        self, url: str, chunk: Chunk, number: int, timeout: float, pace: float | None
-    ) -> Any:
+    async def __call__(self, url: str, chunk: Chunk, timeout: float, pace: float | None) -> Any:
         now = time.perf_counter()
         self.sent.append((url, now))
         if self.running.get(url, 0) >= self.threads:
@@ -109,13 +108,13 @@ class Threads:
             await asyncio.sleep(self.seconds)
         finally:
             self.running[url] -= 1
-        return chunk.items, ChunkStats(chunk.index, len(chunk.items), "w", url, 0, 0, 0, 0, 1)
+        return Answer(chunk.items, "w")
 
 
 def drive(
     attempt: Attempt,
     chunks: Iterator[Chunk],
-    policy: Policy,
+    policy: CallPlan,
     *,
     urls: tuple[str, ...] = (A,),
     lazy: bool = False,
@@ -123,14 +122,12 @@ def drive(
 ) -> tuple[list[Any], Tally, float]:
     async def main() -> list[Any]:
         engine = Fanout(
-            "f",
+            replace(policy, timeout=30.0),
             urls,
             chunks,
             attempt,
-            policy,
             tally,
             lazy_input=lazy,
-            timeout=30.0,
             capacities=capacities,
         )
         out: list[Any] = []
@@ -148,7 +145,9 @@ def test_503s_with_retry_after_shrink_the_window_and_no_call_fails() -> None:
     # 32 chunks in flight against 4 threads: before, every chunk refused 4 times failed
     # the call (retries=3); now the window follows the refusals down
     worker = Threads(threads=4, seconds=0.02, retry_after=None)
-    out, tally, _ = drive(worker, chunk_iterable(range(120), 1), Policy(workers=32, retries=3))
+    out, tally, _ = drive(
+        worker, chunk_iterable(range(120), 1), CallPlan("f", workers=32, retries=3)
+    )
     assert out == list(range(120)) and tally.done == 120
     assert len(worker.refused) < 60  # the caller stopped pushing
 
@@ -158,7 +157,7 @@ def test_no_request_goes_to_a_url_before_its_retry_after_has_passed() -> None:
     saved = _fanout.BACKOFF_BASE
     _fanout.BACKOFF_BASE = 0.001  # the backoff alone would resend within milliseconds
     try:
-        out, _, _ = drive(worker, chunk_iterable(range(12), 1), Policy(workers=6, retries=3))
+        out, _, _ = drive(worker, chunk_iterable(range(12), 1), CallPlan("f", workers=6, retries=3))
     finally:
         _fanout.BACKOFF_BASE = saved
     assert out == list(range(12)) and worker.refused
@@ -172,7 +171,7 @@ def test_the_window_never_exceeds_a_declared_capacity() -> None:
     capacities.observe(A, "h0:1", 3)
     capacities.observe(B, "h1:1", 5)
     worker = Threads(threads=100, seconds=0.005, retry_after=None)
-    policy = Policy(workers=50, retries=0)
+    policy = CallPlan("f", workers=50, retries=0)
     out, _, _ = drive(
         worker, chunk_iterable(range(200), 1), policy, urls=(A, B), capacities=capacities
     )
@@ -185,15 +184,13 @@ def test_a_chunk_far_past_its_peers_is_hedged_however_long_the_input() -> None:
     # waited for the whole input to be read, and the reorder window stopped reading it
     frozen_until = time.perf_counter() + 6.0
 
-    async def attempt(
-        url: str, chunk: Chunk, number: int, timeout: float, pace: float | None
-    ) -> Any:
+    async def attempt(url: str, chunk: Chunk, timeout: float, pace: float | None) -> Any:
         await asyncio.sleep(0.01)
         if url == A:
             await asyncio.sleep(frozen_until - time.perf_counter())
-        return chunk.items, ChunkStats(chunk.index, 1, "w", url, 0, 0, 0, 0, number)
+        return Answer(chunk.items, "w")
 
-    policy = Policy(workers=20, retries=3, hedge=True)
+    policy = CallPlan("f", workers=20, retries=3, hedge=True)
     chunks = chunk_iterable(range(200), 1)
     out, tally, wall = drive(attempt, chunks, policy, urls=(A, B), lazy=True)
     assert out == list(range(200))
@@ -202,13 +199,11 @@ def test_a_chunk_far_past_its_peers_is_hedged_however_long_the_input() -> None:
 
 def test_one_slow_item_among_many_takes_the_call_no_longer_than_itself() -> None:
     # the head-of-line chunk runs 1 s; the 399 others (10 ms each, 9 at a time) need 0.45 s
-    async def attempt(
-        url: str, chunk: Chunk, number: int, timeout: float, pace: float | None
-    ) -> Any:
+    async def attempt(url: str, chunk: Chunk, timeout: float, pace: float | None) -> Any:
         await asyncio.sleep(1.0 if chunk.index == 0 else 0.01)
-        return chunk.items, ChunkStats(chunk.index, 1, "w", url, 0, 0, 0, 0, number)
+        return Answer(chunk.items, "w")
 
-    policy = Policy(workers=10, retries=0, hedge=True)
+    policy = CallPlan("f", workers=10, retries=0, hedge=True)
     out, _, wall = drive(attempt, chunk_sequence(list(range(400)), 10, 1), policy)
     assert out == list(range(400))
     assert wall < 1.1

@@ -193,9 +193,12 @@ def test_errors_return_keeps_each_items_error_and_resends_throttled_ones() -> No
     assert DOWNSTREAM.served == dict.fromkeys(range(60), 1)
 
 
-def test_a_throttle_in_a_fused_pipeline_sends_the_chunk_again_whole() -> None:
-    """A fused call runs its stages on whole chunks: a throttle in the first stage sends the
-    chunk again through every stage (it failed on the stage figures before)."""
+def test_a_throttled_fused_pipeline_goes_on_one_item_per_request_at_the_quota() -> None:
+    """A fused call runs its stages on whole chunks: the chunk that is throttled goes again
+    whole (the first stage's results were lost with the exception); from then on the plan
+    sends one item per request on the token clock, so the call finds the quota instead of
+    resending whole chunks (before: 28.5 s for these 100 items against 300/s, the rate ending
+    at 8.7/s, 211 downstream calls)."""
     DOWNSTREAM.reset(rate=300.0, burst=5.0)
     first = sf.quota_lookup.with_options(chunk_size=10, workers=8)
     pipeline = serverless.Pipeline(first, sf.square.with_options(chunk_size=10, workers=8))
@@ -203,6 +206,12 @@ def test_a_throttle_in_a_fused_pipeline_sends_the_chunk_again_whole() -> None:
     assert run.result == [(2 * n) ** 2 for n in range(100)]
     assert run.steps[1].fused_with == 1 and run.steps[0].throttles > 0
     assert set(DOWNSTREAM.served) == set(range(100))
+    calls = sum(DOWNSTREAM.served.values()) + sum(DOWNSTREAM.refused.values())
+    assert calls <= 2 * 100  # a rerun only for what a whole chunk's throttle lost
+    assert run.steps[0].rate is not None and run.steps[0].rate > 100  # near the quota
+    # the stage figures add up over a chunk's one-item requests
+    assert [s.count for s in run.steps] == [100, 100]
+    assert [s.count_out for s in run.steps] == [100, 100]
 
 
 def test_a_chunk_sent_in_parts_spans_all_of_them_in_its_timings() -> None:

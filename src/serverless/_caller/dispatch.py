@@ -1,8 +1,9 @@
 """The caller's engine room: one event-loop thread per process, and one attempt of one chunk.
 
-Each call's fan-out (slots, order, retries, hedges, deadline) is a _fanout.Fanout run on that
-loop; this module signs a chunk, posts it through a transport (the lean keep-alive HTTP
-client, or a target's own transport) and reads the answer, both halves in _protocol.
+Each call's fan-out (slots, order, retries, hedges, deadline) is a fanout.Fanout run on that
+loop, executing the call's plan (plan.py); this module signs a chunk, posts it through a
+transport (the lean keep-alive HTTP client, or a target's own transport) and reads the
+answer, both halves in _wire/protocol.py.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Coroutine, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .._config import ErrorMode, Rate
 from .._exceptions import (
     ConfigurationError,
     ProtocolError,
@@ -26,23 +26,18 @@ from .._exceptions import (
     WorkerTimeout,
     WorkerUnavailable,
 )
-from .._registry import Bind
-from .._stats import ChunkStats, TargetKind
+from .._stats import TargetKind
 from .._wire import protocol as p
-from .._wire.values import UNTYPED, Shape
 from . import http as _http
-from .chunking import Chunk
-from .fanout import Fanout, Policy, Tally, Throttle
+from .chunking import AdaptiveChunks, Chunk
+from .fanout import Answer, Fanout, Tally
 from .flow import Capacities
+from .plan import CallPlan
 from .sharing import INLINE, SharedCall
 from .transport import Transport
 
 logger = logging.getLogger("serverless.dispatch")
 T = TypeVar("T")
-
-# Seconds a chunk may wait for a worker's thread before the worker refuses it as busy (503,
-# Retry-After: nothing ran) instead of queueing it without bound: the Call's start_by.
-START_WITHIN = 1.0
 
 
 @dataclass(frozen=True)
@@ -57,54 +52,6 @@ class Target:
     transport: Transport | None = None  # None: the dispatcher's HTTP client
     # a call made while serving: its thread runs chunks too (_sharing.py)
     shared: SharedCall | None = None
-
-
-@dataclass(frozen=True)
-class CallSpec:
-    """What every chunk of one call carries, and the call's fan-out options."""
-
-    function: str
-    bind: Bind
-    args: list[Any]
-    kwargs: dict[str, Any]
-    workers: int
-    timeout: float
-    retries: int
-    then: list[p.Stage] = field(default_factory=list)  # fused pipeline stages after the first
-    deadline: float | None = None
-    hedge: bool = False
-    errors: ErrorMode = "raise"
-    # called on the loop thread with (items, worker compute seconds) of each reply: the hook
-    # of the adaptive chunk sizing (_chunking.AdaptiveChunks.observe)
-    on_reply: Callable[[int, float], None] | None = None
-    results: Shape = UNTYPED  # how the (last) function's results decode
-    rate: Rate | None = None  # items per second across the call (_rate.py)
-    group: str = field(default_factory=p.new_request_id)  # the call's id on its paced chunks
-
-    def envelope(self, chunk: Chunk, timeout: float, pace: float | None = None) -> p.Call:
-        """One chunk's request envelope, with a request id of its own, for an attempt that
-        ends in `timeout` seconds: after that the worker must not start it. `pace`: the
-        items run one by one, at most one per `pace` seconds (a fused call's never do)."""
-        now = time.time()
-        deadline = now + timeout
-        # a call that cannot retry does not ask for a busy refusal: it would fail the call
-        start_by = min(now + START_WITHIN, deadline) if self.retries > 0 else None
-        return p.Call(
-            v=p.VERSION,
-            fn=self.function,
-            id=p.new_request_id(),
-            index=chunk.index,
-            items=chunk.items,
-            args=self.args,
-            kwargs=self.kwargs,
-            bind=self.bind,
-            then=self.then,
-            isolate=self.errors == "return",
-            deadline=deadline,
-            start_by=start_by,
-            pace=None if self.then else pace,
-            group=self.group if pace is not None and not self.then else "",
-        )
 
 
 class Dispatcher:
@@ -180,60 +127,44 @@ class Dispatcher:
 
     def fanout(
         self,
-        spec: CallSpec,
+        plan: CallPlan,
         target: Target,
         chunks: Iterator[Chunk],
         tally: Tally,
         *,
         lazy_input: bool = False,
+        sizer: AdaptiveChunks | None = None,
     ) -> AsyncGenerator[list[Any], None]:
-        """One call's results in order, in batches (see _fanout.py); iterate on the loop."""
+        """One call's results in order, in batches (see fanout.py); iterate on the loop."""
 
-        async def attempt(
-            url: str, chunk: Chunk, number: int, timeout: float, pace: float | None
-        ) -> tuple[list[Any], ChunkStats]:
-            start = time.perf_counter()
-            reply = await self._post(spec, target, url, chunk, timeout, pace)
+        async def attempt(url: str, chunk: Chunk, timeout: float, pace: float | None) -> Answer:
+            reply = await self._post(plan, target, url, chunk, timeout, pace)
             assert reply.results is not None
             self.capacities.observe(url, reply.worker, reply.capacity)
-            stats = ChunkStats(
-                index=chunk.index,
-                size=len(chunk.items),
-                worker=reply.worker,
-                url=url,
-                start=start,
-                end=time.perf_counter(),
-                queue_s=reply.queue_s,
-                compute_s=reply.compute_s,
-                attempts=number,
-                stages=reply.stages or [],
+            return Answer(
+                reply.results,
+                reply.worker,
+                reply.queue_s,
+                reply.compute_s,
+                reply.stages or [],
+                reply.throttled,
             )
-            if reply.throttled is not None:
-                throttled = reply.throttled
-                at, ran = throttled.at, min(max(throttled.at, throttled.ran), len(chunk.items))
-                retry_after = throttled.retry_after
-                raise Throttle(reply.results, stats, at, retry_after, ran, throttled.stopped)
-            if spec.on_reply is not None:
-                spec.on_reply(stats.size, stats.compute_s)
-            return reply.results, stats
 
-        policy = Policy(spec.workers, spec.retries, spec.deadline, spec.hedge, spec.rate)
         fanout = Fanout(
-            spec.function,
+            plan,
             target.urls,
             chunks,
             attempt,
-            policy,
             tally,
             lazy_input=lazy_input,
-            timeout=spec.timeout,
             capacities=self.capacities,
+            sizer=sizer,
         )
         return fanout.results()
 
     async def _post(
         self,
-        spec: CallSpec,
+        plan: CallPlan,
         target: Target,
         url: str,
         chunk: Chunk,
@@ -245,12 +176,12 @@ class Dispatcher:
         started goes to the caller's thread (the `start_by` hook: SharedCall.refused)."""
         shared = target.shared
         if shared is None:
-            return await self._send(spec, target, url, chunk, timeout, pace)
+            return await self._send(plan, target, url, chunk, timeout, pace)
         inline = False
         while True:
             async with shared.lane(url, inline) as lane:
                 try:
-                    return await self._send(spec, target, lane, chunk, timeout, pace)
+                    return await self._send(plan, target, lane, chunk, timeout, pace)
                 except WorkerError as exc:
                     if lane == INLINE or not shared.refused(exc):
                         raise
@@ -258,7 +189,7 @@ class Dispatcher:
 
     async def _send(
         self,
-        spec: CallSpec,
+        plan: CallPlan,
         target: Target,
         url: str,
         chunk: Chunk,
@@ -267,15 +198,15 @@ class Dispatcher:
     ) -> p.Reply:
         """Sign, post through the target's transport (or lane), read."""
         transport = target.transport or self._client()
-        what = f"chunk {chunk.index} of {spec.function}"
+        what = f"chunk {chunk.index} of {plan.function}"
         # retries=0: at most once. A kept-alive connection that fails before any byte of an
         # answer may still have delivered the request, so it must not be resent: such a call
         # takes a fresh connection, which is never stale.
-        at_most_once = spec.retries == 0
-        for fresh in (at_most_once, True):
-            call = spec.envelope(chunk, timeout, pace)  # signed anew on a resend: a new id
+        for fresh in (plan.at_most_once, True):
+            now = time.time()
+            call = plan.envelope(chunk, timeout, now, pace)  # signed anew on a resend: a new id
             body, headers = p.build_request(
-                target.keyring, target.route, call, time.time(), target.max_body
+                target.keyring, target.route, call, now, target.max_body
             )
             try:
                 if target.shared is not None:
@@ -307,7 +238,7 @@ class Dispatcher:
             chunk.offset,
             url,
             target.keyring,
-            spec.results,
+            plan.results,
         )
 
 

@@ -14,7 +14,6 @@ import asyncio
 import bisect
 import functools
 import heapq
-import itertools
 import logging
 import random
 import sys
@@ -24,11 +23,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._config import Rate
 from .._exceptions import DeadlineExceeded, WorkerError, WorkerUnavailable
 from .._stats import ChunkStats
-from .chunking import Chunk
+from .._wire.protocol import StageFigures, Throttle
+from .chunking import AdaptiveChunks, Chunk
 from .flow import Capacities, Window
+from .plan import CallPlan
 from .rate import Pacer
 
 logger = logging.getLogger("serverless.dispatch")
@@ -41,15 +41,6 @@ HEDGE_FLOOR = 0.1  # ...and at least this many seconds more than the median
 PUSHBACKS = 8  # 429/503 answers a chunk may get before they count as retries
 SLOT_POLL = 0.5  # seconds: the longest a task waits for room before it looks again
 MAX_KEPT_STATS = 10_000  # per-chunk statistics kept for one call (counters are exact)
-
-
-@dataclass(frozen=True)
-class Policy:
-    workers: int
-    retries: int
-    deadline: float | None = None
-    hedge: bool = False
-    rate: Rate | None = None
 
 
 @dataclass
@@ -88,30 +79,69 @@ class Tally:
         return sorted(self.chunks, key=lambda c: c.index)
 
 
-# One attempt of one chunk on one URL, with its pace (a Call's): (results, the attempt's
-# ChunkStats), or an exception (Throttle: the function said the downstream refused an item).
-Attempt = Callable[
-    [str, Chunk, int, float, "float | None"], Awaitable[tuple[list[Any], ChunkStats]]
-]
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What one request of a chunk brought back: its results (those before the throttle, if
+    the function said the downstream refused an item) and the worker's figures."""
+
+    results: list[Any]
+    worker: str = ""
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    stages: list[StageFigures] = field(default_factory=list)  # a fused call's, per stage
+    throttle: Throttle | None = None
 
 
-class Throttle(Exception):
-    """An attempt stopped by the function's Throttled: the results of its first `at` items,
-    the attempt's statistics, and the seconds the downstream asked to wait."""
+# One request of one chunk: (URL, the chunk or the part of it sent, timeout, the Call's pace)
+# -> its Answer, or an exception (a WorkerError: no usable answer).
+Attempt = Callable[[str, Chunk, float, "float | None"], Awaitable[Answer]]
 
-    def __init__(
-        self,
-        results: list[Any],
-        stats: ChunkStats,
-        at: int,
-        retry_after: float | None,
-        ran: int,
-        stopped: bool = False,
-    ) -> None:
-        super().__init__(f"throttled at item {at} of chunk {stats.index}")
-        self.results, self.stats, self.at, self.retry_after = results, stats, at, retry_after
-        self.ran = ran  # items the downstream served before it
-        self.stopped = stopped  # nothing refused: the worker saw another chunk throttled
+
+class _Record:
+    """One chunk's statistics, written in one place (Fanout._attempts) as the requests of one
+    of its lanes are answered; its ChunkStats derive from it when the chunk is done."""
+
+    __slots__ = (
+        "attempts", "began", "compute_s", "end", "index", "queue_s", "size", "spans",
+        "stages", "start", "throttles", "url", "worker",
+    )  # fmt: skip
+
+    def __init__(self, chunk: Chunk, began: float) -> None:
+        self.index, self.size = chunk.index, len(chunk.items)
+        self.began = self.start = self.end = began  # its first request; the last one's
+        self.url = self.worker = ""
+        self.queue_s = self.compute_s = 0.0  # compute: every request's, added up
+        self.attempts = 1  # 1 + retries (a part or a resend after a throttle is none)
+        self.throttles = 0  # requests the function stopped with Throttled
+        self.spans = False  # sent in parts or again after throttles: timed from `began`
+        self.stages: list[StageFigures] = []  # per stage, added up over its parts
+
+    def answered(self, url: str, answer: Answer, start: float, end: float) -> None:
+        self.url, self.worker, self.queue_s = url, answer.worker, answer.queue_s
+        self.start, self.end = start, end
+        self.compute_s += answer.compute_s
+        for stage, figures in enumerate(answer.stages):
+            if stage == len(self.stages):
+                self.stages.append(StageFigures(0, 0.0))
+            self.stages[stage].count += figures.count
+            self.stages[stage].compute_s += figures.compute_s
+
+    def stats(self, origin: float) -> ChunkStats:
+        """As ChunkStats, its times in seconds since `origin` (the call's start)."""
+        start = self.began if self.spans else self.start
+        return ChunkStats(
+            index=self.index,
+            size=self.size,
+            worker=self.worker,
+            url=self.url,
+            start=start - origin,
+            end=self.end - origin,
+            queue_s=self.queue_s,
+            compute_s=self.compute_s,
+            attempts=self.attempts,
+            stages=self.stages,
+            throttles=self.throttles,
+        )
 
 
 class _Chunk:
@@ -168,31 +198,30 @@ class Fanout:
 
     def __init__(
         self,
-        function: str,
+        plan: CallPlan,
         urls: tuple[str, ...],
         chunks: Iterator[Chunk],
         attempt: Attempt,
-        policy: Policy,
         tally: Tally,
         *,
         lazy_input: bool,
-        timeout: float,
         capacities: Capacities | None = None,
+        sizer: AdaptiveChunks | None = None,  # fed each answer's size and compute time
     ) -> None:
-        self.function = function
+        self.plan = plan
+        self.function = plan.function
         self.chunks = chunks
         self.attempt = attempt
-        self.policy = policy
         self.tally = tally
         self.lazy_input = lazy_input
-        self.timeout = timeout
         self.capacities = capacities
+        self.sizer = sizer
         self.load = dict.fromkeys(urls, 0)
         self.windows = {url: Window(self._ceiling(url)) for url in urls}
         self.down: set[str] = set()  # URLs that lost a connection during this call
         self.slow: set[str] = set()  # URLs holding a hedged straggler, until they answer
         self.started = _now()
-        self.deadline_at = None if policy.deadline is None else self.started + policy.deadline
+        self.deadline_at = None if plan.deadline is None else self.started + plan.deadline
         self.running: dict[int, _Chunk] = {}
         self.ready: dict[int, list[Any]] = {}
         self.durations = _Durations()
@@ -203,7 +232,7 @@ class Fanout:
         self._wake: asyncio.Future[None] | None = None
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._by_start: list[tuple[float, int, _Chunk]] = []  # hedging candidates, a heap
-        self.pacer = Pacer(policy.rate)  # rate= and throttles: _rate.py
+        self.pacer = Pacer(plan.rate)  # rate= and throttles: rate.py
 
     # -- the driver ----------------------------------------------------------------------
 
@@ -214,7 +243,7 @@ class Fanout:
         # some slack for answers that arrive out of order. This bounds the call's memory,
         # whatever its input. A list is in memory already, and so will its results be: no
         # bound, so one slow chunk never holds up the rest of the call.
-        ahead = self.policy.workers + max(8, self.policy.workers // 4)
+        ahead = self.plan.workers + max(8, self.plan.workers // 4)
         if not self.lazy_input:
             ahead = sys.maxsize
         try:
@@ -248,11 +277,11 @@ class Fanout:
         """Tasks the call may have alive now: `workers`, or less where the URLs' windows
         are smaller (what their workers said they can take, or shrunk by 429/503)."""
         room = sum(window.size() for window in self.windows.values())
-        return min(self.policy.workers, room)
+        return min(self.plan.workers, room)
 
     def _ceiling(self, url: str) -> int:
         known = self.capacities.of(url) if self.capacities is not None else None
-        return min(self.policy.workers, known or self.policy.workers)
+        return min(self.plan.workers, known or self.plan.workers)
 
     async def _read(self) -> Chunk | None:
         """The next chunk; a generator runs in a thread so a slow one never blocks the loop."""
@@ -276,7 +305,7 @@ class Fanout:
         more = f" and {len(pending) - 5} more" if len(pending) > 5 else ""
         what = f"still running: {listed}{more}" if pending else doing
         return DeadlineExceeded(
-            f"{self.function} missed its deadline of {self.policy.deadline}s ({what})"
+            f"{self.function} missed its deadline of {self.plan.deadline}s ({what})"
         )
 
     async def _wait(self) -> None:
@@ -332,7 +361,7 @@ class Fanout:
         if not hedge:
             self.running[chunk.index] = chunk
             self.submitted += 1
-            if self.policy.hedge:
+            if self.plan.hedge:
                 heapq.heappush(self._by_start, (chunk.started, chunk.index, chunk))
         avoid = set(chunk.urls) if hedge else set()
         task = asyncio.create_task(self._attempts(chunk, chunk.chunk, avoid, len(chunk.tasks)))
@@ -386,46 +415,31 @@ class Fanout:
     # that succeeded is ever sent again.
 
     async def _attempts(self, owner: _Chunk, chunk: Chunk, avoid: set[str], lane: int) -> list[Any]:
+        plan, pacer = self.plan, self.pacer
         failed = set(avoid)
-        retried = pushed_back = throttled = throttles = parts = 0
+        retried = pushed_back = 0
         # a paced chunk goes in parts of what the rate allows in a short while (a part that
         # lasts long would hold a stale pace); a throttled one from its first refused item
-        size, before = len(chunk.items), []  # before: results of the parts done, in order
-        compute_s = 0.0  # worker time spent on it in those parts
-        whole, began = chunk, _now()
-        for attempt in itertools.count(1):
-            part = self.pacer.part(len(whole.items))
+        whole, before = chunk, []  # before: results of the parts done, in order
+        record = _Record(chunk, _now())
+        while True:
+            part = plan.part(pacer, len(whole.items))
             chunk = whole if part == len(whole.items) else whole.head(part)
-            if self.pacer.rate is not None:  # unpaced: no await, no lock (the common case)
-                await self.pacer.take(len(chunk.items))
+            if pacer.rate is not None:  # unpaced: no await, no lock (the common case)
+                await pacer.take(len(chunk.items))
             url = await self._slot(failed)
             window = self.windows[url]
             number = window.send()
             self.load[url] += 1
             owner.urls.append(url)
-            timeout = self.timeout
+            timeout = plan.timeout
             if self.deadline_at is not None:
                 timeout = min(timeout, max(0.001, self.deadline_at - _now()))
-            epoch = self.pacer.sent()
+            epoch = pacer.sent()
+            started = _now()
             try:
                 self.tally.sent += 1
-                tries = attempt - throttles - parts  # neither a part nor a resend is a retry
-                results, stats = await self.attempt(url, chunk, tries, timeout, self.pacer.pace())
-            except Throttle as exc:
-                # the items before it ran: keep their results, send the rest once the
-                # downstream's wait is over, at a lower rate (it never counts as a retry)
-                throttles += 1
-                throttled += 0 if exc.stopped else 1
-                before += exc.results
-                compute_s += exc.stats.compute_s
-                self.pacer.succeeded(exc.ran)
-                if not exc.stopped:  # a stop is no news of the downstream: no decrease
-                    self.pacer.throttled(epoch)
-                whole = whole.tail(exc.at)
-                logger.info("%s of %s throttled: %s", owner.describe(), self.function, exc)
-                if exc.retry_after:
-                    await asyncio.sleep(exc.retry_after)
-                continue
+                answer = await self.attempt(url, chunk, timeout, plan.pace(pacer))
             except WorkerError as exc:
                 overloaded = isinstance(exc, WorkerUnavailable) and exc.status in (429, 503)
                 if overloaded:
@@ -438,61 +452,73 @@ class Fanout:
                         window.cap(self._ceiling(url))
                     else:
                         window.overloaded(number, _now(), exc.retry_after)
-                if not exc.retryable or self.policy.retries == 0:
+                if not exc.retryable or plan.at_most_once:
                     raise
                 # "not now" from an overloaded target is flow control, not a failure: the
                 # window has shrunk; it costs a retry only once the pushbacks run out
                 if overloaded and pushed_back < PUSHBACKS:
                     pushed_back += 1
-                elif retried < self.policy.retries:
+                elif retried < plan.retries:
                     retried += 1
                 else:
                     raise
                 logger.info("retrying chunk %d of %s: %s", chunk.index, self.function, exc)
+                record.attempts += 1
                 failed.add(url)
                 if exc.status is None:  # no HTTP answer at all: send elsewhere from now on
                     self.down.add(url)
                 if overloaded and isinstance(exc, WorkerUnavailable) and exc.capacity:
                     continue  # a signed "busy" capped the window: waiting for a slot is enough
-                delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1))
+                delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (record.attempts - 2))
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: no herd
                 continue
             finally:
                 self.load[url] -= 1
                 owner.urls.remove(url)
-                self.pacer.answered(epoch)
+                pacer.answered(epoch)
                 self._release()
+            record.answered(url, answer, started, _now())
+            before += answer.results
+            throttle = answer.throttle
+            if throttle is not None:
+                # the items before it ran: keep their results, send the rest once the
+                # downstream's wait is over, at a lower rate (it never counts as a retry)
+                ran = min(max(throttle.at, throttle.ran), len(chunk.items))
+                pacer.succeeded(ran)
+                if not throttle.stopped:  # a stop is no news of the downstream: no decrease
+                    record.throttles += 1
+                    pacer.throttled(epoch)
+                record.spans = True
+                whole = whole.tail(throttle.at)
+                logger.info(
+                    "%s of %s throttled at item %d", owner.describe(), self.function, throttle.at
+                )
+                if throttle.retry_after:
+                    await asyncio.sleep(throttle.retry_after)
+                continue
             window.succeeded()
-            self.pacer.succeeded(len(chunk.items))
+            pacer.succeeded(len(chunk.items))
             self.slow.discard(url)
+            if self.sizer is not None:
+                self.sizer.observe(len(chunk.items), answer.compute_s)
             if chunk is not whole:  # a part: the rest goes next
-                parts += 1
-                before += results
-                compute_s += stats.compute_s
+                record.spans = True
                 whole = whole.tail(len(chunk.items))
                 continue
             if self.capacities is not None:
                 ceiling = self._ceiling(url)
                 if ceiling != window.ceiling:
                     window.cap(ceiling)
-            if parts or throttles:  # its timings span every request it took, waits included
-                stats.start = began
-            stats.start -= self.started  # seconds since the call started
-            stats.end -= self.started
-            stats.size, stats.compute_s = size, stats.compute_s + compute_s
-            stats.throttles = throttled
-            results = before + results if before else results
             if owner.counted_by in (None, lane):  # a hedge that also finished is not counted
                 owner.counted_by = lane
-                self.tally.add(stats)
-            return results
-        raise AssertionError("unreachable")  # pragma: no cover
+                self.tally.add(record.stats(self.started))
+            return before
 
     # -- hedging ------------------------------------------------------------------------
 
     def _hedge_limit(self) -> float | None:
         """How long a chunk may run before it is hedged: far past its peers' median."""
-        if not self.policy.hedge:
+        if not self.plan.hedge:
             return None
         if len(self.durations) < max(1, min(HEDGE_PEERS, self.submitted // 2)):
             return None
