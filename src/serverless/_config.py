@@ -6,8 +6,8 @@ import math
 import os
 import re
 import threading
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal, TypedDict, cast
 
 from ._exceptions import ConfigurationError
 from ._wire.protocol import MAX_BODY, Keyring
@@ -19,7 +19,6 @@ Rate = float | Literal["auto"]
 ErrorMode = Literal["raise", "return"]
 
 DEFAULT_WORKERS = 100  # as in the seed
-DEFAULT_STREAM_CHUNK = 32  # chunk size for inputs of unknown length
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,38 @@ class Options:
         return self.idempotent if self.hedge is None else self.hedge
 
     def merged(self, **changes: Any) -> Options:
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """These options with the changes that are not None (the decorator's defaults)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return self.changed(cast(OptionChanges, changes))
+
+    def changed(self, changes: OptionChanges) -> Options:
+        """These options with `changes` (None clears an option whose default is None); an
+        unknown name is refused with the valid ones listed."""
+        unknown = sorted(set(changes) - OPTION_NAMES)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: the "
+                f"options are {', '.join(sorted(OPTION_NAMES))}"
+            )
+        return replace(self, **changes)
+
+
+class OptionChanges(TypedDict, total=False):
+    """`with_options(**changes)`, typed: the fields of Options."""
+
+    workers: int
+    chunk_size: int | None
+    timeout: float
+    retries: int
+    url: str | None
+    deadline: float | None
+    idempotent: bool
+    hedge: bool | None
+    errors: ErrorMode
+    rate: float | str | None
+
+
+OPTION_NAMES = frozenset(f.name for f in fields(Options))
 
 
 def _positive_int(name: str, value: object) -> None:

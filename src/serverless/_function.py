@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import (
+    TYPE_CHECKING,
     Any,
     Concatenate,
     Generic,
@@ -33,13 +34,16 @@ from ._caller.dispatch import Target, dispatcher
 from ._caller.fanout import Tally, close_batches, next_batch
 from ._caller.plan import CallPlan, make_plan
 from ._caller.sharing import run_shared
-from ._config import ErrorMode, Options
+from ._config import ErrorMode, OptionChanges, Options
 from ._exceptions import ConfigurationError
 from ._pool import mainscript as _mainscript
 from ._registry import BIND_CLASS, BIND_INSTANCE, BIND_NONE, Bind
 from ._stats import StepKind, StepStats, TargetKind
 from ._targets import resolve
 from ._wire.values import Shape, check_args, check_items
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from 3.11 on
 
 P = ParamSpec("P")
 Q = ParamSpec("Q")
@@ -165,10 +169,11 @@ class ParallelFunction(_Step[P, R]):
         self._bound_args: tuple[Any, ...] = ()
         self._bound_kwargs: dict[str, Any] = {}
 
-    def with_options(self, **options: Any) -> ParallelFunction[P, R]:
-        """The same registered function with other options, e.g. `f.with_options(workers=8)`."""
+    def with_options(self, **options: Unpack[OptionChanges]) -> ParallelFunction[P, R]:
+        """The same registered function with other options, e.g. `f.with_options(workers=8)`;
+        `deadline=None` (or `url=None`, ...) clears what the decorator set."""
         clone = self._clone()
-        clone.options = self.options.merged(**options)
+        clone.options = self.options.changed(options)
         clone._last = _LastStats()
         return clone
 

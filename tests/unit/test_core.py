@@ -159,3 +159,27 @@ def test_secrets_from_env_takes_a_comma_separated_rotation(monkeypatch: pytest.M
     assert ring is not None and ring.key_ids == [p.key_id(new), p.key_id(old)]
     monkeypatch.setenv("SERVERLESS_SECRET", "")
     assert Settings().caller_keyring() is None
+
+
+def test_with_options_refuses_an_unknown_option_naming_the_valid_ones() -> None:
+    from tests import sample_functions as sf
+
+    with pytest.raises(serverless.ConfigurationError) as info:
+        sf.square.with_options(worker=8, timout=1)  # type: ignore[call-arg]
+    message = str(info.value)
+    assert "unknown options timout, worker" in message
+    for name in ("workers", "chunk_size", "timeout", "retries", "deadline", "rate", "errors"):
+        assert name in message
+
+
+def test_with_options_none_clears_what_the_decorator_set() -> None:
+    step = serverless.parallel(deadline=5.0, url="http://127.0.0.1:9/r")(_double)
+    cleared = step.with_options(deadline=None, url=None)
+    assert step.options.deadline == 5.0 and cleared.options.deadline is None
+    assert cleared.options.url is None and cleared.options.workers == step.options.workers
+    with pytest.raises(serverless.ConfigurationError, match="workers must be a positive int"):
+        step.with_options(workers=None)  # type: ignore[arg-type]
+
+
+def _double(items: list[int]) -> list[int]:
+    return [2 * n for n in items]

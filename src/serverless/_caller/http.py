@@ -69,7 +69,6 @@ class _Origin:
     port: int
     tls: bool
     path: str
-    host_header: str
     prefix: str  # the request line and Host: the same for every request
 
 
@@ -243,7 +242,7 @@ class Client:
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             host = parts.netloc.rpartition("@")[2]
             prefix = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
-            origin = _Origin(parts.hostname, port, tls, path, host, prefix)
+            origin = _Origin(parts.hostname, port, tls, path, prefix)
             self._origins[url] = origin
         return origin
 

@@ -104,10 +104,6 @@ class Shape:
     def items_list(self) -> Any:
         return Any if self.items is None else types.GenericAlias(list, (self.items,))
 
-    @functools.cached_property
-    def results_list(self) -> Any:
-        return Any if self.result is None else types.GenericAlias(list, (self.result,))
-
 
 UNTYPED = Shape("")
 

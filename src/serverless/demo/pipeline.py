@@ -119,10 +119,11 @@ def run(
     geolocated and cleaned in one request, and only the resolved addresses come back.
     rate: geolocate's rate= (items/s, "200/s", "auto"), for a geocoder with a quota (its
     lookups/s, for the report); a paced step runs alone, so then the two are not fused."""
-    # a paced step's hedge would spend the quota twice on the same lookups
-    paced = {"rate": rate, "hedge": False} if rate is not None else {}
+    lookup = geolocate.with_options(workers=workers, url=url)
+    if rate is not None:  # a paced step's hedge would spend the quota twice on the same lookups
+        lookup = lookup.with_options(rate=rate, hedge=False)
     pipeline = serverless.Pipeline(
-        geolocate.with_options(workers=workers, url=url, **paced).partial(geocoder),
+        lookup.partial(geocoder),
         cleanup.with_options(workers=workers, url=url),
         sort,
     )
