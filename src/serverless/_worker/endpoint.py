@@ -195,13 +195,6 @@ class Endpoint:
             headers[p.H_REPLY_SIGNATURE] = self.keyring.sign(message, kid)
         return Response(status, headers, body)
 
-    def too_large(self, content_length: int | None) -> Response | None:
-        """Called by adapters before they read the body."""
-        if content_length is not None and content_length > self.max_body:
-            message = f"body of {content_length} bytes exceeds {self.max_body}"
-            return self.reject(413, message, close=True)
-        return None
-
     # -- authentication and decoding -------------------------------------------------------
 
     def accept(self, method: str, headers: Mapping[str, str], body: bytes) -> Job | Response:
