@@ -15,11 +15,11 @@ from typing import Any
 
 from .._wire.protocol import Response
 from .admission import BODY_IDLE, Hold
-from .capacity import Capacity
 from .context import Origin, current_origin
 from .endpoint import Endpoint
 from .origin import resolve_origin
 from .schedule import Scheduler
+from .threads import RequestThreads
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -36,16 +36,16 @@ class ASGIEndpoint:
         self.app = app
         self.threads = threads
         self.scheduler = Scheduler(endpoint, threads)
-        self.capacity = Capacity(threads)  # chunks of sync functions take these threads
+        self.request_threads = RequestThreads(threads)  # every chunk request takes one
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == self.endpoint.route:
             token = current_origin.set(self._origin(scope, chunk=True))
-            self.capacity.enter()
+            self.request_threads.enter()
             try:
                 await _send(await self._handle(scope, receive), send)
             finally:
-                self.capacity.leave()
+                self.request_threads.leave()
                 current_origin.reset(token)
         elif self.app is not None:
             token = current_origin.set(self._origin(scope) if scope["type"] == "http" else None)
@@ -109,7 +109,7 @@ class ASGIEndpoint:
             self.endpoint.keyring,
             refusal=refusal,
             endpoint=self.endpoint,
-            capacity=self.capacity,
+            threads=self.request_threads,
             chunk=chunk,
         )
 
