@@ -64,7 +64,9 @@ class Head:
 
 
 class Endpoint:
-    """Authenticates, decodes and runs chunks for the functions in the registry.
+    """Authenticates and decodes chunks for the functions in the registry, and signs every
+    answer; `run` and `run_async` hand an admitted chunk to its Runner (_worker/execute.py)
+    unless its caller no longer wants it.
 
     Three phases, so the adapters read a body only when its headers justify it: check_head
     (no body), authenticate (the body's SHA-256, hashed as it arrived), admit (decode).
