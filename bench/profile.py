@@ -34,7 +34,7 @@ CATEGORIES = [
     ("socket reads", ("_read_ready",)),
     ("HTTP client (_http.py)", ("serverless/_http.py",)),
     ("HTTP server (uvicorn, httptools)", ("uvicorn/", "httptools")),
-    ("worker checks and run (_worker, _asgi)", ("serverless/_worker.py", "serverless/_asgi.py")),
+    ("worker checks and run (_worker/)", ("serverless/_worker/",)),
     ("dispatcher (_dispatch, _function, _chunking)", ("serverless/",)),
     ("thread pool handoff", ("concurrent/futures", "threading.py")),
     ("asyncio event loop", ("asyncio/",)),

@@ -77,12 +77,12 @@ def resolve(
     if origin is not None and origin.concurrent and not (blocking and _loop_running()):
         url = origin.checked_url()
         shared = None
-        if blocking and origin.endpoint is not None and origin.capacity is not None:
+        if blocking and origin.endpoint is not None and origin.threads is not None:
             # one host shares the replay store that makes a reclaim run at most once
             same_host = is_loopback(urlsplit(url).hostname or "")
             shared = SharedCall(
                 origin.endpoint,
-                origin.capacity,
+                origin.threads,
                 same_host or retries > 0,
                 url=url,
                 parent=not origin.chunk,

@@ -36,7 +36,7 @@ def test_local_pool_connections_have_nodelay() -> None:
 
 
 def test_tracked_chunk_names_the_item_being_processed() -> None:
-    from serverless._worker.endpoint import _Tracked
+    from serverless._worker.execute import _Tracked
 
     items = _Tracked([10, 20, 30])
     assert items.failing_index() is None  # not iterated

@@ -270,8 +270,9 @@ def test_a_throttle_stops_the_calls_other_chunks_on_that_worker_before_their_nex
     import time
 
     other = envelope(sf.quota_lookup.entry.name, [3, 4], pace=0.0, group="call-1")
-    stop = endpoint._stop(other, time.perf_counter() - 1.0, 1)  # it started before that
+    throttles = endpoint.runner.throttles
+    stop = throttles.stop(other, time.perf_counter() - 1.0, 1)  # it started before that
     assert stop is not None and stop.stopped and stop.at == 1 and stop.ran == 1
-    assert endpoint._stop(other, time.perf_counter(), 1) is None  # started after: runs
+    assert throttles.stop(other, time.perf_counter(), 1) is None  # started after: runs
     stranger = envelope(sf.quota_lookup.entry.name, [3, 4], pace=0.0, group="call-2")
-    assert endpoint._stop(stranger, time.perf_counter() - 1.0, 1) is None
+    assert throttles.stop(stranger, time.perf_counter() - 1.0, 1) is None

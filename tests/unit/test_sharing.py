@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 
 from serverless import WorkerUnavailable
-from serverless._worker.capacity import Capacity
+from serverless._worker.threads import RequestThreads
 
 
 def test_the_last_thread_is_kept_for_the_apps_own_requests() -> None:
-    capacity = Capacity(threads=4, reserve=True)
+    capacity = RequestThreads(threads=4, reserve=True)
     capacity.enter()  # the request handler making the call
     assert capacity.try_send() and capacity.try_send()
     assert not capacity.try_send()  # 1 busy + 2 sent: the fourth thread stays free
@@ -20,7 +20,7 @@ def test_the_last_thread_is_kept_for_the_apps_own_requests() -> None:
 
 
 def test_a_parent_that_would_take_the_last_thread_fails_at_once() -> None:
-    capacity = Capacity(threads=4, reserve=True)
+    capacity = RequestThreads(threads=4, reserve=True)
     for _ in range(3):
         capacity.enter_parent("http://app/serverless")
     with pytest.raises(WorkerUnavailable, match="3 of this app process's 4 request threads"):
@@ -35,7 +35,7 @@ def test_a_parent_that_would_take_the_last_thread_fails_at_once() -> None:
 def test_no_thread_is_kept_where_there_are_too_few_or_the_server_is_asgi(
     threads: int, reserve: bool
 ) -> None:
-    capacity = Capacity(threads=threads, reserve=reserve)
+    capacity = RequestThreads(threads=threads, reserve=reserve)
     for _ in range(threads):
         capacity.enter_parent("http://app/serverless")
     assert capacity.parents == threads

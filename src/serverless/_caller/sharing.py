@@ -19,7 +19,7 @@ so reclaiming is left to calls that allow a second run (`retries > 0`).
 A chunk sent to self carries the call's `start_by` (_caller/dispatch.py): a 503 proves it
 never started, and `refused()` puts it back in line, where the caller's thread takes it.
 
-The endpoint and the thread count are the worker side's (_worker/endpoint.py and capacity.py);
+The endpoint and the thread count are the worker side's (_worker/endpoint.py and threads.py);
 the top level hands them over, so this module sees them only through the protocols below.
 """
 
@@ -56,7 +56,7 @@ class Endpoint(Protocol):
     def run(self, job: Any) -> Response: ...
 
 
-class Capacity(Protocol):
+class Threads(Protocol):
     """The request threads of the server process this call is made in."""
 
     def try_send(self) -> bool: ...
@@ -90,11 +90,11 @@ class _Job:
 
 @dataclass
 class SharedCall:
-    """One server-context call's lanes: HTTP to self (bounded by `capacity`) and the caller's
+    """One server-context call's lanes: HTTP to self (bounded by `threads`) and the caller's
     own thread (`work`). Loop-side methods run on the dispatcher's loop."""
 
     endpoint: Endpoint
-    capacity: Capacity
+    threads: Threads
     reclaim: bool  # may the caller's thread claim chunks already sent (see the docstring)
     url: str = ""  # the app's own worker route
     parent: bool = False  # made from a request handler (not a chunk, not inside another call)
@@ -121,14 +121,14 @@ class SharedCall:
             yield chosen
         finally:
             if chosen != INLINE:
-                self.capacity.sent_done()
+                self.threads.sent_done()
                 self._wake(url)
 
     async def _take(self, url: str, inline: bool) -> str:
         if self._asked:
             self._asked = False
             return INLINE
-        if not inline and self.capacity.try_send():
+        if not inline and self.threads.try_send():
             return url
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -139,7 +139,7 @@ class SharedCall:
                 if waiter.result() == INLINE:
                     self._offer()
                 else:
-                    self.capacity.sent_done()
+                    self.threads.sent_done()
             else:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
@@ -149,7 +149,7 @@ class SharedCall:
         """An HTTP slot was freed: hand it to the next chunk waiting, if the process has one."""
         while self._waiters and self._waiters[0].done():
             self._waiters.popleft()
-        if self._waiters and self.capacity.try_send():
+        if self._waiters and self.threads.try_send():
             self._waiters.popleft().set_result(url)
 
     def _offer(self) -> None:
@@ -291,7 +291,7 @@ def run_shared(shared: SharedCall | None, submit: Callable[[], concurrent.future
     # chunk this thread runs for its own call (or inside a worker's chunk) does not
     parent = shared.parent and not getattr(_waiting, "depth", 0)
     if parent:
-        shared.capacity.enter_parent(shared.url, check=not shared._admitted)
+        shared.threads.enter_parent(shared.url, check=not shared._admitted)
         shared._admitted = True
     _waiting.depth = getattr(_waiting, "depth", 0) + 1
     try:
@@ -304,4 +304,4 @@ def run_shared(shared: SharedCall | None, submit: Callable[[], concurrent.future
     finally:
         _waiting.depth -= 1
         if parent:
-            shared.capacity.leave_parent()
+            shared.threads.leave_parent()

@@ -1,26 +1,25 @@
 """ASGI adapter: the worker route as an ASGI app, or as middleware around the user's app.
 
-Sync user functions run in a thread pool sized for the wanted concurrency; async ones run on
-the server's event loop.
+It moves bytes: headers and body in (the body hashed as it arrives, within the process's
+budget), the endpoint's answer out. When an admitted chunk starts, and on which thread, is
+the Scheduler's (_worker/schedule.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
+import functools
 import hashlib
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .._wire.protocol import Response
 from .admission import BODY_IDLE, Hold
-from .capacity import Capacity
 from .context import Origin, current_origin
-from .endpoint import Endpoint, Job
-from .gate import Gate
+from .endpoint import Endpoint
 from .origin import resolve_origin
+from .schedule import Scheduler
+from .threads import RequestThreads
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -36,24 +35,17 @@ class ASGIEndpoint:
         self.endpoint = endpoint
         self.app = app
         self.threads = threads
-        self._executor: ThreadPoolExecutor | None = None
-        self._gates: dict[str, Gate] = {}  # per sync function: chunks at once (see _gate.py)
-        self.capacity = Capacity(threads)  # chunks of sync functions take these threads
-
-    @property
-    def executor(self) -> ThreadPoolExecutor:
-        if self._executor is None:  # threads start lazily, so an idle endpoint costs nothing
-            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="serverless")
-        return self._executor
+        self.scheduler = Scheduler(endpoint, threads)
+        self.request_threads = RequestThreads(threads)  # every chunk request takes one
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == self.endpoint.route:
             token = current_origin.set(self._origin(scope, chunk=True))
-            self.capacity.enter()
+            self.request_threads.enter()
             try:
                 await _send(await self._handle(scope, receive), send)
             finally:
-                self.capacity.leave()
+                self.request_threads.leave()
                 current_origin.reset(token)
         elif self.app is not None:
             token = current_origin.set(self._origin(scope) if scope["type"] == "http" else None)
@@ -89,59 +81,7 @@ class ASGIEndpoint:
         job = endpoint.admit(head, b"".join(chunks))
         if isinstance(job, Response):
             return job
-        if job.is_async:
-            return await self.endpoint.run_async(job)
-        job.capacity = self.threads
-        refused = endpoint.late(job, waited=False)
-        if refused is not None:
-            return refused
-        context = contextvars.copy_context()  # carries the origin into the worker thread
-        loop = asyncio.get_running_loop()
-        gate = self._gates.get(job.entry.name)
-        if gate is None:
-            gate = self._gates[job.entry.name] = Gate(self.threads)
-        if not gate.try_acquire():
-            if job.call.start_by is not None and gate.waiting >= self.threads:
-                # a whole round of chunks waits already: this one would not start in its
-                # budget either; saying so now (with the capacity) lets the caller shrink its
-                # window at once instead of after the budget (a first call, workers=100 on
-                # 4 threads: +20% over workers=4 when the surplus waited a second)
-                return endpoint.refusal(job, 503, "busy", "every thread is busy, and as many wait")
-            refused = await self._wait(gate, job, receive)
-            if refused is not None:
-                return refused
-        try:
-            area = gate.area()
-            response, cpu_s, wall_s = await loop.run_in_executor(
-                self.executor, context.run, _timed_run, self.endpoint, job
-            )
-            concurrent = (gate.area() - area) / wall_s if wall_s > 0 else 1.0
-        finally:
-            gate.release()
-        gate.control.observe(cpu_s, wall_s, concurrent)
-        return response
-
-    async def _wait(self, gate: Gate, job: Job, receive: Receive) -> Response | None:
-        """Wait for a slot of the gate, at most until the chunk's start_by, and only while
-        its caller is still connected: a refusal (nothing ran) otherwise; None with a slot."""
-        acquired = asyncio.ensure_future(gate.acquire())
-        gone = asyncio.ensure_future(_disconnected(receive))
-        start_by = job.call.start_by
-        timeout = None if start_by is None else max(0.0, start_by - time.time())
-        try:
-            await asyncio.wait({acquired, gone}, timeout=timeout, return_when="FIRST_COMPLETED")
-        finally:
-            gone.cancel()
-            if not acquired.done():
-                acquired.cancel()
-            await asyncio.gather(acquired, gone, return_exceptions=True)
-        if not acquired.cancelled() and acquired.exception() is None:
-            return None
-        if gone.done() and not gone.cancelled() and gone.exception() is None:
-            return self.endpoint.refusal(job, 504, "expired", "the caller went away")
-        return self.endpoint.late(job, waited=True) or self.endpoint.refusal(
-            job, 503, "busy", "no thread could start the chunk in time"
-        )
+        return await self.scheduler.run(job, functools.partial(_disconnected, receive))
 
     def ready(self) -> bool:
         """False once every thread runs a chunk past its caller's deadline: a health route
@@ -169,7 +109,7 @@ class ASGIEndpoint:
             self.endpoint.keyring,
             refusal=refusal,
             endpoint=self.endpoint,
-            capacity=self.capacity,
+            threads=self.request_threads,
             chunk=chunk,
         )
 
@@ -232,13 +172,6 @@ async def _read_body(
         hold.release()
         return endpoint.reject(503, "too many uploads in progress", fmt, close=True)
     return chunks, hasher.hexdigest(), hold
-
-
-def _timed_run(endpoint: Endpoint, job: Job) -> tuple[Response, float, float]:
-    """Run a chunk in this thread: its response, thread CPU seconds and wall seconds."""
-    wall, cpu = time.perf_counter(), time.thread_time()
-    response = endpoint.run(job)
-    return response, time.thread_time() - cpu, time.perf_counter() - wall
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -10,8 +10,8 @@ from .._exceptions import ConfigurationError
 from .._wire.protocol import Keyring
 
 if TYPE_CHECKING:
-    from .capacity import Capacity
     from .endpoint import Endpoint
+    from .threads import RequestThreads
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,10 @@ class Origin:
     # Why there is no trusted URL (url is then ""): a call that would call back raises it.
     refusal: str = ""
     # The app's own endpoint and its threads: a call made while serving runs chunks of its
-    # own fan-out on its thread through it (_sharing.py), and sends to itself at most as
+    # own fan-out on its thread through it (_caller/sharing.py), and sends to itself at most as
     # many as the server has free threads.
     endpoint: Endpoint | None = None
-    capacity: Capacity | None = None
+    threads: RequestThreads | None = None
     chunk: bool = False  # the request is a chunk sent to the route, not one of the app's own
 
     def checked_url(self) -> str:

@@ -1,7 +1,9 @@
-"""The worker's sans-I/O core: (method, path, headers, body) -> Response.
+"""The worker's sans-I/O front: (method, headers, body) -> a Job to run, or a signed refusal.
 
 Checks run in the order of docs/protocol.md, cheapest and safest first, and nothing is decoded
-before the signature checks out. The WSGI and ASGI adapters only move bytes.
+before the signature checks out. Every answer leaves through `_reply`, which signs it for the
+request it answers once that request is authenticated. Running an admitted chunk is
+_worker/execute.py's; the WSGI and ASGI adapters only move bytes.
 """
 
 from __future__ import annotations
@@ -11,77 +13,28 @@ import contextlib
 import hashlib
 import importlib
 import logging
-import os
-import socket
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import msgspec
 
 from .. import _registry
-from .._exceptions import SerializationError, Throttled
+from .._exceptions import SerializationError
 from .._wire import protocol as p
 from .._wire.bounds import MAX_CONTAINERS, too_many_containers
 from .._wire.protocol import Response
-from .._wire.values import Mismatch, inexact_result
+from .._wire.values import Mismatch
 from .admission import MAX_FUNCTION, REQUEST_ID, Budget, known_signature, process_budget
+from .execute import Job, Runner, worker_id
 from .origin import OriginPolicy
 from .replay import ReplayGuard
 
+__all__ = ["Endpoint", "Head", "Job", "worker_id"]
+
 logger = logging.getLogger("serverless.worker")
-
-
-@dataclass
-class Job:
-    """An authenticated, decoded chunk, ready to run."""
-
-    call: p.Call
-    entry: _registry.Entry
-    bind: _registry.Bind
-    fmt: str
-    received: float = field(default_factory=time.perf_counter)
-    kid: str = ""  # the key that signed the request: it signs the answer
-    # further stages of a fused call, each run on the previous stage's results
-    then: list[tuple[_registry.Entry, _registry.Bind]] = field(default_factory=list)
-    capacity: int | None = None  # chunks of sync functions the adapter runs at once (a Reply's)
-
-    @property
-    def is_async(self) -> bool:
-        """Run on the server's event loop only if no stage blocks."""
-        return self.entry.is_async and all(entry.is_async for entry, _ in self.then)
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-class _Tracked(list[Any]):
-    """The chunk as the user's function sees it: a list that remembers where iteration is,
-    so an exception can name the item being processed.
-
-    It hands out the native list iterator (a Python generator here cost 63 ns per item, more
-    than decoding the chunk) and reads the position from it only when something failed: a
-    list iterator's __reduce__ gives the index of the next item, or no index once exhausted.
-    """
-
-    _iterator: Iterator[Any] | None = None
-
-    def __iter__(self) -> Iterator[Any]:
-        self._iterator = list.__iter__(self)
-        return self._iterator
-
-    def failing_index(self) -> int | None:
-        if self._iterator is None:
-            return None
-        state = self._iterator.__reduce__()
-        if len(state) < 3 or not state[2]:  # exhausted, or not started
-            return None
-        return int(state[2]) - 1
 
 
 def _text(value: str) -> str | None:
@@ -93,11 +46,6 @@ def _text(value: str) -> str | None:
         return value  # already text (an in-process transport)
     except UnicodeDecodeError:
         return None
-
-
-def _short_repr(value: Any, limit: int = 200) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -116,7 +64,9 @@ class Head:
 
 
 class Endpoint:
-    """Authenticates, decodes and runs chunks for the functions in the registry.
+    """Authenticates and decodes chunks for the functions in the registry, and signs every
+    answer; `run` and `run_async` hand an admitted chunk to its Runner (_worker/execute.py)
+    unless its caller no longer wants it.
 
     Three phases, so the adapters read a body only when its headers justify it: check_head
     (no body), authenticate (the body's SHA-256, hashed as it arrived), admit (decode).
@@ -135,6 +85,7 @@ class Endpoint:
         shared_replay: bool = True,
         max_containers: int = MAX_CONTAINERS,
         budget: Budget | None = None,
+        timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.route = route
         self.keyring = keyring
@@ -152,9 +103,8 @@ class Endpoint:
         self._replays = ReplayGuard(tolerance, shared=shared_replay)
         self._lock = threading.Lock()
         self._running: dict[int, float] = {}  # chunks running now, by token: their deadline
-        # calls (a Call's group) one of whose items was throttled here: when, and until when
-        # the downstream asked to be left alone (§6.3)
-        self._throttled_calls: dict[str, tuple[float, float | None]] = {}
+        self._timer = timer  # queue and compute times, pacing (the wall clock is `clock`)
+        self.runner = Runner(self._sign, timer)
 
     # -- responses -------------------------------------------------------------------------
 
@@ -195,12 +145,9 @@ class Endpoint:
             headers[p.H_REPLY_SIGNATURE] = self.keyring.sign(message, kid)
         return Response(status, headers, body)
 
-    def too_large(self, content_length: int | None) -> Response | None:
-        """Called by adapters before they read the body."""
-        if content_length is not None and content_length > self.max_body:
-            message = f"body of {content_length} bytes exceeds {self.max_body}"
-            return self.reject(413, message, close=True)
-        return None
+    def _sign(self, status: int, reply: p.Reply, job: Job) -> Response:
+        """A job's answer, signed for its request (the runner's way out)."""
+        return self._reply(status, reply, job.fmt, (job.kid, job.call.id))
 
     # -- authentication and decoding -------------------------------------------------------
 
@@ -344,7 +291,8 @@ class Endpoint:
             )
             reply = p.Reply(v=p.VERSION, worker=worker_id(), error=error)
             return self._reply(422, reply, fmt, (head.kid, head.request_id))
-        return Job(call=call, entry=entry, bind=bind, fmt=fmt, then=then, kid=head.kid)
+        received = self._timer()
+        return Job(call, entry, bind, fmt, received=received, kid=head.kid, then=then)
 
     def _lookup(self, function: str) -> _registry.Entry | None:
         entry = _registry.lookup(function)
@@ -411,33 +359,7 @@ class Endpoint:
         if refused is not None:
             return refused
         with self._tracked(job):
-            if job.entry.is_async or any(entry.is_async for entry, _ in job.then):
-                return asyncio.run(self._run_async(job))
-            if _itemwise(job.call):
-                return self._run_itemwise(job)
-            return self._run(job)
-
-    def _run(self, job: Job) -> Response:
-        started = time.perf_counter()
-        figures: list[p.StageFigures] = []
-        items = _Tracked(job.call.items)
-        args, kwargs = job.call.args, job.call.kwargs
-        stage = 0
-        results: list[Any] = []
-        try:
-            for stage, (entry, bind) in enumerate([(job.entry, job.bind), *job.then]):
-                stage_started = time.perf_counter()
-                if stage:
-                    items, args, kwargs = _Tracked(results), [], {}
-                results = _as_list(entry.bound(bind)(items, *args, **kwargs))
-                figures.append(p.StageFigures(len(results), time.perf_counter() - stage_started))
-        except _ResultError as exc:
-            return self._failure(job, "result", exc.__cause__ or exc, None, started, stage)
-        except Throttled as exc:  # the whole chunk goes again: its results so far are lost
-            return self._throttled(job, [], [], 0, exc, started, _ran(items))
-        except Exception as exc:
-            return self._failure(job, "user", exc, _at(items), started, stage)
-        return self._success(job, results, started, figures)
+            return self.runner.run(job)
 
     async def run_async(self, job: Job) -> Response:
         """Run a chunk on this event loop, unless its caller no longer wants it."""
@@ -445,271 +367,4 @@ class Endpoint:
         if refused is not None:
             return refused
         with self._tracked(job):
-            return await self._run_async(job)
-
-    # Item by item (Call.isolate, Call.pace): each item on its own, started at most one per
-    # `pace` seconds, so that one item's error costs no other item a second run (isolate: each
-    # error in the reply, docs/protocol.md §6.2) and a throttle stops the chunk with the
-    # results so far (§6.3). The sync and async forms differ only in sleeping and awaiting.
-
-    def _run_itemwise(self, job: Job) -> Response:
-        started = time.perf_counter()
-        function, call = job.entry.bound(job.bind), job.call
-        results: list[Any] = []
-        errors: list[p.ItemError] = []
-        for index, item in enumerate(call.items):
-            wait = _pause(call, started, index)
-            if wait > 0:
-                time.sleep(wait)
-            stop = self._stop(call, started, index)
-            if stop is not None:
-                return self._reply_throttled(job, results, errors, stop, started)
-            try:
-                results += _as_list(function(_Tracked([item]), *call.args, **call.kwargs))
-            except Exception as exc:
-                answer = self._item_failed(job, exc, index, item, results, errors, started)
-                if answer is not None:
-                    return answer
-        return self._success(job, results, started, [], errors if call.isolate else None)
-
-    async def _run_itemwise_async(self, job: Job) -> Response:
-        started = time.perf_counter()
-        function, call = job.entry.bound(job.bind), job.call
-        results: list[Any] = []
-        errors: list[p.ItemError] = []
-        for index, item in enumerate(call.items):
-            wait = _pause(call, started, index)
-            if wait > 0:
-                await asyncio.sleep(wait)
-            stop = self._stop(call, started, index)
-            if stop is not None:
-                return self._reply_throttled(job, results, errors, stop, started)
-            try:
-                result = function(_Tracked([item]), *call.args, **call.kwargs)
-                results += _as_list(await result if job.entry.is_async else result)
-            except Exception as exc:
-                answer = self._item_failed(job, exc, index, item, results, errors, started)
-                if answer is not None:
-                    return answer
-        return self._success(job, results, started, [], errors if call.isolate else None)
-
-    async def _run_async(self, job: Job) -> Response:
-        if _itemwise(job.call):
-            return await self._run_itemwise_async(job)
-        started = time.perf_counter()
-        figures: list[p.StageFigures] = []
-        items = _Tracked(job.call.items)
-        args, kwargs = job.call.args, job.call.kwargs
-        stage = 0
-        results: list[Any] = []
-        try:
-            for stage, (entry, bind) in enumerate([(job.entry, job.bind), *job.then]):
-                stage_started = time.perf_counter()
-                if stage:
-                    items, args, kwargs = _Tracked(results), [], {}
-                result = entry.bound(bind)(items, *args, **kwargs)
-                results = _as_list(await result if entry.is_async else result)
-                figures.append(p.StageFigures(len(results), time.perf_counter() - stage_started))
-        except _ResultError as exc:
-            return self._failure(job, "result", exc.__cause__ or exc, None, started, stage)
-        except Throttled as exc:
-            return self._throttled(job, [], [], 0, exc, started, _ran(items))
-        except Exception as exc:
-            return self._failure(job, "user", exc, _at(items), started, stage)
-        return self._success(job, results, started, figures)
-
-    def _item_failed(
-        self,
-        job: Job,
-        exc: Exception,
-        index: int,
-        item: Any,
-        results: list[Any],
-        errors: list[p.ItemError],
-        started: float,
-    ) -> Response | None:
-        """Item `index` of an item-by-item run raised: the answer that ends the chunk, or
-        None where the run goes on (isolated: its error is kept in place)."""
-        if isinstance(exc, _ResultError):
-            return self._failure(job, "result", exc.__cause__ or exc, None, started)
-        if isinstance(exc, Throttled):
-            return self._throttled(job, results, errors, index, exc, started)
-        if not job.call.isolate:
-            return self._failure(job, "user", exc, (index, item), started)
-        errors.append(p.ItemError(index, len(results), _error_info(exc, index, item)))
-        return None
-
-    def _throttled(
-        self,
-        job: Job,
-        results: list[Any],
-        errors: list[p.ItemError],
-        at: int,
-        exc: Throttled,
-        started: float,
-        ran: int | None = None,
-    ) -> Response:
-        """The function said the downstream refused item `at`: the results so far, and the
-        point from which the caller sends the chunk again."""
-        ran = at if ran is None else ran
-        throttle = p.Throttle(at=at, retry_after=exc.retry_after, message=str(exc), ran=ran)
-        group = job.call.group
-        if group:  # the call's other chunks here stop at their next item (_stop)
-            now = time.perf_counter()
-            until = None if exc.retry_after is None else now + exc.retry_after
-            with self._lock:
-                self._throttled_calls.pop(group, None)
-                self._throttled_calls[group] = (now, until)
-                if len(self._throttled_calls) > MAX_THROTTLED_CALLS:  # the oldest call goes
-                    del self._throttled_calls[next(iter(self._throttled_calls))]
-        return self._reply_throttled(job, results, errors, throttle, started)
-
-    def _reply_throttled(
-        self,
-        job: Job,
-        results: list[Any],
-        errors: list[p.ItemError],
-        throttle: p.Throttle,
-        started: float,
-    ) -> Response:
-        isolated = errors if job.call.isolate else None
-        return self._success(job, results, started, [], isolated, throttle)
-
-    def _stop(self, call: p.Call, started: float, index: int) -> p.Throttle | None:
-        """A throttle without a refusal: another chunk of this call was throttled here since
-        this one started, so its next item would most likely be refused too."""
-        if not call.group:
-            return None
-        seen = self._throttled_calls.get(call.group)  # one dict read: atomic under the GIL
-        if seen is None or seen[0] < started:
-            return None
-        until = seen[1]
-        wait = None if until is None else max(0.0, until - time.perf_counter())
-        message = "another chunk of the call was throttled"
-        return p.Throttle(at=index, retry_after=wait, message=message, ran=index, stopped=True)
-
-    def _success(
-        self,
-        job: Job,
-        results: list[Any],
-        started: float,
-        figures: list[p.StageFigures],
-        item_errors: list[p.ItemError] | None = None,
-        throttled: p.Throttle | None = None,
-    ) -> Response:
-        entry, bind = job.then[-1] if job.then else (job.entry, job.bind)
-        try:
-            inexact = inexact_result(entry.shape(bind), results)
-        except SerializationError as exc:  # nested too deep to check, or to encode
-            return self._failure(job, "result", exc, None, started, len(job.then))
-        if inexact is not None:  # untyped results that would not arrive as returned
-            error = p.ErrorInfo(
-                kind="result",
-                type="SerializationError",
-                message=inexact.message,
-                index=inexact.index,
-                item=_short_repr(results[inexact.index]) if inexact.index is not None else None,
-                stage=len(job.then),
-            )
-            reply = p.Reply(
-                v=p.VERSION,
-                worker=worker_id(),
-                error=error,
-                queue_s=started - job.received,
-                compute_s=time.perf_counter() - started,
-            )
-            return self._reply(500, reply, job.fmt, (job.kid, job.call.id))
-        done = time.perf_counter()
-        reply = p.Reply(
-            v=p.VERSION,
-            worker=worker_id(),
-            results=results,
-            queue_s=started - job.received,
-            compute_s=done - started,
-            stages=figures if job.then else None,
-            item_errors=item_errors,
-            capacity=job.capacity,
-            throttled=throttled,
-        )
-        try:
-            return self._reply(200, reply, job.fmt, (job.kid, job.call.id))
-        except SerializationError as exc:
-            return self._failure(job, "result", exc, None, started)
-
-    def _failure(
-        self,
-        job: Job,
-        kind: str,
-        exc: BaseException,
-        at: tuple[int, Any] | None,
-        started: float,
-        stage: int = 0,
-    ) -> Response:
-        """A failed chunk; `at`: the item being processed when it failed (index, item)."""
-        index, item = at if at is not None else (None, _NONE)
-        error = _error_info(exc, index, item, kind)
-        error.stage = stage
-        logger.debug("%s failed on %s: %s", job.entry.name, worker_id(), error.traceback)
-        reply = p.Reply(
-            v=p.VERSION,
-            worker=worker_id(),
-            error=error,
-            queue_s=started - job.received,
-            compute_s=time.perf_counter() - started,
-            capacity=job.capacity,
-        )
-        return self._reply(500, reply, job.fmt, (job.kid, job.call.id))
-
-
-_NONE: Any = object()  # no item to name
-MAX_THROTTLED_CALLS = 1024  # calls whose throttles a worker remembers (the newest)
-
-
-def _at(items: _Tracked) -> tuple[int, Any] | None:
-    """The item the function was processing when it raised, if it was iterating."""
-    index = items.failing_index()
-    return None if index is None else (index, items[index])
-
-
-def _ran(items: _Tracked) -> int:
-    """Items a whole-chunk call had finished when it raised (0 if it was not iterating)."""
-    index = items.failing_index()
-    return 0 if index is None else index
-
-
-def _itemwise(call: p.Call) -> bool:
-    return call.isolate or call.pace is not None
-
-
-def _pause(call: p.Call, started: float, index: int) -> float:
-    """Seconds to wait before item `index` of a paced chunk may start."""
-    if not call.pace or not index:
-        return 0.0
-    return started + index * call.pace - time.perf_counter()
-
-
-def _error_info(
-    exc: BaseException, index: int | None, item: Any, kind: str = "user"
-) -> p.ErrorInfo:
-    """The structured form of an exception the function raised on item `index`."""
-    return p.ErrorInfo(
-        kind=kind,
-        type=type(exc).__name__,
-        message=str(exc),
-        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-        index=index,
-        item=None if item is _NONE else _short_repr(item),
-    )
-
-
-class _ResultError(Exception):
-    """The function returned something that is not a list of results."""
-
-
-def _as_list(result: Any) -> list[Any]:
-    if isinstance(result, list):
-        return list(result) if isinstance(result, _Tracked) else result
-    if isinstance(result, str | bytes | bytearray | dict) or not hasattr(result, "__iter__"):
-        error = TypeError(f"the function must return a list, not {type(result).__name__}")
-        raise _ResultError() from error
-    return list(result)  # tuples, filter(), map(), generators (their errors are the user's)
+            return await self.runner.run_async(job)

@@ -5,7 +5,7 @@ headers one byte at a time, stays open forever (each byte even cancels the keep-
 and httptools puts no limit on header bytes. GuardedHttpTools adds, per connection, a header
 deadline from the first byte of each request (or from the connection, for the first) and a
 cap on header bytes; the keep-alive timeout still closes idle connections between requests.
-Bodies are timed by the worker route itself (_asgi.py).
+Bodies are timed by the worker route itself (_worker/asgi.py).
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ from typing import Any
 
 from .._wire.protocol import Response
 from .admission import BODY_IDLE
-from .capacity import Capacity, wsgi_threads
 from .context import Origin, current_origin
 from .endpoint import Endpoint, Job
 from .origin import resolve_origin
+from .threads import RequestThreads, wsgi_threads
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -29,13 +29,13 @@ class WSGIEndpoint:
         self.endpoint = endpoint
         self.app = app
         # every request takes one of the server's threads: one is kept for the app's own
-        self.capacity = Capacity(reserve=True)
+        self.request_threads = RequestThreads(reserve=True)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if self.capacity.threads is None:
-            self.capacity.threads = wsgi_threads(environ)
+        if self.request_threads.threads is None:
+            self.request_threads.threads = wsgi_threads(environ)
         token = current_origin.set(self._origin(environ))
-        self.capacity.enter()
+        self.request_threads.enter()
         try:
             if environ.get("PATH_INFO", "") != self.endpoint.route:
                 if self.app is None:
@@ -43,7 +43,7 @@ class WSGIEndpoint:
                 return self.app(environ, start_response)
             return _send(self._handle(environ), start_response)
         finally:
-            self.capacity.leave()
+            self.request_threads.leave()
             current_origin.reset(token)
 
     def _handle(self, environ: dict[str, Any]) -> Response:
@@ -124,7 +124,7 @@ class WSGIEndpoint:
             concurrent,
             refusal,
             self.endpoint,
-            self.capacity,
+            self.request_threads,
             chunk=environ.get("PATH_INFO", "") == route,
         )
 

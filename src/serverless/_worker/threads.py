@@ -1,6 +1,9 @@
 """The request threads of one server process: how many there are, how many are busy, and how
 many chunks the process has sent to itself. A call made while serving (_caller/sharing.py)
-sends to self only what these threads can take; the adapters count their requests here."""
+sends to self only what these threads can take; the adapters count their requests here.
+
+Not to be confused with a Reply's `capacity` (the chunks of sync functions an ASGI worker runs
+at once, which the caller's window follows): these are the server's threads for requests."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from .._exceptions import WorkerUnavailable
 DEFAULT_WSGI_THREADS = 8  # a threaded WSGI server that does not say how many threads it has
 
 
-class Capacity:
+class RequestThreads:
     """The threads of one server process that serve requests, how many are busy, and how
     many chunks this process has sent to itself (they will need threads too).
 
