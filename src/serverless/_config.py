@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, TypedDict, cast
 
 from ._exceptions import ConfigurationError
-from ._wire.protocol import MAX_BODY, Keyring
+from ._wire import MAX_BODY, Keyring
 
 # rate=: items per second, or "auto" (found from the downstream's throttles)
 Rate = float | Literal["auto"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ._wire.protocol import StageFigures
+from ._wire import StageFigures
 
 StepKind = Literal["parallel", "sequential"]
 # where a step's chunks went: a URL, the app's own route, the local pool, the caller itself

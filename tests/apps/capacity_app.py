@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from serverless._wire import protocol as p
+from serverless import _wire as p
 from serverless._worker import endpoint as _worker
 from serverless._worker import serve as _serve
 

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from serverless._wire import protocol as p
+from serverless import _wire as p
 from serverless._worker.admission import REQUEST_ID
 from tests.conftest import SECRET, free_port, server
 

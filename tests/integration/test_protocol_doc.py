@@ -233,7 +233,7 @@ def test_worked_example_in_the_doc_is_right() -> None:
 
 
 def test_the_doc_client_agrees_with_the_library() -> None:
-    from serverless._wire import protocol as p
+    from serverless import _wire as p
 
     body = json_envelope(SQUARE, EXAMPLE_REQUEST_ID, [1, 2, 3], args=[10], kwargs={"scale": 2})
     assert key_id(SECRET) == p.key_id(SECRET)

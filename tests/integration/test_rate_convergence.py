@@ -14,7 +14,7 @@ import pytest
 from serverless import _targets
 from serverless._caller.dispatch import Target
 from serverless._caller.inprocess import InProcess
-from serverless._wire.protocol import Keyring
+from serverless._wire import Keyring
 from serverless._worker.endpoint import Endpoint
 from tests import sample_functions as sf
 from tests.conftest import SECRET

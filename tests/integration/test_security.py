@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 
 import serverless
+from serverless import _wire as p
 from serverless._exceptions import ConfigurationError
 from serverless._pool import pool as _pool
-from serverless._wire import protocol as p
 from tests import import_canary
 from tests import sample_functions as sf
 from tests.conftest import SECRET, TESTS, free_port, server, serving, test_env

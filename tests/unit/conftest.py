@@ -16,7 +16,7 @@ from serverless._caller.dispatch import Target, dispatcher
 from serverless._caller.flow import Capacities
 from serverless._caller.inprocess import InProcess
 from serverless._pool import pool as _pool
-from serverless._wire.protocol import Keyring
+from serverless._wire import Keyring
 from serverless._worker.endpoint import Endpoint
 from tests.conftest import SECRET
 

@@ -13,8 +13,8 @@ import pytest
 
 import serverless
 from serverless import _targets
+from serverless import _wire as p
 from serverless._pool import pool as _pool
-from serverless._wire import protocol as p
 from serverless._worker.context import current_origin
 from tests.conftest import SECRET
 

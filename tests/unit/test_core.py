@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 import serverless
 from serverless import _registry
+from serverless import _wire as p
 from serverless._caller.chunking import chunk_iterable, chunk_sequence, even_bounds
-from serverless._wire import protocol as p
 
 
 @given(st.integers(0, 5000), st.integers(1, 300))

@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from serverless import WorkerUnavailable
+from serverless import _wire as p
 from serverless._caller import fanout as _fanout
 from serverless._caller.chunking import Chunk, chunk_iterable, chunk_sequence
 from serverless._caller.dispatch import dispatcher
@@ -21,8 +22,7 @@ from serverless._caller.fanout import Answer, Attempt, Fanout, Tally
 from serverless._caller.flow import Capacities, Window
 from serverless._caller.inprocess import InProcess
 from serverless._caller.plan import CallPlan
-from serverless._wire import protocol as p
-from serverless._wire.protocol import Response
+from serverless._wire import Response
 from serverless._worker.endpoint import Endpoint
 from tests.sample_functions import sleepy
 

@@ -9,9 +9,9 @@ import pytest
 
 import serverless
 from serverless import _registry
+from serverless import _wire as p
 from serverless._caller import fanout as _fanout
-from serverless._wire import protocol as p
-from serverless._wire.protocol import Response
+from serverless._wire import Response
 from serverless._worker.endpoint import Endpoint
 from tests import sample_functions as sf
 from tests.conftest import SECRET

@@ -11,8 +11,8 @@ import pytest
 
 import serverless
 from serverless import _registry
-from serverless._wire import protocol as p
-from serverless._wire.protocol import Response
+from serverless import _wire as p
+from serverless._wire import Response
 from serverless._worker.endpoint import Endpoint
 from tests.conftest import SECRET
 

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 import serverless
-from serverless._wire import protocol as p
+from serverless import _wire as p
 from serverless._worker.endpoint import Endpoint, Job
 from tests import sample_functions as sf
 from tests.conftest import SECRET

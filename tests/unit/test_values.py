@@ -20,10 +20,10 @@ import msgspec
 import pytest
 
 import serverless
+from serverless import _wire as p
 from serverless._function import ParallelFunction
-from serverless._wire import protocol as p
+from serverless._wire import Response
 from serverless._wire import values as _values
-from serverless._wire.protocol import Response
 from serverless._worker.endpoint import Endpoint
 from tests import value_functions as vf
 from tests.conftest import SECRET

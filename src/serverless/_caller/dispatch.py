@@ -19,6 +19,7 @@ from collections.abc import AsyncGenerator, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from .. import _wire as p
 from .._exceptions import (
     ConfigurationError,
     ProtocolError,
@@ -27,7 +28,6 @@ from .._exceptions import (
     WorkerUnavailable,
 )
 from .._stats import TargetKind
-from .._wire import protocol as p
 from . import http as _http
 from .chunking import AdaptiveChunks, Chunk
 from .fanout import Answer, Fanout, Tally

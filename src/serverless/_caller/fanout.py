@@ -25,7 +25,7 @@ from typing import Any
 
 from .._exceptions import DeadlineExceeded, WorkerError, WorkerUnavailable
 from .._stats import ChunkStats
-from .._wire.protocol import StageFigures, Throttle
+from .._wire import StageFigures, Throttle
 from .chunking import AdaptiveChunks, Chunk
 from .flow import Capacities, Window
 from .plan import CallPlan

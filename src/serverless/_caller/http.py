@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from .._wire.protocol import Response
+from .._wire import Response
 
 _COPY_LIMIT = 64 * 1024  # smaller bodies are joined to the head: one write, one segment
 

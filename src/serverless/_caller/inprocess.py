@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Generic, Protocol, TypeVar
 
-from .._wire.protocol import Response
+from .._wire import Response
 from .http import Body
 
 

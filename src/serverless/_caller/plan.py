@@ -16,9 +16,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import _wire as p
 from .._config import Options, Rate
 from .._registry import BIND_NONE, Bind
-from .._wire import protocol as p
 from .._wire.values import UNTYPED, Shape
 from .chunking import AdaptiveChunks, Chunk, chunk_adaptive, chunk_iterable, chunk_sequence
 from .rate import Pacer

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from .._config import Rate
-from .._wire.protocol import MAX_PACE
+from .._wire import MAX_PACE
 
 BACKOFF = 0.8  # a throttle sets the rate to this times the rate achieved over the last second
 GROWTH = 0.08  # per second without throttles, the rate grows by this share of that figure

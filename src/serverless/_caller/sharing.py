@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .._exceptions import WorkerError
-from .._wire.protocol import Response
+from .._wire import Response
 from .http import Body
 
 if TYPE_CHECKING:

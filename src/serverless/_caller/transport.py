@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from .._wire.protocol import Response
+from .._wire import Response
 from .http import Body
 
 __all__ = ["Body", "Response", "Transport"]

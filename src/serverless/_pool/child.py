@@ -28,7 +28,7 @@ import types
 from typing import Any
 
 from .. import _registry
-from .._wire.protocol import Keyring
+from .._wire import Keyring
 from . import mainscript
 
 logger = logging.getLogger("serverless.pool")

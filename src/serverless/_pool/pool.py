@@ -34,7 +34,7 @@ import time
 
 from .._caller import http as _http
 from .._exceptions import ConfigurationError
-from .._wire.protocol import Keyring
+from .._wire import Keyring
 from . import mainscript as _mainscript
 from .modules import Announcer
 

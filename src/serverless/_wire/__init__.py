@@ -1,3 +1,91 @@
-"""The wire: pure code both sides share. Envelopes, signatures, both halves of the exchange
-(build a request and read its reply; the worker's checks live in _worker), values and their
-bounds. No I/O, no clock reads (times are passed in), no process state."""
+"""The wire: pure code both sides share, protocol v2 (docs/protocol.md). Its messages and
+their encoding (envelope.py), its signatures (signing.py), the caller's half of the exchange
+(exchange.py: build a request, read a reply; the worker's checks are _worker/endpoint.py),
+exact values (values.py) and their bounds (bounds.py). No I/O, no clock reads (times are
+arguments), no process state. Its names are used as `p.Name` (`from .. import _wire as p`)."""
+
+from __future__ import annotations
+
+from .envelope import (
+    H_FUNCTION,
+    H_REPLY_SIGNATURE,
+    H_REQUEST_ID,
+    H_SIGNATURE,
+    H_TIMESTAMP,
+    H_VERSION,
+    JSON,
+    MAX_BODY,
+    MAX_PACE,
+    MAX_REPLY,
+    MSGPACK,
+    STAGE_SEPARATOR,
+    TOLERANCE,
+    VERSION,
+    Call,
+    ErrorInfo,
+    ItemError,
+    Reply,
+    Response,
+    Stage,
+    StageFigures,
+    Throttle,
+    decode_call,
+    decode_reply,
+    decode_wire_call,
+    encode,
+    media_type,
+    new_request_id,
+    typed_call,
+)
+from .exchange import (
+    build_request,
+    read_reply,
+)
+from .signing import (
+    Keyring,
+    key_id,
+    reply_signing_message,
+    signed_headers,
+    signing_message,
+    string_to_sign,
+)
+
+__all__ = [
+    "H_FUNCTION",
+    "H_REPLY_SIGNATURE",
+    "H_REQUEST_ID",
+    "H_SIGNATURE",
+    "H_TIMESTAMP",
+    "H_VERSION",
+    "JSON",
+    "MAX_BODY",
+    "MAX_PACE",
+    "MAX_REPLY",
+    "MSGPACK",
+    "STAGE_SEPARATOR",
+    "TOLERANCE",
+    "VERSION",
+    "Call",
+    "ErrorInfo",
+    "ItemError",
+    "Keyring",
+    "Reply",
+    "Response",
+    "Stage",
+    "StageFigures",
+    "Throttle",
+    "build_request",
+    "decode_call",
+    "decode_reply",
+    "decode_wire_call",
+    "encode",
+    "key_id",
+    "media_type",
+    "new_request_id",
+    "read_reply",
+    "reply_signing_message",
+    "signed_headers",
+    "signing_message",
+    "string_to_sign",
+    "typed_call",
+]

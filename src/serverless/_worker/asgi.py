@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from .._wire.protocol import Response
+from .._wire import Response
 from .admission import BODY_IDLE, Hold
 from .context import Origin, current_origin
 from .endpoint import Endpoint

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .._exceptions import ConfigurationError
-from .._wire.protocol import Keyring
+from .._wire import Keyring
 
 if TYPE_CHECKING:
     from .endpoint import Endpoint

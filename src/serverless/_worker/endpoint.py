@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import msgspec
 
 from .. import _registry
+from .. import _wire as p
 from .._exceptions import SerializationError
-from .._wire import protocol as p
+from .._wire import Response
 from .._wire.bounds import MAX_CONTAINERS, too_many_containers
-from .._wire.protocol import Response
 from .._wire.values import Mismatch
 from .admission import MAX_FUNCTION, REQUEST_ID, Budget, known_signature, process_budget
 from .execute import Job, Runner, worker_id

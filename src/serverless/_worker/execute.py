@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _registry
+from .. import _wire as p
 from .._exceptions import SerializationError, Throttled
-from .._wire import protocol as p
-from .._wire.protocol import Response
+from .._wire import Response
 from .._wire.values import inexact_result
 
 logger = logging.getLogger("serverless.worker")

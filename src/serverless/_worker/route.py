@@ -7,7 +7,7 @@ from typing import Any
 
 from .._config import configure, secrets_from_env
 from .._exceptions import ConfigurationError
-from .._wire.protocol import MAX_BODY, TOLERANCE, Keyring
+from .._wire import MAX_BODY, TOLERANCE, Keyring
 from .asgi import ASGIApp, ASGIEndpoint
 from .endpoint import Endpoint
 from .origin import OriginPolicy

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from .._wire.protocol import Response
+from .._wire import Response
 from .endpoint import Endpoint, Job
 from .gate import Gate
 

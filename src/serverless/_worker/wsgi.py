@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
 
-from .._wire.protocol import Response
+from .._wire import Response
 from .admission import BODY_IDLE
 from .context import Origin, current_origin
 from .endpoint import Endpoint, Job

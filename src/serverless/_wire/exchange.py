@@ -1,0 +1,252 @@
+"""Wire protocol v2, the caller's half: build a signed request for a Call, and read a worker's
+answer into results or the exception it stands for, trusting nothing unsigned. Pure: the
+clock is an argument. (The worker's half, the checks in protocol order, is _worker/endpoint.py.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from .._exceptions import (
+    ConfigurationError,
+    ProtocolError,
+    RemoteError,
+    RequestRejected,
+    SerializationError,
+    WorkerTimeout,
+    WorkerUnavailable,
+)
+from . import values as _values
+from .envelope import (
+    H_REPLY_SIGNATURE,
+    MAX_BODY,
+    MSGPACK,
+    STAGE_SEPARATOR,
+    VERSION,
+    Call,
+    Reply,
+    decode_reply,
+    encode,
+    media_type,
+    reply_decoder,
+)
+from .signing import Keyring, reply_signing_message, signed_headers
+
+
+def build_request(
+    keyring: Keyring, route: str, call: Call, now: float, max_body: int = MAX_BODY
+) -> tuple[bytes, dict[str, str]]:
+    """The encoded envelope of `call` and its signed headers, as of the time `now`."""
+    body = encode(call)
+    if len(body) > max_body:
+        raise ConfigurationError(
+            f"chunk {call.index} of {call.fn} encodes to {len(body)} bytes, over the "
+            f"{max_body}-byte request limit: use a smaller chunk_size or more workers"
+        )
+    return body, signed_headers(keyring, route, call.fn, call.id, body, now=now)
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds of a Retry-After header (RFC 9110: delay-seconds; an HTTP date, rarely sent
+    by a balancer, is not worth a parser here), capped at a minute: None if absent or bad."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return min(60.0, float(value))
+
+
+def read_reply(
+    status: int,
+    content_type: str | None,
+    raw: bytes,
+    headers: Mapping[str, str],
+    call: Call,
+    offset: int,
+    url: str,
+    keyring: Keyring,
+    shape: _values.Shape = _values.UNTYPED,
+) -> Reply:
+    """A reply to `call` (whose first item is item `offset` of the whole input): the Reply if
+    it carries results, decoded into the element type of `shape`'s return where it has one,
+    else the exception that says what went wrong.
+
+    Nothing of the body is decoded before its signature checks out for this very request:
+    an unsigned answer may only say "retry later" (a load balancer's 429/502/503/504) or
+    "refused" (an anonymous refusal: a wrong secret, clock or route), never carry results."""
+    what = f"chunk {call.index} of {call.fn}"
+    message = reply_signing_message(status, call.id, raw)
+    signed = keyring.verify(message, headers.get(H_REPLY_SIGNATURE, ""))
+    if status in (429, 502, 503, 504):  # a platform at capacity, or no healthy instance
+        refusal = _signed_refusal(raw, content_type) if signed else None
+        kind = refusal.error.kind if refusal is not None and refusal.error is not None else None
+        if status == 504 and kind == "expired":
+            # the worker did not start it: past its deadline, as a timed-out attempt
+            raise WorkerTimeout(f"{what} expired before a worker started it", url=url)
+        if status == 503 and kind == "busy" and refusal is not None and refusal.capacity:
+            # our own worker, full: it says how many it runs at once, and the caller's window
+            # now holds no more than that, so waiting out a Retry-After would only lose time
+            raise WorkerUnavailable(
+                f"{what}: the worker is busy (it runs {refusal.capacity} at once)",
+                url=url,
+                status=status,
+                capacity=refusal.capacity,
+                worker=refusal.worker,
+            )
+        raise WorkerUnavailable(
+            f"{what}: worker unavailable",
+            url=url,
+            status=status,
+            retry_after=retry_after(headers.get("retry-after")),
+        )
+    if not signed:
+        _unsigned(status, content_type, raw, what, url)
+    fmt = media_type(content_type) or MSGPACK
+    try:
+        reply = reply_decoder(shape.result, fmt).decode(raw)
+    except msgspec.ValidationError as exc:
+        mismatch = _values.result_mismatch(shape, exc, raw, fmt, offset)
+        if status == 200 and mismatch is not None:
+            raise mismatch from None
+        raise ProtocolError(f"{what}: a signed answer of the wrong shape: {exc}", url=url) from exc
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(
+            f"{what}: a signed answer that does not decode: {exc}", url=url
+        ) from exc
+    if reply.v != VERSION:
+        raise ProtocolError(_versions(what, reply.v), url=url, status=status)
+    if status == 200 and reply.results is not None:
+        if (
+            call.then
+            and reply.throttled is None
+            and (
+                reply.stages is None
+                or len(reply.stages) != len(call.then) + 1
+                or reply.stages[-1].count != len(reply.results)
+            )
+        ):
+            raise ProtocolError(f"{what}: its per-stage figures do not match", url=url)
+        if reply.throttled is not None and not 0 <= reply.throttled.at < len(call.items):
+            raise ProtocolError(f"{what}: a throttle outside the chunk", url=url)
+        if reply.item_errors is not None:
+            reply.results = _in_place(reply, call, offset, url)
+        return reply
+    error, worker = reply.error, reply.worker
+    if error is not None and error.kind == "user":
+        names = call.fn.split(STAGE_SEPARATOR)  # a fused call names every stage
+        stage = error.stage if 0 < error.stage < len(names) else 0
+        index = None if error.index is None or stage else offset + error.index
+        raise RemoteError(
+            names[stage] if stage else call.fn,
+            error.type,
+            error.message,
+            error.traceback,
+            index=index,
+            item=error.item,
+            worker=worker,
+        )
+    if error is not None and error.kind == "result":
+        if error.index is not None:  # a result that would not arrive as returned
+            raise SerializationError(
+                f"result {offset + error.index} of {shape.function or call.fn} on worker "
+                f"{worker}, {error.message}"
+            )
+        raise SerializationError(
+            f"{call.fn} returned a bad result on worker {worker}: {error.type}: {error.message}"
+        )
+    if error is not None and error.kind == "input":  # a value did not match its annotation
+        first = call.fn.split(STAGE_SEPARATOR)[0]
+        if error.index is not None:
+            raise SerializationError(
+                f"item {offset + error.index} of {first}'s input {error.message}"
+            )
+        raise SerializationError(f"{first}: {error.message}")
+    detail = error.message if error is not None else "neither results nor an error"
+    if status == 404 and error is not None:
+        detail += _unregistered_hint(call.fn, detail)
+    if 400 <= status < 500:
+        raise RequestRejected(f"{what} was refused: {detail}", url=url, status=status)
+    raise ProtocolError(f"{what}: not a protocol answer: {detail!r}", url=url, status=status)
+
+
+def _signed_refusal(raw: bytes, content_type: str | None) -> Reply | None:
+    """A signed 503/504's reply (its kind, the worker's capacity), or None if it has none."""
+    try:
+        return decode_reply(raw, media_type(content_type) or MSGPACK)
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        return None
+
+
+def _in_place(reply: Reply, call: Call, offset: int, url: str) -> list[Any]:
+    """An isolated call's results with each failed item's RemoteError where it belongs."""
+    results, errors = reply.results or [], reply.item_errors or []
+    out: list[Any] = []
+    taken = 0
+    ran = reply.throttled.at if reply.throttled is not None else len(call.items)
+    for failed in sorted(errors, key=lambda e: e.index):
+        if not taken <= failed.at <= len(results) or not 0 <= failed.index < ran:
+            raise ProtocolError(f"chunk {call.index} of {call.fn}: bad per-item errors", url=url)
+        out += results[taken : failed.at]
+        taken = failed.at
+        error = failed.error
+        out.append(
+            RemoteError(
+                call.fn,
+                error.type,
+                error.message,
+                error.traceback,
+                index=offset + failed.index,
+                item=error.item,
+                worker=reply.worker,
+            )
+        )
+    out += results[taken:]
+    return out
+
+
+def _unsigned(status: int, content_type: str | None, raw: bytes, what: str, url: str) -> None:
+    """Raise for an answer that no worker holding the secret signed. Its text only helps a
+    person diagnose (a wrong secret, an old worker, a proxy's page): nothing in it is used."""
+    version: int | None = None
+    with contextlib.suppress(Exception):  # best effort, on bytes anyone may have sent
+        version = decode_reply(raw, media_type(content_type) or MSGPACK).v
+    if version is not None and version != VERSION:
+        raise ProtocolError(_versions(what, version), url=url, status=status)
+    text = raw[:200].decode("utf-8", "replace")
+    excerpt = text if text.isprintable() else f"{len(raw)} bytes"
+    if 400 <= status < 500:
+        message = f"{what} was refused (an unsigned answer: {excerpt!r})"
+        raise RequestRejected(message, url=url, status=status)
+    raise ProtocolError(
+        f"{what}: the answer is not signed by a worker holding the secret, so it was not "
+        f"read (not a worker route, or a forged answer): {excerpt!r}",
+        url=url,
+        status=status,
+    )
+
+
+def _versions(what: str, theirs: int) -> str:
+    return (
+        f"{what}: the worker speaks wire protocol v{theirs} and this caller v{VERSION}: "
+        "upgrade simple-serverless on callers and workers together (docs/protocol.md)"
+    )
+
+
+def _unregistered_hint(fn: str, detail: str) -> str:
+    """How to get a function that a worker does not know registered there (a 404)."""
+    names = fn.split(STAGE_SEPARATOR)
+    name = next((n for n in names if repr(n) in detail), names[0])
+    module = name.partition(":")[0]
+    if module == "__main__":
+        return (
+            ". A function of the script being run (__main__) is registered on a worker only "
+            "if the worker runs that same script as its main program; move it into a module "
+            "that both the script and the worker app import (with `serverless worker`, name "
+            "that module)"
+        )
+    return (
+        f". The worker has not imported {module} or runs other code: import {module} in the "
+        "worker app (with `serverless worker`, name it) and deploy the caller's code there"
+    )
