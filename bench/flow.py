@@ -4,7 +4,7 @@
     python -m bench.flow threads [--threads 32]      # workers=100 vs workers=N, N threads
     python -m bench.flow demo                        # docs/deploy.md: 3 x 32 behind HAProxy
 
-`engine` drives `_fanout.Fanout` through a fake attempt that answers after a random 1-10 ms,
+`engine` drives `_caller/fanout.Fanout` through a fake attempt that answers after a random 1-10 ms,
 no sockets, so it needs no cores: what grows with the number in flight is the engine's own
 work. Run it with PYTHONPATH pointing at another checkout's src/ to compare engines.
 `threads` and `demo` use real servers: workers that declare their capacity on each reply

@@ -448,10 +448,10 @@ LEAF_CATEGORIES = [
 ]
 CALLER_CATEGORIES = [
     ("signing (HMAC, SHA-256)", ("Keyring.", "string_to_sign", "signed_headers", "hmac")),
-    ("encoding and decoding", ("_protocol.py", "msgspec", "_values.py")),
-    ("HTTP client (_http.py, httptools)", ("serverless/_http.py", "httptools")),
-    ("fan-out engine (_fanout, _flow)", ("serverless/_fanout.py", "serverless/_flow.py")),
-    ("dispatcher (_dispatch, _function, _chunking, _stats)", ("serverless/",)),
+    ("encoding and decoding", ("serverless/_wire/", "msgspec")),
+    ("HTTP client (_caller/http.py, httptools)", ("serverless/_caller/http.py", "httptools")),
+    ("fan-out engine (fanout, flow)", ("_caller/fanout.py", "_caller/flow.py")),
+    ("dispatcher (dispatch, plan, _function, chunking, _stats)", ("serverless/",)),
     ("asyncio (tasks, futures)", ("asyncio/",)),
 ]
 

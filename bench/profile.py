@@ -28,14 +28,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CATEGORIES = [
     ("idle: waiting for events", ("EpollSelector.select", "Condition.wait", "_worker (concurrent")),
     ("signing (HMAC, SHA-256)", ("Keyring.", "string_to_sign", "signed_headers")),
-    ("encoding and decoding", ("_protocol.py", "msgspec")),
+    ("encoding and decoding", ("serverless/_wire/", "msgspec")),
     ("user function (compute)", ("bench/_work.py", "bench/_ours.py")),
     ("socket writes (kernel)", ("Transport.write", "sock_send")),
     ("socket reads", ("_read_ready",)),
-    ("HTTP client (_http.py)", ("serverless/_http.py",)),
+    ("HTTP client (_caller/http.py)", ("serverless/_caller/http.py",)),
     ("HTTP server (uvicorn, httptools)", ("uvicorn/", "httptools")),
     ("worker checks and run (_worker/)", ("serverless/_worker/",)),
-    ("dispatcher (_dispatch, _function, _chunking)", ("serverless/",)),
+    ("dispatcher (_caller/, _function)", ("serverless/",)),
     ("thread pool handoff", ("concurrent/futures", "threading.py")),
     ("asyncio event loop", ("asyncio/",)),
 ]

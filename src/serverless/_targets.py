@@ -35,7 +35,7 @@ _override: Target | None = None
 @contextlib.contextmanager
 def override(target: Target) -> Iterator[Target]:
     """Send every call in this process to `target` while the block runs, whatever the
-    configuration: how tests put an in-process transport (`_transport.InProcess`) under the
+    configuration: how tests put an in-process transport (`_caller/inprocess.InProcess`) under the
     calling forms without sockets."""
     global _override
     previous, _override = _override, target

@@ -3,7 +3,7 @@
 Each call's fan-out (slots, order, retries, hedges, deadline) is a fanout.Fanout run on that
 loop, executing the call's plan (plan.py); this module signs a chunk, posts it through a
 transport (the lean keep-alive HTTP client, or a target's own transport) and reads the
-answer, both halves in _wire/protocol.py.
+answer, both halves in _wire (exchange.py).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Target:
     kind: TargetKind
     max_body: int = p.MAX_BODY
     transport: Transport | None = None  # None: the dispatcher's HTTP client
-    # a call made while serving: its thread runs chunks too (_sharing.py)
+    # a call made while serving: its thread runs chunks too (sharing.py)
     shared: SharedCall | None = None
 
 
@@ -63,7 +63,7 @@ class Dispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._http: _http.Client | None = None  # the lean client: see _http.py
-        # what the workers behind each URL said they can run at once (_flow.py)
+        # what the workers behind each URL said they can run at once (flow.py)
         self.capacities = Capacities()
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:

@@ -1,7 +1,7 @@
 """One call's fan-out, on the dispatcher's loop: slots, order, retries, hedges, deadline.
 
 Chunks are read from the input as slots free (a generator is never materialised), at most
-`workers` run at once (fewer where a URL's window says so: _flow.py), and results come out in
+`workers` run at once (fewer where a URL's window says so: flow.py), and results come out in
 input order through a reorder buffer, bounded for a generator, so a stream of any length
 runs in bounded memory. A chunk is retried on transient failures, and hedged when it runs far
 past its peers. Whatever ends the call (an error, the deadline, the consumer closing the
@@ -411,7 +411,7 @@ class Fanout:
 
     # -- one chunk: retries ----------------------------------------------------------------
     # errors="return" needs nothing here: the worker runs such a chunk item by item and its
-    # reply carries each failed item's RemoteError in place (_protocol.read_reply), so no item
+    # reply carries each failed item's RemoteError in place (_wire/exchange.read_reply), so no item
     # that succeeded is ever sent again.
 
     async def _attempts(self, owner: _Chunk, chunk: Chunk, avoid: set[str], lane: int) -> list[Any]:

@@ -1,6 +1,6 @@
 """A local pool's worker process: it imports the caller's modules and main script, then
 serves the worker route under uvicorn on a loopback port and, where the pool names one, on a
-Unix domain socket, which its caller uses (see _pool.py for the caller's side).
+Unix domain socket, which its caller uses (see pool.py for the caller's side).
 
 Importing the main script stops at its first parallel call (mainscript.StopMainImport), so a
 script without an `if __name__ == "__main__":` guard still works and its top-level work never

@@ -104,7 +104,7 @@ class Call(msgspec.Struct, forbid_unknown_fields=False):
 
 class WireCall(msgspec.Struct, forbid_unknown_fields=False):
     """A Call as a worker first decodes it: the values stay raw until the function is known,
-    then each decodes into its annotated type (_values)."""
+    then each decodes into its annotated type (values.py)."""
 
     v: int
     fn: str

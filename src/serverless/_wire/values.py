@@ -34,7 +34,7 @@ import msgspec
 
 from .._exceptions import SerializationError
 
-MSGPACK: Final = "application/msgpack"  # the same strings as _protocol's (no import cycle)
+MSGPACK: Final = "application/msgpack"  # the same strings as envelope.py's (no import cycle)
 JSON: Final = "application/json"
 
 # Types that msgspec decodes, with no type given, to the very type that was encoded.
