@@ -30,10 +30,11 @@ from typing import (
 
 from . import _registry
 from ._caller.chunking import AdaptiveChunks, Chunk
-from ._caller.dispatch import Target, dispatcher
+from ._caller.dispatch import dispatcher
 from ._caller.fanout import Tally, close_batches, next_batch
 from ._caller.plan import CallPlan, make_plan
 from ._caller.sharing import run_shared
+from ._caller.transport import Target
 from ._config import ErrorMode, OptionChanges, Options
 from ._exceptions import ConfigurationError
 from ._pool import mainscript as _mainscript
@@ -259,26 +260,26 @@ class ParallelFunction(_Step[P, R]):
         count = len(items) if isinstance(items, Sequence) else None
         if isinstance(items, Sequence):
             check_items(shape, items)  # before any request, and before a pool starts
-        # the target is chosen here, in the caller's thread: it may be the app serving the
-        # request this thread is handling; an empty input goes nowhere
-        retries = min(step.options.retries for step in steps)
-        target = None if count == 0 else self._target(steps, blocking, retries)
-        capacity = dispatcher().capacities.total(target.urls) if target is not None else None
+        binds = [bind, *(step._bind for step in then)]
+
+        def locate(retries: int) -> tuple[Target, int | None]:
+            # chosen here, in the caller's thread: it may be the app serving the request this
+            # thread is handling
+            target = self._target(steps, blocking, retries)
+            return target, dispatcher().capacities.total(target.urls)
+
         plan = make_plan(
-            [
-                (step.entry.name, step._bind if step is not self else bind, step.options)
-                for step in steps
-            ],
+            [(step.entry.name, b, step.options) for step, b in zip(steps, binds, strict=True)],
             call_args,
             call_kwargs,
             last,
             count,
-            capacity,
+            locate,
         )
         chunks, sizer = plan.chunks(items)
         if count is None and shape.items is None:
             chunks = _checked(chunks, shape)
-        return Invocation(steps, plan, chunks, count, target, sizer)
+        return Invocation(steps, plan, chunks, count, sizer)
 
     def _target(
         self, steps: list[ParallelFunction[Any, Any]], blocking: bool, retries: int
@@ -297,11 +298,10 @@ class Invocation:
         plan: CallPlan,
         chunks: Iterator[Chunk],
         count: int | None,  # None: an iterator, read off the loop thread
-        target: Target | None,
         sizer: AdaptiveChunks | None = None,
     ) -> None:
         self.steps, self.plan, self.chunks, self.count = steps, plan, chunks, count
-        self.target, self.sizer = target, sizer
+        self.target, self.sizer = plan.target, sizer
         self.started = time.perf_counter()
         self.stats: list[StepStats] = []  # one per step, once the call is done
 
@@ -312,7 +312,6 @@ class Invocation:
         if self.target is not None:
             fanout = dispatcher().fanout(
                 self.plan,
-                self.target,
                 self.chunks,
                 tally,
                 lazy_input=self.count is None,

@@ -9,8 +9,8 @@ from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
 from . import _registry
-from ._caller.dispatch import Target
 from ._caller.sharing import SharedCall
+from ._caller.transport import Target
 from ._config import settings
 from ._exceptions import ConfigurationError
 from ._pool import mainscript as _mainscript

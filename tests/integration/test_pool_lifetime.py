@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from serverless import _targets
-from serverless._caller.dispatch import Target
+from serverless._caller.transport import Target
 from serverless._pool import pool as _pool
 from tests import sample_functions as sf
 from tests.integration.test_local_pool import _alive, run_script

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 
 from serverless import _targets
-from serverless._caller.dispatch import Target
 from serverless._caller.inprocess import InProcess
+from serverless._caller.transport import Target
 from serverless._wire import Keyring
 from serverless._worker.endpoint import Endpoint
 from tests import sample_functions as sf

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from serverless import _targets
-from serverless._caller.dispatch import Target, dispatcher
+from serverless._caller.dispatch import dispatcher
 from serverless._caller.flow import Capacities
 from serverless._caller.inprocess import InProcess
+from serverless._caller.transport import Target
 from serverless._pool import pool as _pool
 from serverless._wire import Keyring
 from serverless._worker.endpoint import Endpoint

@@ -13,8 +13,8 @@ import pytest
 from serverless import ProtocolError, RemoteError, WorkerTimeout, WorkerUnavailable, _targets
 from serverless import _wire as p
 from serverless._caller import http as _http
-from serverless._caller.dispatch import Target
 from serverless._caller.inprocess import InProcess
+from serverless._caller.transport import Target
 from serverless._wire import Response
 from serverless._worker.endpoint import Endpoint, Job
 from serverless._worker.gate import Gate

@@ -16,7 +16,6 @@ import os
 import threading
 import time
 from collections.abc import AsyncGenerator, Coroutine, Iterator
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .. import _wire as p
@@ -27,31 +26,16 @@ from .._exceptions import (
     WorkerTimeout,
     WorkerUnavailable,
 )
-from .._stats import TargetKind
 from . import http as _http
 from .chunking import AdaptiveChunks, Chunk
 from .fanout import Answer, Fanout, Tally
 from .flow import Capacities
 from .plan import CallPlan
-from .sharing import INLINE, SharedCall
-from .transport import Transport
+from .sharing import INLINE
+from .transport import Target
 
 logger = logging.getLogger("serverless.dispatch")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where chunks go: one or more URLs of worker routes that share `route` and keys."""
-
-    urls: tuple[str, ...]
-    route: str
-    keyring: p.Keyring
-    kind: TargetKind
-    max_body: int = p.MAX_BODY
-    transport: Transport | None = None  # None: the dispatcher's HTTP client
-    # a call made while serving: its thread runs chunks too (sharing.py)
-    shared: SharedCall | None = None
 
 
 class Dispatcher:
@@ -128,7 +112,6 @@ class Dispatcher:
     def fanout(
         self,
         plan: CallPlan,
-        target: Target,
         chunks: Iterator[Chunk],
         tally: Tally,
         *,
@@ -136,6 +119,8 @@ class Dispatcher:
         sizer: AdaptiveChunks | None = None,
     ) -> AsyncGenerator[list[Any], None]:
         """One call's results in order, in batches (see fanout.py); iterate on the loop."""
+        target = plan.target
+        assert target is not None  # an empty input, which has none, is never sent
 
         async def attempt(url: str, chunk: Chunk, timeout: float, pace: float | None) -> Answer:
             reply = await self._post(plan, target, url, chunk, timeout, pace)

@@ -12,7 +12,7 @@ plan says what a given rate means for a request (`pace`, `part`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from .._registry import BIND_NONE, Bind
 from .._wire.values import UNTYPED, Shape
 from .chunking import AdaptiveChunks, Chunk, chunk_adaptive, chunk_iterable, chunk_sequence
 from .rate import Pacer
+from .transport import Target
 
 # Seconds a chunk may wait for a worker's thread before the worker refuses it as busy (503,
 # Retry-After: nothing ran) instead of queueing it without bound: the Call's start_by.
@@ -39,6 +40,7 @@ class CallPlan:
     kwargs: dict[str, Any] = field(default_factory=dict)
     then: list[p.Stage] = field(default_factory=list)  # fused stages after the first
     results: Shape = UNTYPED  # how the (last) function's results decode
+    target: Target | None = None  # where the chunks go (None: nowhere, an empty input)
     workers: int = 100  # chunks in flight at most
     parts: int = 100  # a list is cut into at most this many even chunks...
     chunk_size: int | None = None  # ...or into chunks of this size; an iterator: adaptive
@@ -120,15 +122,19 @@ def make_plan(
     kwargs: dict[str, Any],
     results: Shape,
     count: int | None,
-    capacity: int | None = None,
+    locate: Callable[[int], tuple[Target, int | None]] | None = None,
 ) -> CallPlan:
     """The plan of a call of `steps` (registered name, binding, options; more than one: fused
     into the same requests, the first step's options cut the input) on `count` items (None:
-    an iterator), to a target whose workers said they run `capacity` chunks at once."""
+    an iterator). `locate(retries)`: where a call with that many retries sends its chunks,
+    and how many its workers said they run at once (None: unknown); not asked for an empty
+    input, which goes nowhere."""
     (_, bind, first), later = steps[0], steps[1:]
     every = [options for _, _, options in steps]
     fused = bool(later)
     timeout = max(options.timeout for options in every)
+    retries = min(options.retries for options in every)
+    target, capacity = locate(retries) if locate is not None and count != 0 else (None, None)
     # an item that failed in one stage has no input for the next; a fused call is never paced
     rate = None if fused else first.items_per_s
     parts = first.workers
@@ -149,11 +155,12 @@ def make_plan(
         kwargs=kwargs,
         then=[p.Stage(fn=step_name, bind=step_bind) for step_name, step_bind, _ in later],
         results=results,
+        target=target,
         workers=first.workers,
         parts=parts,
         chunk_size=first.chunk_size,
         timeout=timeout,
-        retries=min(options.retries for options in every),
+        retries=retries,
         deadline=first.deadline,
         hedge=all(options.hedging for options in every),
         isolate=first.errors == "return" and not fused,

@@ -1,4 +1,5 @@
-"""The transport seam: how the dispatcher posts one signed chunk and gets the raw answer.
+"""The transport seam: how the dispatcher posts one signed chunk and gets the raw answer, and
+the Target a call's chunks go to (its URLs, route, keys and transport).
 
 One async method, `post(url, body, headers, timeout) -> Response`. The lean HTTP client
 (`http.Client`) is the transport of every real call; `inprocess.InProcess` hands the same
@@ -10,12 +11,16 @@ A work-sharing call (sharing.py) posts through the HTTP client on the lanes it i
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
+from .. import _wire as p
+from .._stats import TargetKind
 from .._wire import Response
 from .http import Body
+from .sharing import SharedCall
 
-__all__ = ["Body", "Response", "Transport"]
+__all__ = ["Body", "Response", "Target", "Transport"]
 
 
 class Transport(Protocol):
@@ -34,3 +39,17 @@ class Transport(Protocol):
     ) -> Response: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where chunks go: one or more URLs of worker routes that share `route` and keys."""
+
+    urls: tuple[str, ...]
+    route: str
+    keyring: p.Keyring
+    kind: TargetKind
+    max_body: int = p.MAX_BODY
+    transport: Transport | None = None  # None: the dispatcher's HTTP client
+    # a call made while serving: its thread runs chunks too (sharing.py)
+    shared: SharedCall | None = None
