@@ -41,6 +41,12 @@ class Downstream:
             time.sleep(self.latency)
         return wait
 
+    def refuse(self, item: int) -> None:
+        """Count a refusal of `item` without asking the bucket (a spent daily quota)."""
+        with self._lock:
+            self.refused[item] += 1
+            self.refusals.append(time.monotonic())
+
     def _take(self, item: int) -> float | None:
         with self._lock:
             now = time.monotonic()

@@ -266,6 +266,25 @@ def quota_lookup(numbers: list[int], always: bool = False) -> list[int]:
 
 
 @serverless.parallel
+def spent_quota(numbers: list[int]) -> list[int]:
+    """A downstream whose daily quota is spent: every item refused, with no Retry-After (the
+    README's example passes the header's None), each refusal counted in tests.quota."""
+    from tests.quota import DOWNSTREAM
+
+    for n in numbers:
+        DOWNSTREAM.refuse(n)
+        raise serverless.Throttled("429: daily quota exceeded", retry_after=None)
+    return []
+
+
+@serverless.parallel(patience=None)
+def waits_forever(numbers: list[int]) -> list[int]:
+    """A decorator's patience=None: a refusing downstream is waited out for as long as it
+    takes."""
+    return numbers
+
+
+@serverless.parallel
 def counted_or_throttled(numbers: list[int]) -> list[int]:
     """quota_lookup's downstream, and a ValueError on every item n with n % 7 == 3 (after
     the downstream served it)."""

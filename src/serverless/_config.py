@@ -19,6 +19,9 @@ Rate = float | Literal["auto"]
 ErrorMode = Literal["raise", "return"]
 
 DEFAULT_WORKERS = 100  # as in the seed
+# seconds a call may go on being refused (Throttled) with no item completing: a spent daily
+# quota or a revoked key ends the call with StillThrottled instead of never
+DEFAULT_PATIENCE = 180.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class Options:
         string such as "50/s" or "3000/min", or "auto" (find the downstream's quota from the
         function's `serverless.Throttled`). The worker then calls the function item by item,
         paced. None: unpaced until the function raises Throttled (docs/reliability.md).
+    patience: seconds the call may go on being refused by the downstream (the function
+        raising Throttled) with no item completing; then it raises StillThrottled, naming the
+        last refusal. None: wait for as long as it takes (a `deadline=` still bounds it).
     """
 
     workers: int = DEFAULT_WORKERS
@@ -58,6 +64,7 @@ class Options:
     hedge: bool | None = None
     errors: ErrorMode = "raise"
     rate: Rate | str | None = None
+    patience: float | None = DEFAULT_PATIENCE
 
     def __post_init__(self) -> None:
         # a string such as "3000/min" is kept as items per second
@@ -73,6 +80,12 @@ class Options:
             not isinstance(self.deadline, int | float) or not self.deadline > 0
         ):
             raise ConfigurationError(f"deadline must be a positive number, not {self.deadline!r}")
+        if self.patience is not None and (
+            not isinstance(self.patience, int | float) or not self.patience > 0
+        ):
+            raise ConfigurationError(
+                f"patience must be a positive number of seconds or None, not {self.patience!r}"
+            )
         if self.errors not in ("raise", "return"):
             raise ConfigurationError(f'errors must be "raise" or "return", not {self.errors!r}')
 
@@ -115,6 +128,7 @@ class OptionChanges(TypedDict, total=False):
     hedge: bool | None
     errors: ErrorMode
     rate: float | str | None
+    patience: float | None
 
 
 OPTION_NAMES = frozenset(f.name for f in fields(Options))

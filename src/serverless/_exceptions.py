@@ -6,7 +6,9 @@
     ├── RemoteError                            the user's function raised on a worker
     ├── DeadlineExceeded (also TimeoutError)   the call's overall deadline passed
     ├── Throttled                              raised BY the function: the downstream said
-    │                                          "too many"; the caller slows down and resends
+    │   │                                      "too many"; the caller slows down and resends
+    │   └── StillThrottled                     raised by the call: refused for `patience`
+    │                                          seconds with no item completing
     └── WorkerError                            no usable answer from a worker (has .url, .status)
         ├── RequestRejected                    the worker refused the request (4xx): not retried
         ├── WorkerUnavailable                  connection lost, 429/502/503/504: retried
@@ -28,6 +30,7 @@ __all__ = [
     "RequestRejected",
     "SerializationError",
     "ServerlessError",
+    "StillThrottled",
     "Throttled",
     "WorkerError",
     "WorkerTimeout",
@@ -102,12 +105,26 @@ class Throttled(ServerlessError):
     and lowers the call's rate (docs/reliability.md, "Rate limits"). It never counts against
     `retries` and never fails a call by itself; a `deadline=` still bounds the call. Items
     already done in that chunk are not run again when the function runs item by item: with
-    `rate=` set, or once the call has been throttled.
+    `rate=` set, with `retries=0`, or once the call has been throttled. A call refused for
+    `patience` seconds with no item completing raises StillThrottled.
     """
 
     def __init__(self, message: str = "", *, retry_after: float | str | None = None) -> None:
         super().__init__(message or "the downstream service is throttling")
         self.retry_after = _seconds(retry_after)
+
+
+class StillThrottled(Throttled):
+    """The call gave up: the downstream refused its items (the function raised Throttled)
+    for `patience` seconds in which no item completed. `last` is the last refusal's message,
+    `completed` how many of the call's items had completed (their results are lost with the
+    call), `throttles` how many refusals the call saw."""
+
+    def __init__(self, message: str, *, last: str, completed: int, throttles: int) -> None:
+        super().__init__(message)
+        self.last = last
+        self.completed = completed
+        self.throttles = throttles
 
 
 def _seconds(value: float | str | None) -> float | None:

@@ -35,7 +35,7 @@ from ._caller.fanout import Tally, close_batches, next_batch
 from ._caller.plan import CallPlan, make_plan
 from ._caller.sharing import run_shared
 from ._caller.transport import Target
-from ._config import ErrorMode, OptionChanges, Options
+from ._config import DEFAULT_PATIENCE, ErrorMode, OptionChanges, Options
 from ._exceptions import ConfigurationError
 from ._pool import mainscript as _mainscript
 from ._registry import BIND_CLASS, BIND_INSTANCE, BIND_NONE, Bind
@@ -517,6 +517,7 @@ def parallel(
     hedge: bool | None = None,
     errors: ErrorMode | None = None,
     rate: float | str | None = None,
+    patience: float | None = DEFAULT_PATIENCE,
     name: str | None = None,
 ) -> _ParallelDecorator: ...
 def parallel(
@@ -533,6 +534,7 @@ def parallel(
     hedge: bool | None = None,
     errors: ErrorMode | None = None,
     rate: float | str | None = None,
+    patience: float | None = DEFAULT_PATIENCE,
     name: str | None = None,
 ) -> Any:
     """Run the function on chunks of its first argument, in parallel, on HTTP workers.
@@ -540,18 +542,23 @@ def parallel(
     Use bare (`@serverless.parallel`) or with options (see `serverless.Options`). `name`
     registers the function under that name in its module instead of its own (a lambda's is
     `<lambda>`); workers find it by that name, as their import of the module runs this too.
+    `patience=None` waits for a refusing downstream for as long as it takes.
     """
-    options = Options().merged(
-        workers=workers,
-        chunk_size=chunk_size,
-        timeout=timeout,
-        retries=retries,
-        url=url,
-        deadline=deadline,
-        idempotent=idempotent,
-        hedge=hedge,
-        errors=errors,
-        rate=rate,
+    options = (
+        Options()
+        .merged(
+            workers=workers,
+            chunk_size=chunk_size,
+            timeout=timeout,
+            retries=retries,
+            url=url,
+            deadline=deadline,
+            idempotent=idempotent,
+            hedge=hedge,
+            errors=errors,
+            rate=rate,
+        )
+        .changed({"patience": patience})
     )
     if func is not None:
         return ParallelFunction(func, options, name)

@@ -4,6 +4,7 @@ this process (tests/quota.py) that counts, per item, the calls it served and ref
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 
@@ -222,3 +223,117 @@ def test_a_chunk_sent_in_parts_spans_all_of_them_in_its_timings() -> None:
     assert out == [2 * n for n in range(20)]
     (chunk,) = stats.chunks
     assert chunk.start < 0.1 and chunk.end > 0.8 and chunk.size == 20 and chunk.attempts == 1
+
+
+# -- issue 22: a call against a downstream that always refuses ends, and never floods it ------
+
+
+@pytest.mark.parametrize("rate", [None, "auto", 50], ids=["unpaced", "auto", "rate=50"])
+def test_a_downstream_that_refuses_everything_ends_the_call_and_is_not_flooded(
+    rate: float | str | None,
+) -> None:
+    """Every item refused with no Retry-After: the call raises StillThrottled once its
+    patience is spent, naming the last refusal and what completed, and the downstream sees a
+    first wave and then a trickle (before: 2,900 requests/s with no rate=, and no end; the
+    deadline here only keeps the old code from hanging)."""
+    DOWNSTREAM.reset(rate=1.0, burst=1.0)
+    f = sf.spent_quota.with_options(rate=rate, patience=3, deadline=20)
+    started = time.monotonic()
+    with pytest.raises(serverless.StillThrottled) as info:
+        f(list(range(200)))
+    elapsed = time.monotonic() - started
+    assert 3.0 <= elapsed < 6.0, elapsed
+    error = info.value
+    assert isinstance(error, Throttled)
+    assert error.completed == 0 and error.last == "429: daily quota exceeded"
+    assert "daily quota exceeded" in str(error) and "patience" in str(error)
+    refusals = sorted(t - started for t in DOWNSTREAM.refusals)
+    assert error.throttles == len(refusals)
+    first_wave = sum(1 for t in refusals if t < 0.5)
+    assert first_wave <= 100 + 1  # one per chunk in flight (workers=100), then one more
+    # then a trickle: at most START items/s and pauses that double, never a flood
+    later = [t for t in refusals if t >= 0.5]
+    assert len(later) <= 3 * 2 + 2, later
+
+
+def test_patience_none_waits_until_the_deadline() -> None:
+    DOWNSTREAM.reset(rate=1.0, burst=1.0)
+    f = sf.spent_quota.with_options(patience=None, deadline=1.5)
+    with pytest.raises(DeadlineExceeded):
+        f(list(range(10)))
+
+
+def test_patience_counts_only_while_nothing_completes() -> None:
+    """A quota that lets 5 items through per second: the call is refused most of the time
+    but keeps completing items, so a patience shorter than the call never ends it."""
+    DOWNSTREAM.reset(rate=40.0, burst=2.0)
+    f = sf.quota_lookup.with_options(patience=0.5, chunk_size=5, workers=4)
+    out = f(list(range(60)))
+    assert out == [2 * n for n in range(60)]
+
+
+def test_patience_is_an_option() -> None:
+    assert sf.spent_quota.with_options(patience=5).options.patience == 5
+    assert sf.spent_quota.with_options(patience=None).options.patience is None
+    assert serverless.Options().patience == 180.0
+    with pytest.raises(ConfigurationError, match="patience"):
+        sf.spent_quota.with_options(patience=0)
+    assert sf.waits_forever.options.patience is None  # @parallel(patience=None)
+
+
+def test_consecutive_refusals_pause_longer_each_time_then_one_item_per_second() -> None:
+    """On a fake clock: nothing ever gets through. The first throttle paces an unpaced call
+    at START (1/s) at once; each further episode pauses the call twice as long (jittered,
+    capped); after REFUSED_SLOW seconds, at most one item starts per second; a success
+    ends it all."""
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    pacer = Pacer(None, clock=lambda: now[0], sleep=sleep)
+    starts: list[float] = []
+
+    async def run() -> None:
+        for _ in range(40):
+            await pacer.take(1)
+            starts.append(now[0])
+            pacer.throttled(pacer.sent())
+            pacer.answered(pacer.epoch - 1)
+
+    asyncio.run(run())
+    assert pacer.rate == 1.0 and pacer.stalled() > 0 and pacer.completed == 0
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert all(gap >= 1.0 - 1e-9 for gap in gaps[1:]), gaps  # never faster than START
+    assert max(gaps) > 4.0 and max(gaps) <= 10.0 + 1e-9  # the pause doubled up to its cap
+    after = [t for t in starts if t >= 10.0]
+    for t in after:
+        assert sum(1 for u in after if t <= u < t + 1.0) <= 1
+    pacer.succeeded(1)
+    assert pacer.stalled() == 0.0 and pacer.completed == 1
+
+
+# -- issue 22: retries=0 is at most once under throttling too ----------------------------------
+
+
+def test_retries_0_never_reruns_an_item_that_reached_the_downstream() -> None:
+    """No rate=: a whole chunk that the function leaves with Throttled lost the results of
+    the items before the refused one, and resending it from item 0 ran them again (5 of 40
+    did). retries=0 runs item by item from the first request: counted on the downstream,
+    which the worker calls, every item is served exactly once."""
+    DOWNSTREAM.reset(rate=200.0, burst=5.0)
+    f = sf.quota_lookup.with_options(retries=0, chunk_size=10, workers=4)
+    out, stats = f.with_stats(list(range(40)))
+    assert out == [2 * n for n in range(40)]
+    assert stats.throttles > 0  # the quota did refuse some
+    assert DOWNSTREAM.served == dict.fromkeys(range(40), 1)
+
+
+def test_retries_0_in_a_fused_pipeline_never_reruns_an_item() -> None:
+    DOWNSTREAM.reset(rate=200.0, burst=5.0)
+    first = sf.quota_lookup.with_options(retries=0, chunk_size=10, workers=4)
+    pipeline = serverless.Pipeline(first, sf.square.with_options(chunk_size=10, workers=4))
+    run = pipeline.execute(list(range(40)))
+    assert run.result == [(2 * n) ** 2 for n in range(40)]
+    assert run.steps[1].fused_with == 1 and run.steps[0].throttles > 0
+    assert DOWNSTREAM.served == dict.fromkeys(range(40), 1)

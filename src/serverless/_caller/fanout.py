@@ -23,13 +23,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._exceptions import DeadlineExceeded, WorkerError, WorkerUnavailable
+from .._exceptions import DeadlineExceeded, StillThrottled, WorkerError, WorkerUnavailable
 from .._stats import ChunkStats
 from .._wire import StageFigures, Throttle
 from .chunking import AdaptiveChunks, Chunk
 from .flow import Capacities, Window
 from .plan import CallPlan
-from .rate import Pacer
 
 logger = logging.getLogger("serverless.dispatch")
 
@@ -232,7 +231,7 @@ class Fanout:
         self._wake: asyncio.Future[None] | None = None
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._by_start: list[tuple[float, int, _Chunk]] = []  # hedging candidates, a heap
-        self.pacer = Pacer(plan.rate)  # rate= and throttles: rate.py
+        self.pacer = plan.pacer()  # rate= and throttles: rate.py
 
     # -- the driver ----------------------------------------------------------------------
 
@@ -309,7 +308,9 @@ class Fanout:
         )
 
     async def _wait(self) -> None:
-        """Until a task finishes, a straggler is due for a hedge, or the deadline."""
+        """Until a task finishes, a straggler is due for a hedge, the deadline, or the end
+        of the call's patience with a refusing downstream."""
+        patience = self._patience_left()
         if not self._finished:
             tick = self._hedge_due()
             if self.deadline_at is not None:
@@ -317,6 +318,8 @@ class Fanout:
                 if left <= 0:
                     raise self._deadline_error("")
                 tick = left if tick is None else min(tick, left)
+            if patience is not None:
+                tick = patience if tick is None else min(tick, patience)
             loop = asyncio.get_running_loop()
             self._wake = wake = loop.create_future()
             timer = None if tick is None else loop.call_later(tick, _resolve, wake)
@@ -329,6 +332,26 @@ class Fanout:
         while self._finished:
             self._settle(*self._finished.popleft())
         self._maybe_hedge()
+
+    def _patience_left(self) -> float | None:
+        """Seconds the call may still be refused with nothing completing (None: no bound, or
+        nothing is refused); raises StillThrottled once they are spent."""
+        stalled = self.pacer.stalled()
+        if self.plan.patience is None or not stalled:
+            return None
+        left = self.plan.patience - stalled
+        if left > 0:
+            return left
+        pacer = self.pacer
+        raise StillThrottled(
+            f"{self.function}: the downstream refused every item for {self.plan.patience:g}s"
+            f" with none completing ({pacer.throttles} refusals; the last: "
+            f"{pacer.last_refusal}); {pacer.completed} of the call's items had completed. "
+            "patience= sets how long a call waits (None: for as long as it takes)",
+            last=pacer.last_refusal,
+            completed=pacer.completed,
+            throttles=pacer.throttles,
+        )
 
     def _finish(self, owner: _Chunk, task: asyncio.Task[list[Any]]) -> None:
         """A task's done callback: queue it for the driver, which knows it by its chunk."""
@@ -487,7 +510,9 @@ class Fanout:
                 pacer.succeeded(ran)
                 if not throttle.stopped:  # a stop is no news of the downstream: no decrease
                     record.throttles += 1
-                    pacer.throttled(epoch)
+                    pacer.throttled(epoch, throttle.retry_after, throttle.message)
+                    if self._wake is not None:  # the driver times the call's patience
+                        _resolve(self._wake)
                 record.spans = True
                 whole = whole.tail(throttle.at)
                 logger.info(

@@ -50,6 +50,7 @@ class CallPlan:
     hedge: bool = False
     isolate: bool = False  # errors="return": each item's error in its place
     rate: Rate | None = None  # items per second across the call, or "auto"
+    patience: float | None = None  # seconds of refusals with no item completing, at most
     group: str = field(default_factory=p.new_request_id)  # the call's id on its paced chunks
 
     @property
@@ -60,6 +61,13 @@ class CallPlan:
     def at_most_once(self) -> bool:
         """retries=0: nothing is sent again once it may have reached a worker."""
         return self.retries == 0
+
+    def pacer(self) -> Pacer:
+        """The call's pacer. retries=0 runs item by item (a fused call: one item per request)
+        from the first request, not only once throttled: a whole chunk that the function
+        leaves with Throttled loses the results of the items before the refused one, which
+        could only be had again by running them again (5 of 40 items ran twice)."""
+        return Pacer(self.rate, itemwise=self.at_most_once)
 
     # -- what a rate means for one request ---------------------------------------------------
 
@@ -165,4 +173,10 @@ def make_plan(
         hedge=all(options.hedging for options in every),
         isolate=first.errors == "return" and not fused,
         rate=rate,
+        patience=_strictest(options.patience for options in every),
     )
+
+
+def _strictest(bounds: Iterable[float | None]) -> float | None:
+    """The smallest of the bounds that are set (None: none is)."""
+    return min((bound for bound in bounds if bound is not None), default=None)

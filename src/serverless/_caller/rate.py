@@ -19,12 +19,21 @@ it then doubles every DOUBLING seconds until the next throttle (slow start). A w
 sees one item of a call throttled stops the call's other item-by-item chunks before their
 next item (the Call's `group`), so the downstream is not hit again by requests sent at the
 old rate.
+
+A downstream that refuses everything (a spent daily quota, a revoked key) is never flooded:
+an unpaced call whose first throttle comes before anything got through starts from START
+(it resent 2,900 requests/s before), each further episode with nothing completed in between
+also pauses the call, twice as long each time with jitter (up to REFUSED_PAUSE_CAP), and after
+REFUSED_SLOW seconds of refusals the call starts at most one item per second. `stalled()`
+says how long it has been refused with nothing completing: the fan-out gives up after the
+call's `patience`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -39,9 +48,12 @@ PART_S = 0.25  # seconds of the rate one request of a paced chunk carries at mos
 START = 1.0  # items per second: a throttle never sets the rate below this
 HOLD = 1.0  # seconds the requests of an episode may delay the next decrease
 DOUBLING = 0.1  # seconds: after the first throttle episode the rate doubles this often (its
-
-
 # first figure may be far too low: the call can be milliseconds old)
+REFUSED_PAUSE = 0.25  # seconds: the pause after a second episode with nothing completed...
+REFUSED_PAUSE_CAP = 10.0  # ...doubling with each further one, up to this
+REFUSED_SLOW = 10.0  # seconds of refusals with nothing completed: then at most START items/s
+
+
 class Pacer:
     """The rate of one call, on the dispatcher's loop. `rate` is None while the call is
     unpaced (no `rate=` and no throttle yet)."""
@@ -51,9 +63,12 @@ class Pacer:
         rate: Rate | None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        *,
+        itemwise: bool = False,
     ) -> None:
         self._clock, self._sleep = clock, sleep
-        self.auto = rate == "auto"  # item by item, even unpaced (also once throttled)
+        # item by item, even unpaced: "auto", retries=0 (`itemwise`), and once throttled
+        self.auto = rate == "auto" or itemwise
         self.ceiling = rate if isinstance(rate, float) else None  # the user's rate=
         self.rate: float | None = self.ceiling
         self.throttles = 0  # downstream refusals (Throttled) seen by the call
@@ -69,6 +84,11 @@ class Pacer:
         self._done: deque[tuple[float, int]] = deque()  # (when, items) succeeded recently
         self._done_items = 0
         self._lock = asyncio.Lock()  # FIFO: chunks start in the order they asked
+        self.completed = 0  # items that came back without a throttle
+        self.last_refusal = ""  # the last throttle's message (and Retry-After)
+        self._refused_since: float | None = None  # the first throttle since an item completed
+        self._refused_episodes = 0  # decreases since then
+        self._paused_until = -math.inf  # no item starts before (consecutive refusals)
 
     @property
     def itemwise(self) -> bool:
@@ -106,6 +126,8 @@ class Pacer:
             # and slow start ran to 38,000/s against a 200/s quota during one such wait)
             raised = min(raised, max(self.rate, 2.0 * self._achieved(now)))
             self.rate = min(raised, self.ceiling) if self.ceiling is not None else raised
+        if self._refused_since is not None and now - self._refused_since >= REFUSED_SLOW:
+            self.rate = min(self.rate, START)
         # a burst of at most one item: the downstream sees the rate, not a backlog
         self._tokens = min(1.0, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
@@ -118,6 +140,9 @@ class Pacer:
             while True:
                 now = self._clock()
                 self._refill(now)
+                if now < self._paused_until:
+                    await self._sleep(self._paused_until - now)
+                    continue
                 if self.rate is None or self._tokens > -1e-9:  # float dust is no debt
                     break
                 # the rate may change meanwhile (a throttle): look again within 0.1 s
@@ -130,6 +155,14 @@ class Pacer:
         self._done.append((now, items))
         self._done_items += items
         self._forget(now)
+        if items:
+            self.completed += items
+            self._refused_since, self._refused_episodes = None, 0
+
+    def stalled(self) -> float:
+        """Seconds the call has been refused with no item completing since (0: it is not)."""
+        since = self._refused_since
+        return 0.0 if since is None else max(1e-9, self._clock() - since)
 
     def _forget(self, now: float) -> None:
         while self._done and self._done[0][0] < now - WINDOW:
@@ -150,22 +183,27 @@ class Pacer:
         if epoch < self.epoch:
             self._older -= 1
 
-    def throttled(self, epoch: int) -> None:
+    def throttled(self, epoch: int, retry_after: float | None = None, message: str = "") -> None:
         """The downstream refused an item sent in `epoch`: back off, once per episode. The
         requests sent before the last decrease were sent too fast for it: their throttles
         belong to the episode it answered (TCP's one decrease per window), and so do those
         of later requests while older ones still run (a long chunk sent before the decrease
-        keeps spending the quota after it), for up to HOLD seconds."""
+        keeps spending the quota after it), for up to HOLD seconds. `retry_after` and
+        `message`: what the function's Throttled said."""
         self.throttles += 1
         now = self._clock()
+        waited = f" (Retry-After: {retry_after:g}s)" if retry_after is not None else ""
+        self.last_refusal = f"{message}{waited}"
+        if self._refused_since is None:
+            self._refused_since = now
         if epoch < self.epoch or (self._older > 0 and now - self._decreased < HOLD):
             return
         self._refill(now)
         achieved = self._achieved(now)
         self.auto = True  # item by item from now on: a throttle then costs no rerun
-        if self.rate is None:  # unpaced so far: start from what got through
-            if not achieved:
-                return  # nothing did lately: no figure to go by, only its Retry-After
+        if self.rate is None:
+            # unpaced so far: start from what got through, or from START if nothing did (a
+            # call that waited for a figure resent 2,900 requests/s to a refusing downstream)
             self.rate, self._slow = max(START, BACKOFF * achieved), True
         else:
             lowered = BACKOFF * self.rate
@@ -183,3 +221,10 @@ class Pacer:
         self._grow_by = GROWTH * self.rate / BACKOFF
         self._tokens = min(self._tokens, 0.0)
         self._stamp = now
+        self._refused_episodes += 1
+        if self._refused_episodes > 1 and retry_after is None:
+            # refused again with nothing completed since: pause the whole call, twice as long
+            # each time, jittered so that callers sharing a downstream do not come back in step
+            pause = REFUSED_PAUSE * 2.0 ** (self._refused_episodes - 2)
+            pause = min(REFUSED_PAUSE_CAP, pause) * random.uniform(0.5, 1.0)
+            self._paused_until = max(self._paused_until, now + pause)
