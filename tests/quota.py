@@ -20,6 +20,7 @@ class Downstream:
     refusals: list[float] = field(default_factory=list)
     latency: float = 0.0  # seconds a served call takes
     closed_until: float = 0.0  # every call before this time is refused, with this Retry-After
+    spike: tuple[float, float, float] = (0.0, 0.0, 0.0)  # served in [from, to): this latency
     _tokens: float = 0.0
     _stamp: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -29,6 +30,7 @@ class Downstream:
             self.rate, self.burst, self.latency = rate, burst, latency
             self._tokens, self._stamp = burst, time.monotonic()
             self.closed_until = 0.0
+            self.spike = (0.0, 0.0, 0.0)
             self.served.clear()
             self.refused.clear()
             self.times.clear()
@@ -37,8 +39,10 @@ class Downstream:
     def call(self, item: int) -> float | None:
         """Serve `item` (None), or refuse it: the seconds until a token is due."""
         wait = self._take(item)
-        if wait is None and self.latency:
-            time.sleep(self.latency)
+        if wait is None:
+            since, until, latency = self.spike
+            now = time.monotonic()
+            time.sleep(latency if since <= now < until else self.latency)
         return wait
 
     def refuse(self, item: int) -> None:

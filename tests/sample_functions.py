@@ -277,6 +277,20 @@ def spent_quota(numbers: list[int]) -> list[int]:
     return []
 
 
+@serverless.parallel
+def stamped(numbers: list[int], path: str, seconds: float = 0.0) -> list[int]:
+    """A downstream the test reads back: each item appends "item wall-time" to `path` as it
+    starts (one short O_APPEND write: lines from several processes never mix), then takes
+    `seconds`."""
+    out = []
+    for n in numbers:
+        with open(path, "a") as log:
+            log.write(f"{n} {time.time()}\n")
+        time.sleep(seconds)
+        out.append(n)
+    return out
+
+
 @serverless.parallel(patience=None)
 def waits_forever(numbers: list[int]) -> list[int]:
     """A decorator's patience=None: a refusing downstream is waited out for as long as it

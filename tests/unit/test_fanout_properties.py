@@ -36,7 +36,9 @@ def run(
 ) -> tuple[list[Any], Tally, list[int]]:
     sent: list[int] = []  # item offsets of every attempt that answered
 
-    async def attempt(url: str, chunk: Chunk, timeout: float, pace: float | None) -> Any:
+    async def attempt(
+        url: str, chunk: Chunk, timeout: float, pace: float | None, slot: float | None
+    ) -> Any:
         _, offset, items = chunk
         await asyncio.sleep(rng.random() * 0.002)
         roll = rng.random()

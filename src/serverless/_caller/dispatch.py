@@ -36,6 +36,7 @@ from .transport import Target
 
 logger = logging.getLogger("serverless.dispatch")
 T = TypeVar("T")
+Pacing = tuple["float | None", "float | None"]  # a paced request's Call.pace and Call.slot
 
 
 class Dispatcher:
@@ -122,8 +123,10 @@ class Dispatcher:
         target = plan.target
         assert target is not None  # an empty input, which has none, is never sent
 
-        async def attempt(url: str, chunk: Chunk, timeout: float, pace: float | None) -> Answer:
-            reply = await self._post(plan, target, url, chunk, timeout, pace)
+        async def attempt(
+            url: str, chunk: Chunk, timeout: float, pace: float | None, slot: float | None
+        ) -> Answer:
+            reply = await self._post(plan, target, url, chunk, timeout, (pace, slot))
             assert reply.results is not None
             self.capacities.observe(url, reply.worker, reply.capacity)
             return Answer(
@@ -154,19 +157,19 @@ class Dispatcher:
         url: str,
         chunk: Chunk,
         timeout: float,
-        pace: float | None = None,
+        pacing: Pacing = (None, None),
     ) -> p.Reply:
         """One attempt of one chunk; a server-context call's waits for a lane first: HTTP to
         self, or the caller's own thread. A chunk sent to self that was refused before it
         started goes to the caller's thread (the `start_by` hook: SharedCall.refused)."""
         shared = target.shared
         if shared is None:
-            return await self._send(plan, target, url, chunk, timeout, pace)
+            return await self._send(plan, target, url, chunk, timeout, pacing)
         inline = False
         while True:
             async with shared.lane(url, inline) as lane:
                 try:
-                    return await self._send(plan, target, lane, chunk, timeout, pace)
+                    return await self._send(plan, target, lane, chunk, timeout, pacing)
                 except WorkerError as exc:
                     if lane == INLINE or not shared.refused(exc):
                         raise
@@ -179,7 +182,7 @@ class Dispatcher:
         url: str,
         chunk: Chunk,
         timeout: float,
-        pace: float | None = None,
+        pacing: Pacing = (None, None),
     ) -> p.Reply:
         """Sign, post through the target's transport (or lane), read."""
         transport = target.transport or self._client()
@@ -189,7 +192,7 @@ class Dispatcher:
         # takes a fresh connection, which is never stale.
         for fresh in (plan.at_most_once, True):
             now = time.time()
-            call = plan.envelope(chunk, timeout, now, pace)  # signed anew on a resend: a new id
+            call = plan.envelope(chunk, timeout, now, *pacing)  # signed anew on a resend: a new id
             body, headers = p.build_request(
                 target.keyring, target.route, call, now, target.max_body
             )

@@ -91,9 +91,9 @@ class Answer:
     throttle: Throttle | None = None
 
 
-# One request of one chunk: (URL, the chunk or the part of it sent, timeout, the Call's pace)
-# -> its Answer, or an exception (a WorkerError: no usable answer).
-Attempt = Callable[[str, Chunk, float, "float | None"], Awaitable[Answer]]
+# One request of one chunk: (URL, the chunk or the part of it sent, timeout, the Call's pace
+# and slot) -> its Answer, or an exception (a WorkerError: no usable answer).
+Attempt = Callable[[str, Chunk, float, "float | None", "float | None"], Awaitable[Answer]]
 
 
 class _Record:
@@ -446,23 +446,28 @@ class Fanout:
         whole, before = chunk, []  # before: results of the parts done, in order
         record = _Record(chunk, _now())
         while True:
-            part = plan.part(pacer, len(whole.items))
-            chunk = whole if part == len(whole.items) else whole.head(part)
-            if pacer.rate is not None:  # unpaced: no await, no lock (the common case)
-                await pacer.take(len(chunk.items))
             url = await self._slot(failed)
             window = self.windows[url]
             number = window.send()
             self.load[url] += 1
             owner.urls.append(url)
-            timeout = plan.timeout
-            if self.deadline_at is not None:
-                timeout = min(timeout, max(0.001, self.deadline_at - _now()))
-            epoch = pacer.sent()
-            started = _now()
+            epoch = None
             try:
+                # the rate's turns last: a grant is not spent waiting for a URL with room
+                slot, size = None, functools.partial(plan.part, pacer, len(whole.items))
+                if pacer.rate is not None:  # unpaced: no await, no lock (the common case)
+                    part = await pacer.take(size)
+                    slot = time.time()  # item 0's turn, for the worker (pacing.py)
+                else:
+                    part = size()
+                chunk = whole if part == len(whole.items) else whole.head(part)
+                timeout = plan.timeout
+                if self.deadline_at is not None:
+                    timeout = min(timeout, max(0.001, self.deadline_at - _now()))
+                epoch = pacer.sent()
+                started = _now()
                 self.tally.sent += 1
-                answer = await self.attempt(url, chunk, timeout, plan.pace(pacer))
+                answer = await self.attempt(url, chunk, timeout, plan.pace(pacer), slot)
             except WorkerError as exc:
                 overloaded = isinstance(exc, WorkerUnavailable) and exc.status in (429, 503)
                 if overloaded:
@@ -498,11 +503,15 @@ class Fanout:
             finally:
                 self.load[url] -= 1
                 owner.urls.remove(url)
-                pacer.answered(epoch)
+                if epoch is not None:
+                    pacer.answered(epoch)
                 self._release()
             record.answered(url, answer, started, _now())
             before += answer.results
             throttle = answer.throttle
+            if slot is not None:  # how long its items take: how many fit a request
+                ran = len(chunk.items) if throttle is None else throttle.ran
+                pacer.ran(ran, answer.compute_s)
             if throttle is not None:
                 # the items before it ran: keep their results, send the rest once the
                 # downstream's wait is over, at a lower rate (it never counts as a retry)

@@ -90,9 +90,17 @@ class CallPlan:
 
     # -- the requests ------------------------------------------------------------------------
 
-    def envelope(self, chunk: Chunk, timeout: float, now: float, pace: float | None) -> p.Call:
+    def envelope(
+        self,
+        chunk: Chunk,
+        timeout: float,
+        now: float,
+        pace: float | None,
+        slot: float | None = None,
+    ) -> p.Call:
         """One chunk's request envelope, with a request id of its own, for an attempt sent at
-        `now` that ends in `timeout` seconds: after that the worker must not start it."""
+        `now` that ends in `timeout` seconds: after that the worker must not start it. A
+        paced one's items take their turns from `slot`, when the rate let the first start."""
         deadline = now + timeout
         # a call that cannot retry does not ask for a busy refusal: it would fail the call
         start_by = None if self.at_most_once else min(now + START_WITHIN, deadline)
@@ -111,6 +119,7 @@ class CallPlan:
             start_by=start_by,
             pace=pace,
             group=self.group if pace is not None else "",
+            slot=slot if pace else None,
         )
 
     def chunks(self, items: Iterable[Any]) -> tuple[Iterator[Chunk], AdaptiveChunks | None]:

@@ -67,6 +67,7 @@ class StageFigures(msgspec.Struct, forbid_unknown_fields=False):
 
 
 MAX_PACE = 3600.0  # seconds between item starts a worker accepts (a Call's pace)
+LATE_START = 0.04  # seconds after its turn a paced item may still start (§6.3)
 
 
 class Call(msgspec.Struct, forbid_unknown_fields=False):
@@ -100,6 +101,10 @@ class Call(msgspec.Struct, forbid_unknown_fields=False):
     # the call the chunk belongs to (the same random id on all its chunks): once one of its
     # items is throttled, the worker stops its other item-by-item chunks at their next item
     group: str = ""
+    # a paced chunk: the caller's time.time() when its rate let item 0 start (item i's turn:
+    # slot + i * pace). A worker that gets it late (in transit, queued, stopped) moves its
+    # items to the turns still ahead and returns the rest unstarted (§6.3), never a burst
+    slot: float | None = None
 
 
 class WireCall(msgspec.Struct, forbid_unknown_fields=False):
@@ -120,6 +125,7 @@ class WireCall(msgspec.Struct, forbid_unknown_fields=False):
     start_by: float | None = None
     pace: float | None = None
     group: str = ""
+    slot: float | None = None
 
 
 class ErrorInfo(msgspec.Struct, forbid_unknown_fields=False):
@@ -257,6 +263,7 @@ def typed_call(wire: WireCall, shape: _values.Shape, fmt: str) -> Call | _values
         start_by=wire.start_by,
         pace=wire.pace,
         group=wire.group,
+        slot=wire.slot,
     )
 
 

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import importlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -270,6 +271,8 @@ class Endpoint:
             return self.reject(400, "a fused call cannot run item by item", fmt, head=head)
         if wire.pace is not None and not 0 <= wire.pace <= p.MAX_PACE:
             return self.reject(400, f"pace must be in [0, {p.MAX_PACE}]s", fmt, head=head)
+        if wire.slot is not None and not math.isfinite(wire.slot):
+            return self.reject(400, "slot must be a finite time", fmt, head=head)
         binds = [wire.bind] + [stage.bind for stage in wire.then]
         stages: list[tuple[_registry.Entry, _registry.Bind]] = []
         for name, found, wire_bind in zip(names, entries, binds, strict=True):

@@ -29,10 +29,12 @@ from .. import _wire as p
 from .._exceptions import SerializationError, Throttled
 from .._wire import Response
 from .._wire.values import inexact_result
+from .pacing import Arrivals, Turns
 
 logger = logging.getLogger("serverless.worker")
 
 MAX_THROTTLED_CALLS = 1024  # calls whose throttles a worker remembers (the newest)
+LATE_STOP = "the chunk's turns passed before these items could start"
 
 # What the work asks its driver for: seconds to sleep, or an awaitable to resolve.
 Wait = float | Awaitable[Any]
@@ -132,6 +134,7 @@ class Runner:
         self._sign = sign
         self._clock = clock
         self.throttles = Throttles(clock)
+        self.arrivals = Arrivals(clock)
 
     def run(self, job: Job) -> Response:
         """Run a chunk in this thread; one with an async stage gets its own event loop."""
@@ -185,24 +188,36 @@ class Runner:
         function, call, is_async = job.entry.bound(job.bind), job.call, job.entry.is_async
         results: list[Any] = []
         errors: list[p.ItemError] = []
+        turns, waited = None, 0.0  # waited: for turns, not computing (the Reply's compute_s)
+        if call.pace:  # each item in its turn, never a burst of overdue ones (pacing.py)
+            late = 0.0
+            if call.slot is not None and call.group:
+                late = self.arrivals.lateness(call.group, call.slot)
+            turns = Turns(started - late, call.pace, len(call.items))
         for index, item in enumerate(call.items):
-            if call.pace and index:
-                wait = started + index * call.pace - clock()
+            if turns is not None:
+                wait = turns.wait(clock())
+                if wait is None:  # its turns have passed: the caller grants new ones
+                    rest = p.Throttle(at=index, message=LATE_STOP, ran=index, stopped=True)
+                    return self._reply_throttled(job, results, errors, rest, started, waited)
                 if wait > 0:
+                    before = clock()
                     yield wait
+                    waited += clock() - before
             stopped = stop(call, started, index)
             if stopped is not None:
-                return self._reply_throttled(job, results, errors, stopped, started)
+                return self._reply_throttled(job, results, errors, stopped, started, waited)
             try:
                 result = function(_Tracked([item]), *call.args, **call.kwargs)
                 if is_async:
                     result = yield result
                 results += _as_list(result)
             except Exception as exc:
-                answer = self._item_failed(job, exc, index, item, results, errors, started)
+                answer = self._item_failed(job, exc, index, item, results, errors, started, waited)
                 if answer is not None:
                     return answer
-        return self._success(job, results, started, [], errors if call.isolate else None)
+        isolated = errors if call.isolate else None
+        return self._success(job, results, started, [], isolated, waited=waited)
 
     def _item_failed(
         self,
@@ -213,13 +228,14 @@ class Runner:
         results: list[Any],
         errors: list[p.ItemError],
         started: float,
+        waited: float,
     ) -> Response | None:
         """Item `index` of an item-by-item run raised: the answer that ends the chunk, or
         None where the run goes on (isolated: its error is kept in place)."""
         if isinstance(exc, _ResultError):
             return self._failure(job, "result", exc.__cause__ or exc, None, started)
         if isinstance(exc, Throttled):
-            return self._throttled(job, results, errors, index, exc, started)
+            return self._throttled(job, results, errors, index, exc, started, waited=waited)
         if not job.call.isolate:
             return self._failure(job, "user", exc, (index, item), started)
         errors.append(p.ItemError(index, len(results), _error_info(exc, index, item)))
@@ -234,6 +250,7 @@ class Runner:
         exc: Throttled,
         started: float,
         ran: int | None = None,
+        waited: float = 0.0,
     ) -> Response:
         """The function said the downstream refused item `at`: the results so far, and the
         point from which the caller sends the chunk again."""
@@ -241,7 +258,7 @@ class Runner:
         throttle = p.Throttle(at=at, retry_after=exc.retry_after, message=str(exc), ran=ran)
         if job.call.group:  # the call's other chunks here stop at their next item
             self.throttles.note(job.call.group, exc.retry_after)
-        return self._reply_throttled(job, results, errors, throttle, started)
+        return self._reply_throttled(job, results, errors, throttle, started, waited)
 
     def _reply_throttled(
         self,
@@ -250,9 +267,10 @@ class Runner:
         errors: list[p.ItemError],
         throttle: p.Throttle,
         started: float,
+        waited: float = 0.0,
     ) -> Response:
         isolated = errors if job.call.isolate else None
-        return self._success(job, results, started, [], isolated, throttle)
+        return self._success(job, results, started, [], isolated, throttle, waited)
 
     def _success(
         self,
@@ -262,7 +280,10 @@ class Runner:
         figures: list[p.StageFigures],
         item_errors: list[p.ItemError] | None = None,
         throttled: p.Throttle | None = None,
+        waited: float = 0.0,
     ) -> Response:
+        """The results, signed; `waited`: seconds of a paced chunk spent waiting for its
+        items' turns, which its compute_s leaves out."""
         entry, bind = job.then[-1] if job.then else (job.entry, job.bind)
         try:
             inexact = inexact_result(entry.shape(bind), results)
@@ -291,7 +312,7 @@ class Runner:
             worker=worker_id(),
             results=results,
             queue_s=started - job.received,
-            compute_s=done - started,
+            compute_s=done - started - waited,
             stages=figures if job.then else None,
             item_errors=item_errors,
             capacity=job.capacity,
