@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -278,5 +279,51 @@ def counted_or_throttled(numbers: list[int]) -> list[int]:
             raise serverless.Throttled(retry_after=wait)
         if n % 7 == 3:
             raise ValueError(f"cannot handle {n}")
+        out.append(n)
+    return out
+
+
+class Unprintable(Exception):
+    """An exception whose str() raises."""
+
+    def __str__(self) -> str:
+        raise ValueError("no text for this one")
+
+
+def _exit(how: str, n: int) -> None:
+    """Leave the user's code on item `n` by one of the exits that are not an Exception (or
+    by an exception that cannot be printed)."""
+    if how == "exit":
+        sys.exit(3)
+    if how == "interrupt":
+        raise KeyboardInterrupt(f"interrupted at {n}")
+    if how == "cancel":
+        raise asyncio.CancelledError(f"cancelled at {n}")
+    if how == "generator":
+        raise GeneratorExit(f"closed at {n}")
+    if how == "unprintable":
+        raise Unprintable()
+    raise AssertionError(how)
+
+
+@serverless.parallel
+def exits_on(numbers: list[int], bad: int, how: str) -> list[int]:
+    """Leaves by `how` (see _exit) on item `bad`."""
+    out = []
+    for n in numbers:
+        if n == bad:
+            _exit(how, n)
+        out.append(n)
+    return out
+
+
+@serverless.parallel
+async def async_exits_on(numbers: list[int], bad: int, how: str) -> list[int]:
+    """exits_on on the worker's event loop, after an await."""
+    await asyncio.sleep(0)
+    out = []
+    for n in numbers:
+        if n == bad:
+            _exit(how, n)
         out.append(n)
     return out
