@@ -248,3 +248,20 @@ def test_a_function_with_a_non_ascii_name_runs_on_the_pool() -> None:
     # the caller sends the name's UTF-8 bytes in the signed Serverless-Function header (it
     # raised UnicodeEncodeError building the request head before)
     assert sf.квадрат([2, 3]) == [4, 9]
+
+
+def test_a_call_wider_than_select_can_watch_keeps_the_pool_alive() -> None:
+    """Issue 22: with more than 1,024 descriptors open in the caller (a wide call holds one
+    connection per chunk in flight), the pool's probe used select(), which raises on any
+    descriptor above 1,023: the pool's thread died and every worker with it. 1,100 files are
+    held open so the probe's sockets are numbered above it, then a call 2,000 wide runs, and
+    the pool still serves after several probe rounds."""
+    held = [open(os.devnull, "rb") for _ in range(1100)]  # noqa: SIM115
+    try:
+        wide = sf.sleepy.with_options(workers=2000, chunk_size=1)
+        assert wide([0.01] * 2000) == [0.01] * 2000
+        time.sleep(1.5)  # three rounds of the pool's thread, each probing every worker
+        assert sf.square(list(range(10))) == [n * n for n in range(10)]
+    finally:
+        for handle in held:
+            handle.close()

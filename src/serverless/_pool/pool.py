@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import secrets
-import select
+import selectors
 import shutil
 import signal
 import socket
@@ -130,6 +130,8 @@ class LocalPool:
             except ConfigurationError as exc:  # the next revive() raises it to its caller
                 logger.error("replacing a local worker failed: %s", exc)
                 error = exc
+            except Exception:  # the thread outlives any round: its workers die with it
+                logger.exception("a round of the local pool's thread failed; trying again")
             with self._round_done:
                 self._rounds += 1
                 self._error = error
@@ -181,15 +183,22 @@ class LocalPool:
             sock.setblocking(False)
             sockets[sock] = slot
         deadline = time.monotonic() + PROBE_TIMEOUT
-        try:
-            while sockets and (left := deadline - time.monotonic()) > 0:
-                readable, _, _ = select.select(list(sockets), [], [], left)
-                for sock in readable:
-                    self._answered[sockets.pop(sock)] = time.monotonic()
-                    sock.close()
-        finally:
+        # a selector, not select(): a caller with a wide call holds more than FD_SETSIZE
+        # (1,024) descriptors, and select() raises on any above it (workers=2000 killed the
+        # pool's thread, and every worker with it)
+        with selectors.DefaultSelector() as selector:
             for sock in sockets:
-                sock.close()
+                selector.register(sock, selectors.EVENT_READ, sock)
+            try:
+                while sockets and (left := deadline - time.monotonic()) > 0:
+                    for key, _ in selector.select(left):
+                        answered: socket.socket = key.data
+                        selector.unregister(answered)
+                        self._answered[sockets.pop(answered)] = time.monotonic()
+                        answered.close()
+            finally:
+                for sock in sockets:
+                    sock.close()
         now = time.monotonic()
         for slot, proc, _ in live:
             cpu = _cpu_ticks(proc.pid)
@@ -261,10 +270,11 @@ class LocalPool:
     def _await_port(self, proc: subprocess.Popen[bytes], port_fd: int) -> str:
         deadline = time.monotonic() + START_TIMEOUT
         data = b""
+        selector = selectors.DefaultSelector()
+        selector.register(port_fd, selectors.EVENT_READ)
         try:
             while time.monotonic() < deadline and proc.poll() is None:
-                ready, _, _ = select.select([port_fd], [], [], 0.05)
-                if ready:
+                if selector.select(0.05):
                     chunk = os.read(port_fd, 64)
                     data += chunk
                     if data.endswith(b"\n"):
@@ -272,6 +282,7 @@ class LocalPool:
                     if not chunk:
                         break
         finally:
+            selector.close()
             os.close(port_fd)
         proc.kill()
         proc.wait()
