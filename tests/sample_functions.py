@@ -290,6 +290,16 @@ class Unprintable(Exception):
         raise ValueError("no text for this one")
 
 
+# how -> (the remote type, its message on item 13)
+EXITS = {
+    "exit": ("SystemExit", "3"),
+    "interrupt": ("KeyboardInterrupt", "interrupted at 13"),
+    "cancel": ("CancelledError", "cancelled at 13"),
+    "generator": ("GeneratorExit", "closed at 13"),
+    "unprintable": ("Unprintable", "<str() raised ValueError>"),
+}
+
+
 def _exit(how: str, n: int) -> None:
     """Leave the user's code on item `n` by one of the exits that are not an Exception (or
     by an exception that cannot be printed)."""
