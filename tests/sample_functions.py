@@ -337,3 +337,24 @@ async def async_exits_on(numbers: list[int], bad: int, how: str) -> list[int]:
             _exit(how, n)
         out.append(n)
     return out
+
+
+class Counted:
+    """Methods that count their runs (the worker-side counter of issue 22.12's refusals)."""
+
+    @serverless.parallel
+    def scaled(self, numbers: list[int], factor: int = 1) -> list[int]:
+        _record("Counted.scaled")
+        return [n * factor for n in numbers]
+
+    @serverless.parallel
+    @staticmethod
+    def negated(numbers: list[int], *, sign: int = -1) -> list[int]:
+        _record("Counted.negated")
+        return [sign * n for n in numbers]
+
+
+@serverless.parallel
+def counted_add(numbers: list[int], amount: int, *, times: int = 1) -> list[int]:
+    _record("counted_add")
+    return [(n + amount) * times for n in numbers]
