@@ -5,6 +5,11 @@ reached the caller as ProtocolError: an unsigned 500 from the server ("a forged 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,3 +76,34 @@ def test_on_serverless_worker(worker: str, f: Any, how: str) -> None:
 def test_in_the_main_thread_of_a_sync_gunicorn_worker(sync_gunicorn: str, f: Any, how: str) -> None:
     serverless.init(secret=SECRET, url=sync_gunicorn)
     _exits_fail_and_the_worker_serves_on(f, how)
+
+
+@pytest.mark.usefixtures("reset_settings")
+def test_a_signal_to_the_server_mid_chunk_is_still_the_servers(sync_gunicorn: str) -> None:
+    """gunicorn's SIGINT handler leaves by sys.exit() from inside the chunk's frames: that
+    exit is the server's, so the worker process still stops (the arbiter starts another),
+    and the caller is told the worker went away, not that its function failed."""
+    serverless.init(secret=SECRET, url=sync_gunicorn)
+    (pid,) = sf.pids.with_options(workers=1)([0])
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            sf.sleepy.with_options(workers=1, retries=0)([5.0])
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGINT)
+    thread.join(30)
+    assert len(errors) == 1 and not isinstance(errors[0], RemoteError), errors
+    deadline = time.monotonic() + 30
+    while True:  # the arbiter's next worker serves
+        with contextlib.suppress(serverless.WorkerUnavailable):
+            (new,) = sf.pids.with_options(workers=1)([0])
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert new != pid
