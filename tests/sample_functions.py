@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -313,3 +314,80 @@ def counted_or_throttled(numbers: list[int]) -> list[int]:
             raise ValueError(f"cannot handle {n}")
         out.append(n)
     return out
+
+
+class Unprintable(Exception):
+    """An exception whose str() raises."""
+
+    def __str__(self) -> str:
+        raise ValueError("no text for this one")
+
+
+# how -> (the remote type, its message on item 13)
+EXITS = {
+    "exit": ("SystemExit", "3"),
+    "interrupt": ("KeyboardInterrupt", "interrupted at 13"),
+    "cancel": ("CancelledError", "cancelled at 13"),
+    "generator": ("GeneratorExit", "closed at 13"),
+    "unprintable": ("Unprintable", "<str() raised ValueError>"),
+}
+
+
+def _exit(how: str, n: int) -> None:
+    """Leave the user's code on item `n` by one of the exits that are not an Exception (or
+    by an exception that cannot be printed)."""
+    if how == "exit":
+        sys.exit(3)
+    if how == "interrupt":
+        raise KeyboardInterrupt(f"interrupted at {n}")
+    if how == "cancel":
+        raise asyncio.CancelledError(f"cancelled at {n}")
+    if how == "generator":
+        raise GeneratorExit(f"closed at {n}")
+    if how == "unprintable":
+        raise Unprintable()
+    raise AssertionError(how)
+
+
+@serverless.parallel
+def exits_on(numbers: list[int], bad: int, how: str) -> list[int]:
+    """Leaves by `how` (see _exit) on item `bad`."""
+    out = []
+    for n in numbers:
+        if n == bad:
+            _exit(how, n)
+        out.append(n)
+    return out
+
+
+@serverless.parallel
+async def async_exits_on(numbers: list[int], bad: int, how: str) -> list[int]:
+    """exits_on on the worker's event loop, after an await."""
+    await asyncio.sleep(0)
+    out = []
+    for n in numbers:
+        if n == bad:
+            _exit(how, n)
+        out.append(n)
+    return out
+
+
+class Counted:
+    """Methods that count their runs (the worker-side counter of issue 22.12's refusals)."""
+
+    @serverless.parallel
+    def scaled(self, numbers: list[int], factor: int = 1) -> list[int]:
+        _record("Counted.scaled")
+        return [n * factor for n in numbers]
+
+    @serverless.parallel
+    @staticmethod
+    def negated(numbers: list[int], *, sign: int = -1) -> list[int]:
+        _record("Counted.negated")
+        return [sign * n for n in numbers]
+
+
+@serverless.parallel
+def counted_add(numbers: list[int], amount: int, *, times: int = 1) -> list[int]:
+    _record("counted_add")
+    return [(n + amount) * times for n in numbers]

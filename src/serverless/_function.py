@@ -164,7 +164,7 @@ class ParallelFunction(_Step[P, R]):
     def __init__(self, func: Callable[P, R], options: Options, name: str | None = None) -> None:
         super().__init__(func)
         self.options = options
-        self.entry = _registry.register(self._func, name)
+        self.entry = _registry.register(self._func, name, self._declared)
         if name is not None:  # statistics and reports call the step by this name
             self.__name__ = name.rpartition(".")[2]
         self._bound_args: tuple[Any, ...] = ()

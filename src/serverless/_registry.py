@@ -16,7 +16,7 @@ import importlib
 import inspect
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -52,6 +52,7 @@ class Entry:
     # registration order in this process; an identical redefinition keeps its predecessor's
     # (see _mainscript: a worker's import of the main script registers a prefix of this order)
     seq: int = 0
+    declared: str = "plain"  # "static" or "class": decorated as a staticmethod, a classmethod
 
     @property
     def owner_path(self) -> list[str]:
@@ -66,6 +67,50 @@ class Entry:
         if not isinstance(target, type):
             raise ConfigurationError(f"{self.name} is not defined in a class")
         return target
+
+    def misfit(self, bind: Bind, args: int, kwargs: Iterable[str]) -> str | None:
+        """Why a chunk called with `bind`, `args` extra positional arguments and these
+        keywords cannot run this function (None if it can), found without running anything
+        of the user's: a signed request may still name arguments the function does not take."""
+        if bind not in self._binds:
+            return f"{self.name} is not called with the binding {bind!r}"
+        signature = self._signature
+        if signature is None:
+            return None
+        receiver = [None] if bind else []
+        try:
+            signature.bind(*receiver, None, *[None] * args, **dict.fromkeys(kwargs))
+        except TypeError as exc:
+            return f"the arguments do not fit {self.name}: {exc}"
+        return None
+
+    @functools.cached_property
+    def _binds(self) -> frozenset[str]:
+        """The bindings a caller's step can send for this function: none for a module's
+        function or a staticmethod, the class for a classmethod, the class or an instance
+        for a method (looked up in its class's namespace: no descriptor runs)."""
+        if not self.owner_path or self.declared == "static":
+            return frozenset({BIND_NONE})
+        if self.declared == "class":
+            return frozenset({BIND_CLASS})
+        try:
+            found = vars(self.owner()).get(self.qualname.rpartition(".")[2])
+        except Exception:  # the class cannot be found: the call will say so
+            found = None
+        if isinstance(found, staticmethod):
+            return frozenset({BIND_NONE})
+        if isinstance(found, classmethod):
+            return frozenset({BIND_CLASS})
+        if found is None:
+            return frozenset({BIND_NONE, BIND_INSTANCE, BIND_CLASS})
+        return frozenset({BIND_INSTANCE, BIND_CLASS})
+
+    @functools.cached_property
+    def _signature(self) -> inspect.Signature | None:
+        try:
+            return inspect.signature(self.func)
+        except (TypeError, ValueError):  # no signature to check (a builtin): calls tell
+            return None
 
     def shape(self, bind: Bind) -> Shape:
         """How the function's values travel (from its annotations), called with `bind`."""
@@ -110,7 +155,7 @@ def module_object(module: str) -> Any:
     return sys.modules.get(module) or importlib.import_module(module)
 
 
-def register(func: Callable[..., Any], name: str | None = None) -> Entry:
+def register(func: Callable[..., Any], name: str | None = None, declared: str = "plain") -> Entry:
     """Register `func` under its module and qualified name (or `name`, for a lambda); the
     worker finds it by that."""
     global _sequence, _redefined
@@ -147,6 +192,7 @@ def register(func: Callable[..., Any], name: str | None = None) -> Entry:
             func=func,
             is_async=inspect.iscoroutinefunction(func),
             seq=old.seq if old is not None and same else _sequence,
+            declared=declared,
         )
         _entries[full] = entry
     return entry

@@ -9,13 +9,10 @@ element by element, and the walk stops at the limit.
 
 from __future__ import annotations
 
-import re
-
 MAX_CONTAINERS = 1_000_000  # ~80 MB of empty lists at most
 
 _MSGPACK_OPENERS = bytes([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])
 _NOT_MSGPACK_OPENERS = bytes(b for b in range(256) if b not in _MSGPACK_OPENERS)
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 # MessagePack: the bytes after an element's first byte, by first byte (payload lengths that
 # the element itself announces are added by the walk).
@@ -32,11 +29,27 @@ def too_many_containers(body: bytes, json: bool, limit: int = MAX_CONTAINERS) ->
     if json:
         if body.count(b"[") + body.count(b"{") <= limit:
             return False
-        bare = _JSON_STRING.sub(b"", body)
-        return bare.count(b"[") + bare.count(b"{") > limit
+        return _json_containers(body, limit) > limit
     if len(body.translate(None, _NOT_MSGPACK_OPENERS)) <= limit:
         return False
     return _msgpack_containers(body, limit) > limit
+
+
+def _json_containers(body: bytes, limit: int, window: int = 1 << 20) -> int:
+    """The brackets and braces outside strings, counted a window at a time with C-speed
+    bytes methods: escapes go first (a backslash pair, then an escaped quote), so that every
+    quote left opens or closes a string. A regex over the whole body took 1.7 s in one call
+    on 8 M strings of "[", holding the GIL (the event loop) throughout."""
+    bare = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    count, inside = 0, False
+    for start in range(0, len(bare), window):
+        pieces = bare[start : start + window].split(b'"')
+        outside = b"".join(pieces[1 if inside else 0 :: 2])
+        count += outside.count(b"[") + outside.count(b"{")
+        inside ^= (len(pieces) - 1) % 2 == 1
+        if count > limit:
+            break
+    return count
 
 
 def _msgpack_containers(body: bytes, limit: int) -> int:

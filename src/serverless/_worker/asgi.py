@@ -27,6 +27,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+# Bodies up to this size are decoded on the event loop (well under a millisecond); a larger
+# one in a thread, so that the loop answers meanwhile: a body of the limit's size took the
+# loop for up to 1.9 s (issue 22.12). A single msgspec decode still holds the GIL while it runs.
+INLINE_BODY = 256 * 1024
+
 
 class ASGIEndpoint:
     """Serves POSTs to the route; passes every other request to `app` (404 if there is none)."""
@@ -78,7 +83,11 @@ class ASGIEndpoint:
             hold.release()  # authenticated or refused: no longer anonymous bytes
         if refused is not None:
             return refused
-        job = endpoint.admit(head, b"".join(chunks))
+        raw = b"".join(chunks)
+        if len(raw) > INLINE_BODY:  # decoding and bounds checks, off the event loop
+            job = await asyncio.get_running_loop().run_in_executor(None, endpoint.admit, head, raw)
+        else:
+            job = endpoint.admit(head, raw)
         if isinstance(job, Response):
             return job
         return await self.scheduler.run(job, functools.partial(_disconnected, receive))

@@ -278,8 +278,14 @@ class Endpoint:
         for name, found, wire_bind in zip(names, entries, binds, strict=True):
             assert found is not None
             bind = _registry.as_bind(wire_bind)
-            if bind is None or (bind and not found.owner_path):
+            if bind is None:
                 return self.reject(400, f"bad binding {wire_bind!r} for {name}", fmt, head=head)
+            first = not stages  # later stages get the previous stage's results, nothing else
+            misfit = found.misfit(
+                bind, len(wire.args) if first else 0, wire.kwargs if first else ()
+            )
+            if misfit is not None:  # refused before it runs: nothing of the user's has
+                return self.reject(400, misfit, fmt, head=head)
             stages.append((found, bind))
         (entry, bind), then = stages[0], stages[1:]
         try:  # the values, into the types the first function's annotations give

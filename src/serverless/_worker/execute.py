@@ -14,8 +14,10 @@ throttled calls read it, and nothing here does I/O but through the driver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -174,7 +176,9 @@ class Runner:
             return self._failure(job, "result", exc.__cause__ or exc, None, started, stage)
         except Throttled as exc:  # the whole chunk goes again: its results so far are lost
             return self._throttled(job, [], [], 0, exc, started, _ran(items))
-        except Exception as exc:
+        except BaseException as exc:  # sys.exit(), KeyboardInterrupt... are the user's too
+            if not users_exit(exc):
+                raise
             return self._failure(job, "user", exc, _at(items), started, stage)
         return self._success(job, results, started, figures)
 
@@ -212,7 +216,9 @@ class Runner:
                 if is_async:
                     result = yield result
                 results += _as_list(result)
-            except Exception as exc:
+            except BaseException as exc:
+                if not users_exit(exc):
+                    raise
                 answer = self._item_failed(job, exc, index, item, results, errors, started, waited)
                 if answer is not None:
                     return answer
@@ -222,7 +228,7 @@ class Runner:
     def _item_failed(
         self,
         job: Job,
-        exc: Exception,
+        exc: BaseException,
         index: int,
         item: Any,
         results: list[Any],
@@ -255,7 +261,8 @@ class Runner:
         """The function said the downstream refused item `at`: the results so far, and the
         point from which the caller sends the chunk again."""
         ran = at if ran is None else ran
-        throttle = p.Throttle(at=at, retry_after=exc.retry_after, message=str(exc), ran=ran)
+        message = _text(exc)
+        throttle = p.Throttle(at=at, retry_after=exc.retry_after, message=message, ran=ran)
         if job.call.group:  # the call's other chunks here stop at their next item
             self.throttles.note(job.call.group, exc.retry_after)
         return self._reply_throttled(job, results, errors, throttle, started, waited)
@@ -364,9 +371,15 @@ def drive(work: Work) -> Response:
 
 async def drive_async(work: Work) -> Response:
     """Drive the work on this event loop: sleeps and awaits here, the function's exceptions
-    back into the work, where they are judged as in a sync run."""
+    back into the work, where they are judged as in a sync run.
+
+    A cancellation of this task (its client gone, the server shutting down) is not the
+    function's: the work is abandoned and the cancellation goes on. A CancelledError the
+    function raised of its own, with no cancellation pending, is its error (Python 3.10
+    cannot tell the two apart: there every CancelledError is taken as a cancellation)."""
+    task = asyncio.current_task()
     value: Any = None
-    error: Exception | None = None
+    error: BaseException | None = None
     try:
         while True:
             wait = work.send(value) if error is None else work.throw(error)
@@ -376,11 +389,60 @@ async def drive_async(work: Work) -> Response:
                     await asyncio.sleep(wait)
                 else:
                     value = await wait
-            except Exception as exc:
+            except BaseException as exc:
+                if _cancelled(task, exc) or not users_exit(exc):
+                    _abandon(work)
+                    raise
                 error = exc
     except StopIteration as done:
         response: Response = done.value
         return response
+
+
+def _cancelled(task: asyncio.Task[Any] | None, exc: BaseException) -> bool:
+    """Whether `exc` left an await because the driving task was cancelled."""
+    cancelling = getattr(task, "cancelling", None)
+    if cancelling is None:  # Python 3.10
+        return isinstance(exc, asyncio.CancelledError)
+    return bool(cancelling())
+
+
+class _Abandoned(BaseException):
+    """Thrown into a work whose driver stops driving it: not the user's, so not answered."""
+
+
+def _abandon(work: Work) -> None:
+    with contextlib.suppress(_Abandoned, StopIteration):
+        work.throw(_Abandoned())
+    work.close()
+
+
+def users_exit(exc: BaseException) -> bool:
+    """Whether an exception that left the user's code is the user's, answered as a failed
+    chunk, or the process's, which goes on (the worker's own way out, or a signal: Ctrl-C,
+    a server's shutdown handler). Every Exception is the user's, and so is every exit in a
+    thread other than the main one, where no signal is delivered. In the main thread, an
+    exit raised through a signal handler (its frame in the traceback) is the process's, and
+    so is a KeyboardInterrupt under Python's default Ctrl-C handler, which leaves no frame:
+    there a Ctrl-C must stop the server, and a function's own KeyboardInterrupt cannot be
+    told from it."""
+    if isinstance(exc, Exception):
+        return True
+    if isinstance(exc, _Abandoned):
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        return True
+    default_ctrl_c = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if isinstance(exc, KeyboardInterrupt) and default_ctrl_c:
+        return False
+    handlers = set()
+    for signum in signal.valid_signals():
+        with contextlib.suppress(ValueError, OSError):
+            code = getattr(signal.getsignal(signum), "__code__", None)
+            if code is not None:
+                handlers.add(code)
+    frames = traceback.walk_tb(exc.__traceback__)
+    return not any(frame.f_code in handlers for frame, _ in frames)
 
 
 _NONE: Any = object()  # no item to name
@@ -399,8 +461,19 @@ def _ran(items: _Tracked) -> int:
 
 
 def _short_repr(value: Any, limit: int = 200) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception as exc:  # a user's type whose repr() raises
+        text = f"<repr() raised {type(exc).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _text(exc: BaseException) -> str:
+    """str(exc), which a user's exception may make raise."""
+    try:
+        return str(exc)
+    except Exception as failed:
+        return f"<str() raised {type(failed).__name__}>"
 
 
 def _error_info(
@@ -410,7 +483,7 @@ def _error_info(
     return p.ErrorInfo(
         kind=kind,
         type=type(exc).__name__,
-        message=str(exc),
+        message=_text(exc),
         traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         index=index,
         item=None if item is _NONE else _short_repr(item),
