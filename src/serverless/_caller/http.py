@@ -10,6 +10,8 @@ proxies or decompress: the worker route needs none of that.
 from __future__ import annotations
 
 import asyncio
+import collections
+import errno
 import os
 import ssl
 from collections.abc import Callable, Mapping
@@ -22,6 +24,7 @@ import httptools
 from .._wire import Response
 
 _COPY_LIMIT = 64 * 1024  # smaller bodies are joined to the head: one write, one segment
+_FILES_POLL = 0.5  # the longest a request at the open-files limit waits before it tries again
 
 # Host names this process reaches at an address their owner sets, never through a resolver
 # or a port someone else could take: the local pool's workers, one name per slot
@@ -72,6 +75,16 @@ def is_private(host: str) -> bool:
 
 class TransportError(Exception):
     """The connection failed or the answer was not HTTP: a retry elsewhere may help."""
+
+
+class _OutOfFiles(TransportError):
+    """The process is at its open-files limit (EMFILE, ENFILE): a connection frees one."""
+
+
+def _connect_error(what: str, exc: OSError) -> TransportError:
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return _OutOfFiles(f"cannot connect to {what}: {exc}")
+    return TransportError(f"cannot connect to {what}: {exc}")
 
 
 class StaleConnection(TransportError):
@@ -223,6 +236,8 @@ class _Connection(asyncio.Protocol):
         loop's clock). A timer on the future, not asyncio.wait_for: on Python < 3.12 that
         wraps every request in a task of its own (~10 us of the caller's CPU per request)."""
         assert self.transport is not None and self._waiter is None
+        if self.closed or self.transport.is_closing():  # closed by the server on arrival (a
+            raise TransportError("connection closed")  # worker at its open-files limit)
         self._reset()
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
@@ -253,6 +268,7 @@ class Client:
         self._origins: dict[str, _Origin] = {}
         self._idle: dict[_Origin, list[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
+        self._out_of_files: collections.deque[asyncio.Future[None]] = collections.deque()
 
     def _origin(self, url: str) -> _Origin:
         origin = self._origins.get(url)
@@ -286,7 +302,7 @@ class Client:
                 lambda: _Connection(self.max_reply), origin.host, origin.port, ssl=context
             )
         except OSError as exc:
-            raise TransportError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from exc
+            raise _connect_error(f"{origin.host}:{origin.port}", exc) from exc
         return conn
 
     async def _connect_private(self, origin: _Origin) -> _Connection:
@@ -317,7 +333,7 @@ class Client:
                 except (ConnectionRefusedError, FileNotFoundError):
                     pass  # nothing listens there any more: its worker died
                 except OSError as exc:
-                    raise TransportError(f"cannot connect to {origin.host}: {exc}") from exc
+                    raise _connect_error(origin.host, exc) from exc
             entry.gone()
             now = loop.time()
             waited_since = now if waited_since is None else waited_since
@@ -357,10 +373,11 @@ class Client:
         deadline = asyncio.get_running_loop().time() + timeout
         if not fresh:  # one turn of the loop: a close the server sent after its last answer is
             await asyncio.sleep(0)  # read first (the transport is then closing)
-        conn = None if fresh else self._take(origin)
-        reused = conn is not None
-        if conn is None:
-            conn = await asyncio.wait_for(self._connect(origin), timeout)
+        taken = None if fresh else self._take(origin)
+        if taken is not None:
+            conn, reused = taken, True
+        else:
+            conn, reused = await asyncio.wait_for(self._open(origin, fresh), timeout)
         try:
             # UTF-8: a function may have a non-ASCII name
             response = await conn.send(head.encode(), body.take(), deadline)
@@ -372,9 +389,51 @@ class Client:
         except BaseException:  # cancelled or timed out mid-request: the stream is unusable
             conn.close()
             raise
+        finally:
+            self._freed()
         if not conn.closed:
             self._idle.setdefault(origin, []).append(conn)
         return response
+
+    async def _open(self, origin: _Origin, fresh: bool) -> tuple[_Connection, bool]:
+        """A new connection (and False), or at the open-files limit an idle one (and True):
+        a call 10,000 wide holds a connection per chunk in flight, and where the hard limit
+        is lower (4,096) a connection failed with "Too many open files". At the limit, an idle
+        connection to another origin is closed, or the request waits for one to end."""
+        while True:
+            try:
+                return await self._connect(origin), False
+            except _OutOfFiles:
+                conn = None if fresh else self._take(origin)
+                if conn is not None:
+                    return conn, True
+                if self._drop_idle():
+                    await asyncio.sleep(0)  # the loop closes its descriptor
+                    continue
+                waiter = asyncio.get_running_loop().create_future()
+                self._out_of_files.append(waiter)
+                try:  # woken when a request ends; the bound covers a wake-up lost elsewhere
+                    await asyncio.wait([waiter], timeout=_FILES_POLL)
+                finally:
+                    waiter.cancel()
+
+    def _drop_idle(self) -> bool:
+        """Close one idle connection, to free its descriptor; False if there is none."""
+        for idle in self._idle.values():
+            while idle:
+                conn = idle.pop(0)
+                if not conn.closed:
+                    conn.close()
+                    return True
+        return False
+
+    def _freed(self) -> None:
+        """A request ended: its connection is idle or closed; wake one waiting for a file."""
+        while self._out_of_files:
+            waiter = self._out_of_files.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def close(self) -> None:
         for idle in self._idle.values():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,15 +19,14 @@ from pathlib import Path
 
 class Announcer:
     """The parent's side: a 0600 file holding one module name per line, in the pool's private
-    (0700) directory, each version written to a fresh file (O_EXCL|O_NOFOLLOW) and renamed over
-    the last. Before, the list went through a predictable `.tmp` path in the shared temp
-    directory, and a symbolic link planted there made the caller overwrite and chmod a file of
-    its own (issue 22)."""
+    (0700) directory, each version written to a fresh file of a random name (O_EXCL|O_NOFOLLOW)
+    and renamed over the last. Before, the list went through a predictable `.tmp` path in the
+    shared temp directory, and a symbolic link planted there made the caller overwrite and
+    chmod a file of its own (issue 22)."""
 
     def __init__(self, modules: Iterable[str], directory: Path) -> None:
         self.path = directory / "modules.txt"
         self._known: set[str] | None = None
-        self._versions = 0
         self._lock = threading.Lock()
         self.announce(modules)
 
@@ -36,8 +36,7 @@ class Announcer:
             wanted = known | {m for m in modules if m and m != "__main__"}
             if wanted == self._known:
                 return
-            self._versions += 1
-            partial = self.path.with_name(f"{self.path.name}.{self._versions}")
+            partial = self.path.with_name(f"{self.path.name}.{secrets.token_hex(8)}")
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
             fd = os.open(partial, flags, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -216,24 +217,17 @@ class LocalPool:
         with self._lock:
             live = [(s, p, self._addresses[s]) for s, p in enumerate(self._procs) if p is not None]
         sockets: dict[socket.socket, int] = {}
+        unasked: list[int] = []  # this process was out of files: no news is not silence
         for slot, _, _ in live:
-            address = self._addresses[slot]
             request = f"GET {self.route} {PROBE_REQUEST.format(host=self._hosts[slot])}"
             try:
-                if isinstance(address, str):
-                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    try:
-                        sock.settimeout(PROBE_TIMEOUT)
-                        sock.connect(address)
-                    except OSError:
-                        sock.close()
-                        raise
-                elif address is not None:
-                    sock = socket.create_connection(("127.0.0.1", address), PROBE_TIMEOUT)
-                else:
+                sock = self._probe_connection(self._addresses[slot])
+                if sock is None:
                     continue
                 sock.sendall(request.encode())
-            except OSError:
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    unasked.append(slot)
                 continue
             sock.setblocking(False)
             sockets[sock] = slot
@@ -241,19 +235,30 @@ class LocalPool:
         # a selector, not select(): a caller with a wide call holds more than FD_SETSIZE
         # (1,024) descriptors, and select() raises on any above it (workers=2000 killed the
         # pool's thread, and every worker with it)
-        with selectors.DefaultSelector() as selector:
+        try:
+            selector = selectors.DefaultSelector()
+        except OSError:  # out of files (epoll needs one)
+            unasked += sockets.values()
             for sock in sockets:
-                selector.register(sock, selectors.EVENT_READ, sock)
-            try:
-                while sockets and (left := deadline - time.monotonic()) > 0:
-                    for key, _ in selector.select(left):
-                        answered: socket.socket = key.data
-                        selector.unregister(answered)
-                        self._answered[sockets.pop(answered)] = time.monotonic()
-                        answered.close()
-            finally:
+                sock.close()
+            sockets = {}
+            selector = None
+        if selector is not None:
+            with selector:
                 for sock in sockets:
-                    sock.close()
+                    selector.register(sock, selectors.EVENT_READ, sock)
+                try:
+                    while sockets and (left := deadline - time.monotonic()) > 0:
+                        for key, _ in selector.select(left):
+                            answered: socket.socket = key.data
+                            selector.unregister(answered)
+                            self._answered[sockets.pop(answered)] = time.monotonic()
+                            answered.close()
+                finally:
+                    for sock in sockets:
+                        sock.close()
+        for slot in unasked:
+            self._answered[slot] = time.monotonic()
         now = time.monotonic()
         for slot, proc, _ in live:
             cpu = _cpu_ticks(proc.pid)
@@ -272,6 +277,22 @@ class LocalPool:
                     proc.send_signal(signal.SIGKILL)  # a stopped process dies of SIGKILL too
                     proc.wait()
                     self._wake.set()  # refill the slot now
+
+    @staticmethod
+    def _probe_connection(address: str | int | None) -> socket.socket | None:
+        """A connection to a worker's socket (or loopback port); None if it has none yet."""
+        if isinstance(address, str):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(PROBE_TIMEOUT)
+                sock.connect(address)
+            except OSError:
+                sock.close()
+                raise
+            return sock
+        if address is not None:
+            return socket.create_connection(("127.0.0.1", address), PROBE_TIMEOUT)
+        return None
 
     def _unix_path(self) -> str | None:
         """A fresh socket path for the next worker, or None where there can be none."""
