@@ -305,7 +305,7 @@ def test_a_call_as_wide_as_its_items_completes_at_the_usual_open_files_limits(
         capture_output=True,
         text=True,
         timeout=110,
-        preexec_fn=lambda: _file_limits(1024, 4096),  # noqa: PLW1509 - no threads to fork
+        preexec_fn=lambda: _file_limits(1024, 4096),  # only a setrlimit after fork
     )
     assert proc.returncode == 0 and f"OK {width}" in proc.stdout, proc.stderr[-3000:]
 
