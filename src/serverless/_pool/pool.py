@@ -224,7 +224,11 @@ class LocalPool:
                 sock = self._probe_connection(self._addresses[slot])
                 if sock is None:
                     continue
-                sock.sendall(request.encode())
+                try:
+                    sock.sendall(request.encode())
+                except BaseException:
+                    sock.close()
+                    raise
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     unasked.append(slot)
@@ -286,7 +290,7 @@ class LocalPool:
             try:
                 sock.settimeout(PROBE_TIMEOUT)
                 sock.connect(address)
-            except OSError:
+            except BaseException:
                 sock.close()
                 raise
             return sock
