@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
 from . import _registry
+from ._caller import http as _http
 from ._caller.sharing import SharedCall
 from ._caller.transport import Target
 from ._config import settings
@@ -79,7 +80,8 @@ def resolve(
         shared = None
         if blocking and origin.endpoint is not None and origin.threads is not None:
             # one host shares the replay store that makes a reclaim run at most once
-            same_host = is_loopback(urlsplit(url).hostname or "")
+            host = urlsplit(url).hostname or ""
+            same_host = is_loopback(host) or _http.is_private(host)  # a local pool's worker
             shared = SharedCall(
                 origin.endpoint,
                 origin.threads,

@@ -265,3 +265,79 @@ def test_a_call_wider_than_select_can_watch_keeps_the_pool_alive() -> None:
     finally:
         for handle in held:
             handle.close()
+
+
+WIDE_SCRIPT = """
+import sys
+from tests import sample_functions as sf
+
+if __name__ == "__main__":
+    width = int(sys.argv[1])
+    assert sf.square([2]) == [4]  # a pool that served before: its workers' capacity is known
+    wide = sf.sleepy.with_options(workers=width, chunk_size=1)
+    assert wide([0.01] * width) == [0.01] * width
+    print("OK", wide.stats.workers if wide.stats else 0, flush=True)
+"""
+
+
+def _file_limits(soft: int, hard: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("width", [2000, 10000])
+def test_a_call_as_wide_as_its_items_completes_at_the_usual_open_files_limits(
+    tmp_path: Path, width: int
+) -> None:
+    """Issue 22: one-item chunks all in flight at once, in a caller whose soft limit is the
+    usual 1,024 open files and whose hard limit (4,096) is below the call's width. Before,
+    the call failed with "Too many open files" (10,000: always; the pool's probe too). The
+    pool lifts the soft limit in the caller and its workers, and at the hard limit a
+    connection waits for one to end instead of failing."""
+    script = tmp_path / "wide.py"
+    script.write_text(WIDE_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(width)],
+        env=test_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        preexec_fn=lambda: _file_limits(1024, 4096),  # only a setrlimit after fork
+    )
+    assert proc.returncode == 0 and f"OK {width}" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_a_round_of_the_pools_thread_that_raises_anything_leaves_the_workers_alive() -> None:
+    """The pool's thread is the workers' parent for PR_SET_PDEATHSIG: its death killed every
+    worker. A round that raises even SystemExit is logged and tried again."""
+    from serverless import _targets
+    from serverless._caller.transport import Target
+    from serverless._pool import pool as _pool
+
+    pool = _pool.LocalPool(2, 4, ["tests.sample_functions"])
+    pool.start()
+    try:
+        pids = pool.pids
+        failures = [SystemExit(3), RuntimeError("a bug"), KeyboardInterrupt()]
+        original = pool._probe
+
+        def failing_probe() -> None:
+            if failures:
+                raise failures.pop(0)
+            original()
+
+        pool._probe = failing_probe  # type: ignore[method-assign]
+        deadline = time.monotonic() + 20
+        while failures and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not failures
+        time.sleep(2 * _pool.WATCH_INTERVAL)  # a round after the last failure has run
+        assert pool.pids == pids and all(_alive(pid) for pid in pids)
+        target = Target(tuple(pool.urls), pool.route, pool.keyring, "local")
+        with _targets.override(target):
+            assert set(sf.pids.with_options(workers=4)(list(range(8)))) <= set(pids)
+    finally:
+        pool.close()

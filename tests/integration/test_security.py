@@ -32,6 +32,7 @@ from serverless._pool import pool as _pool
 from tests import import_canary
 from tests import sample_functions as sf
 from tests.conftest import SECRET, TESTS, free_port, server, serving, test_env
+from tests.integration.test_pool_unix import sockets, unix_post
 from tests.unit.test_adapters import asgi_post, signed, wsgi_post
 
 ROUTE = "/serverless"
@@ -518,8 +519,7 @@ def test_the_local_pool_never_imports_a_module_named_on_the_wire() -> None:
     rid = p.new_request_id()
     body = p.encode(p.Call(v=p.VERSION, fn=fn, id=rid, index=0, items=[1]), p.MSGPACK)
     headers = p.signed_headers(pool.keyring, pool.route, fn, rid, body, now=time.time())
-    port = int(pool.urls[0].split(":")[2].split("/")[0])
-    status, _ = _post(port, headers, body)
+    status, _ = unix_post(sockets(pool)[0], pool.route, headers, body)
     assert status == 404
     assert not canary.exists(), canary.read_text()
 

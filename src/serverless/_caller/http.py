@@ -10,9 +10,11 @@ proxies or decompress: the worker route needs none of that.
 from __future__ import annotations
 
 import asyncio
+import collections
+import errno
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -22,30 +24,67 @@ import httptools
 from .._wire import Response
 
 _COPY_LIMIT = 64 * 1024  # smaller bodies are joined to the head: one write, one segment
+_FILES_POLL = 0.5  # the longest a request at the open-files limit waits before it tries again
 
-# Loopback addresses whose server this process also reaches on a Unix domain socket (the
-# local pool's workers listen on both): (host, port) -> (socket path, the registering pid).
-# A request over it skips the TCP stack: W3's round trip ~0.04 ms shorter. URLs stay TCP, so
-# statistics, probes and a worker's call back to itself are unchanged. The pid guards against
-# a forked child using its parent's pool's sockets.
-_unix_sockets: dict[tuple[str, int], tuple[str, int]] = {}
-
-
-def serve_over_unix(host: str, port: int, path: str | None) -> None:
-    """Connect to http://host:port through the Unix socket `path` (None: no longer)."""
-    if path is None:
-        _unix_sockets.pop((host, port), None)
-    else:
-        _unix_sockets[(host, port)] = (path, os.getpid())
+# Host names this process reaches at an address their owner sets, never through a resolver
+# or a port someone else could take: the local pool's workers, one name per slot
+# (_pool/pool.py), each the worker's Unix socket in the pool's 0700 directory. A request over
+# it skips the TCP stack (W3's round trip ~0.04 ms shorter), and no other local user can bind
+# it: after a worker died, its loopback port was bound by another user and received the
+# retries' signed chunks, items in clear (issue 22). The names lie in `.invalid`, which no
+# resolver answers (RFC 6761): one this process does not know is refused at once. When the
+# worker behind a name dies, a connection waits for its replacement. The pid guards against a
+# forked child using its parent's pool.
+PRIVATE_DOMAIN = ".invalid"
+_REPLACED_POLL = 0.02  # seconds between looks for the replacement of a dead worker
 
 
-def _unix_path(origin: _Origin) -> str | None:
-    entry = None if origin.tls else _unix_sockets.get((origin.host, origin.port))
-    return entry[0] if entry is not None and entry[1] == os.getpid() else None
+@dataclass
+class _Private:
+    address: str | int | None  # a Unix socket's path, a loopback port; None: being replaced
+    pid: int
+    gone: Callable[[], None]  # tells the owner its worker is gone: replace it now
+    patience: float  # seconds a connection waits for a replacement
+
+
+_private: dict[str, _Private] = {}
+
+
+def reach_privately(
+    host: str,
+    address: str | int | None,
+    gone: Callable[[], None] = lambda: None,
+    patience: float = 60.0,
+) -> None:
+    """Reach http://host/ (a name in PRIVATE_DOMAIN) at `address`: a Unix socket's path, or a
+    port on 127.0.0.1 where there is no Unix socket; None while its worker is replaced."""
+    assert host.endswith(PRIVATE_DOMAIN), host
+    _private[host] = _Private(address, os.getpid(), gone, patience)
+
+
+def forget_private(host: str) -> None:
+    """`host` is no way to anything any more (its pool was closed)."""
+    _private.pop(host, None)
+
+
+def is_private(host: str) -> bool:
+    """Whether this process reaches `host` through reach_privately (so: on this host)."""
+    entry = _private.get(host)
+    return entry is not None and entry.pid == os.getpid()
 
 
 class TransportError(Exception):
     """The connection failed or the answer was not HTTP: a retry elsewhere may help."""
+
+
+class _OutOfFiles(TransportError):
+    """The process is at its open-files limit (EMFILE, ENFILE): a connection frees one."""
+
+
+def _connect_error(what: str, exc: OSError) -> TransportError:
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return _OutOfFiles(f"cannot connect to {what}: {exc}")
+    return TransportError(f"cannot connect to {what}: {exc}")
 
 
 class StaleConnection(TransportError):
@@ -197,6 +236,8 @@ class _Connection(asyncio.Protocol):
         loop's clock). A timer on the future, not asyncio.wait_for: on Python < 3.12 that
         wraps every request in a task of its own (~10 us of the caller's CPU per request)."""
         assert self.transport is not None and self._waiter is None
+        if self.closed or self.transport.is_closing():  # closed by the server on arrival (a
+            raise TransportError("connection closed")  # worker at its open-files limit)
         self._reset()
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
@@ -227,6 +268,7 @@ class Client:
         self._origins: dict[str, _Origin] = {}
         self._idle: dict[_Origin, list[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
+        self._out_of_files: collections.deque[asyncio.Future[None]] = collections.deque()
 
     def _origin(self, url: str) -> _Origin:
         origin = self._origins.get(url)
@@ -252,20 +294,58 @@ class Client:
             if self._ssl is None:
                 self._ssl = ssl.create_default_context()
             context = self._ssl
+        if origin.host.endswith(PRIVATE_DOMAIN):
+            return await self._connect_private(origin)
         loop = asyncio.get_running_loop()
-        unix = _unix_path(origin)
         try:
-            if unix is not None:
-                _, conn = await loop.create_unix_connection(
-                    lambda: _Connection(self.max_reply), unix
-                )
-            else:
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(self.max_reply), origin.host, origin.port, ssl=context
-                )
+            _, conn = await loop.create_connection(
+                lambda: _Connection(self.max_reply), origin.host, origin.port, ssl=context
+            )
         except OSError as exc:
-            raise TransportError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from exc
+            raise _connect_error(f"{origin.host}:{origin.port}", exc) from exc
         return conn
+
+    async def _connect_private(self, origin: _Origin) -> _Connection:
+        """Connect to the address behind a private name; if its worker is gone, to the one
+        that replaces it (never to the dead one's address, and never over DNS or TCP to a
+        port the name was not given)."""
+        loop = asyncio.get_running_loop()
+        waited_since: float | None = None
+        while True:
+            entry = _private.get(origin.host)
+            if entry is None or entry.pid != os.getpid():
+                raise TransportError(
+                    f"{origin.host} is unknown to this process (a closed local pool, or one "
+                    "started by the process this one was forked from)"
+                )
+            address = entry.address
+            if address is not None:
+                try:
+                    if isinstance(address, str):
+                        _, conn = await loop.create_unix_connection(
+                            lambda: _Connection(self.max_reply), address
+                        )
+                    else:
+                        _, conn = await loop.create_connection(
+                            lambda: _Connection(self.max_reply), "127.0.0.1", address
+                        )
+                    return conn
+                except (ConnectionRefusedError, FileNotFoundError):
+                    pass  # nothing listens there any more: its worker died
+                except OSError as exc:
+                    raise _connect_error(origin.host, exc) from exc
+            entry.gone()
+            now = loop.time()
+            waited_since = now if waited_since is None else waited_since
+            if now - waited_since > entry.patience:
+                raise TransportError(
+                    f"{origin.host}: its worker died and was not replaced within "
+                    f"{entry.patience:.0f}s"
+                )
+            while _private.get(origin.host) is entry and entry.address == address:
+                await asyncio.sleep(_REPLACED_POLL)
+                if loop.time() - waited_since > entry.patience:
+                    break
 
     def _take(self, origin: _Origin) -> _Connection | None:
         idle = self._idle.get(origin)
@@ -293,10 +373,11 @@ class Client:
         deadline = asyncio.get_running_loop().time() + timeout
         if not fresh:  # one turn of the loop: a close the server sent after its last answer is
             await asyncio.sleep(0)  # read first (the transport is then closing)
-        conn = None if fresh else self._take(origin)
-        reused = conn is not None
-        if conn is None:
-            conn = await asyncio.wait_for(self._connect(origin), timeout)
+        taken = None if fresh else self._take(origin)
+        if taken is not None:
+            conn, reused = taken, True
+        else:
+            conn, reused = await asyncio.wait_for(self._open(origin, fresh), timeout)
         try:
             # UTF-8: a function may have a non-ASCII name
             response = await conn.send(head.encode(), body.take(), deadline)
@@ -308,9 +389,51 @@ class Client:
         except BaseException:  # cancelled or timed out mid-request: the stream is unusable
             conn.close()
             raise
+        finally:
+            self._freed()
         if not conn.closed:
             self._idle.setdefault(origin, []).append(conn)
         return response
+
+    async def _open(self, origin: _Origin, fresh: bool) -> tuple[_Connection, bool]:
+        """A new connection (and False), or at the open-files limit an idle one (and True):
+        a call 10,000 wide holds a connection per chunk in flight, and where the hard limit
+        is lower (4,096) a connection failed with "Too many open files". At the limit, an idle
+        connection to another origin is closed, or the request waits for one to end."""
+        while True:
+            try:
+                return await self._connect(origin), False
+            except _OutOfFiles:
+                conn = None if fresh else self._take(origin)
+                if conn is not None:
+                    return conn, True
+                if self._drop_idle():
+                    await asyncio.sleep(0)  # the loop closes its descriptor
+                    continue
+                waiter = asyncio.get_running_loop().create_future()
+                self._out_of_files.append(waiter)
+                try:  # woken when a request ends; the bound covers a wake-up lost elsewhere
+                    await asyncio.wait([waiter], timeout=_FILES_POLL)
+                finally:
+                    waiter.cancel()
+
+    def _drop_idle(self) -> bool:
+        """Close one idle connection, to free its descriptor; False if there is none."""
+        for idle in self._idle.values():
+            while idle:
+                conn = idle.pop(0)
+                if not conn.closed:
+                    conn.close()
+                    return True
+        return False
+
+    def _freed(self) -> None:
+        """A request ended: its connection is idle or closed; wake one waiting for a file."""
+        while self._out_of_files:
+            waiter = self._out_of_files.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def close(self) -> None:
         for idle in self._idle.values():

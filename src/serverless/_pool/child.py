@@ -1,6 +1,6 @@
 """A local pool's worker process: it imports the caller's modules and main script, then
-serves the worker route under uvicorn on a loopback port and, where the pool names one, on a
-Unix domain socket, which its caller uses (see pool.py for the caller's side).
+serves the worker route under uvicorn on the Unix domain socket the pool names, in its private
+directory (or, where there is none, on a loopback port); see pool.py for the caller's side.
 
 Importing the main script stops at its first parallel call (mainscript.StopMainImport), so a
 script without an `if __name__ == "__main__":` guard still works and its top-level work never
@@ -25,9 +25,12 @@ import sys
 import threading
 import time
 import types
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .. import _registry
+from .._caller import http as _http
 from .._wire import Keyring
 from . import mainscript
 
@@ -49,36 +52,36 @@ def child() -> None:
 
     from .._worker.asgi import ASGIEndpoint
     from .._worker.endpoint import Endpoint
-    from .._worker.uvserver import GuardedHttpTools, uvicorn_settings
+    from .._worker.origin import OriginPolicy
+    from .._worker.uvserver import raise_open_files_limit, uvicorn_settings
     from .modules import announced
 
     if config["main"]:
         _import_main(config["main"])
 
     importable = announced(config["modules_file"])
-    # Replays are refused per process only: the pool's secret is random, lives in its parent's
-    # memory and never leaves this host's loopback, so whoever could capture a request could
-    # read the secret too; the per-host store would add ~36 us to every request (W3 ~0.5 ms).
+    # The pool's workers share one replay store, in the pool's private directory: a request
+    # runs on at most one of them (per process, a request captured to one worker ran again on
+    # another). A call made while serving a chunk calls back to this worker, under its slot's
+    # name, over its socket: never an origin from the caller's environment or from a request.
+    url = config["url"]
     endpoint = Endpoint(
-        config["route"], Keyring(config["secret"]), importable=importable, shared_replay=False
+        config["route"],
+        Keyring(config["secret"]),
+        importable=importable,
+        origins=OriginPolicy(self_url=url),
+        shared_replay=Path(config["replay_dir"]),
     )
     app = ASGIEndpoint(endpoint, threads=config["threads"])
-    sock = listening_socket()
-    sockets = [sock]
+    raise_open_files_limit()  # a call 10,000 wide holds 10,000 connections to the pool
     if config.get("unix"):
-        sockets.append(unix_listening_socket(config["unix"]))
-    address = sock.getsockname()
-
-    class LocalHttp(GuardedHttpTools):
-        """A connection over the Unix socket names this worker's loopback TCP address as its
-        server (uvicorn has none for it), so a call made while serving one of its requests
-        calls back to this worker as one that came over TCP does; never from a header."""
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            if self.server is None or self.server[1] is None:
-                self.server = (str(address[0]), int(address[1]))
-
+        sockets = [unix_listening_socket(config["unix"])]
+        port = 0
+        _http.reach_privately(urlsplit(url).hostname or "", config["unix"])
+    else:
+        sockets = [listening_socket()]
+        port = int(sockets[0].getsockname()[1])
+        _http.reach_privately(urlsplit(url).hostname or "", port)
     uvicorn_config = uvicorn.Config(
         app,
         lifespan="off",
@@ -86,10 +89,10 @@ def child() -> None:
         log_level="warning",
         loop="asyncio",
         backlog=4096,
-        **{**uvicorn_settings(), "http": LocalHttp},
+        **uvicorn_settings(),
     )
     server = uvicorn.Server(uvicorn_config)
-    os.write(config["port_fd"], f"{address[1]}\n".encode())
+    os.write(config["port_fd"], f"{port}\n".encode())
     os.close(config["port_fd"])
     loop = _new_loop()
     asyncio.set_event_loop(loop)

@@ -11,31 +11,36 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
 class Announcer:
-    """The parent's side: a 0600 file holding one module name per line."""
+    """The parent's side: a 0600 file holding one module name per line, in the pool's private
+    (0700) directory, each version written to a fresh file of a random name (O_EXCL|O_NOFOLLOW)
+    and renamed over the last. Before, the list went through a predictable `.tmp` path in the
+    shared temp directory, and a symbolic link planted there made the caller overwrite and
+    chmod a file of its own (issue 22)."""
 
-    def __init__(self, modules: Iterable[str]) -> None:
-        fd, name = tempfile.mkstemp(prefix="serverless-modules-", suffix=".txt")
-        os.close(fd)  # mkstemp creates it 0600
-        self.path = Path(name)
-        self._known: set[str] = set()
+    def __init__(self, modules: Iterable[str], directory: Path) -> None:
+        self.path = directory / "modules.txt"
+        self._known: set[str] | None = None
         self._lock = threading.Lock()
         self.announce(modules)
 
     def announce(self, modules: Iterable[str]) -> None:
         with self._lock:
-            wanted = self._known | {m for m in modules if m and m != "__main__"}
+            known = self._known if self._known is not None else set()
+            wanted = known | {m for m in modules if m and m != "__main__"}
             if wanted == self._known:
                 return
-            partial = self.path.with_suffix(".tmp")
-            partial.write_text("".join(f"{m}\n" for m in sorted(wanted)))
-            os.chmod(partial, 0o600)
+            partial = self.path.with_name(f"{self.path.name}.{secrets.token_hex(8)}")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+            fd = os.open(partial, flags, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("".join(f"{m}\n" for m in sorted(wanted)))
             os.replace(partial, self.path)  # a reader sees the old list or the new one
             self._known = wanted
 

@@ -1,34 +1,41 @@
-"""The embedded local pool: worker processes on loopback speaking the same protocol.
+"""The embedded local pool: worker processes speaking the same protocol on a private channel.
 
 Each worker is a fresh interpreter (never a fork: the caller has threads) that imports the
 modules with registered functions and the caller's main script as `__mp_main__`, then serves
-the ASGI endpoint under uvicorn on its own port, and on a Unix domain socket in the pool's
-private directory, which this process's HTTP client connects to instead (_http.py: no TCP
-stack on the way; the URLs stay the TCP ones). Importing the main script stops at its first
-parallel call, so a script without an `if __name__ == "__main__":` guard still works and its
-top-level work never runs in a worker. Workers die with their parent (PR_SET_PDEATHSIG plus a
-watchdog), so none is ever left behind.
+the ASGI endpoint under uvicorn on a Unix domain socket in the pool's private (0700) directory
+(private.py), and on no TCP port: no other local user can reach it, nor take its address once
+it died. Each slot of the pool has a URL that never changes, a name in `.invalid` that this
+process's HTTP client maps to the slot's current worker (_caller/http.py), so a call's retries
+reach the worker that replaced a dead one. The workers share a replay store in that directory:
+a request is run by at most one of them. Where there are no Unix sockets (Windows, a temp path
+over 100 bytes) the workers listen on loopback TCP instead, as before.
+
+Importing the main script stops at its first parallel call, so a script without an
+`if __name__ == "__main__":` guard still works and its top-level work never runs in a worker.
+Workers die with their parent (PR_SET_PDEATHSIG plus a watchdog), so none is ever left behind.
 
 One thread per pool, living as long as the pool, starts every worker, probes them and replaces
 the dead and the frozen: PR_SET_PDEATHSIG fires when the *thread* that spawned a child exits,
 so a worker spawned by a caller's short-lived thread (a thread-per-request server) was killed
-with that thread, and the next call paid for a new pool (issue 15).
+with that thread, and the next call paid for a new pool (issue 15). No exception ends that
+thread: a round that fails is logged and tried again.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
+import itertools
 import json
 import logging
 import os
 import secrets
 import selectors
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -37,6 +44,7 @@ from .._exceptions import ConfigurationError
 from .._wire import Keyring
 from . import mainscript as _mainscript
 from .modules import Announcer
+from .private import PrivateDirectory
 
 logger = logging.getLogger("serverless.pool")
 
@@ -52,8 +60,10 @@ PROBE_TIMEOUT = 1.0  # seconds a round waits for the workers' answers to its pro
 # frozen (Linux's /proc; elsewhere silence alone decides).
 FROZEN_AFTER = 3.0
 BUSY_TICKS = 2  # CPU clock ticks (10 ms each, usually) in a round that make a silent worker busy
-PROBE_REQUEST = "HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+PROBE_REQUEST = "HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
 UNIX_PATH_MAX = 100  # sun_path holds 108 bytes on Linux, 104 on macOS: TCP only beyond this
+
+_numbers = itertools.count(1)  # pools of this process: each names its slots apart
 
 
 class LocalPool:
@@ -68,7 +78,8 @@ class LocalPool:
         self._secret = secrets.token_hex(32)
         self.keyring = Keyring(self._secret)
         self._modules = modules
-        self.announcer = Announcer(modules)  # which modules workers may import, and no other
+        self._dir = PrivateDirectory()  # sockets, module list, replay store: mode 0700
+        self.announcer = Announcer(modules, self._dir.path)  # the modules workers may import
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._wake = threading.Event()  # a caller wants dead workers replaced now
@@ -78,10 +89,17 @@ class LocalPool:
         self._answered = [0.0] * processes  # when each slot last answered a probe
         self._cpu = [-1] * processes  # each slot's CPU time (ticks) when last looked at
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * processes
-        self.urls: list[str] = [""] * processes
-        self._sockets_dir: str | None = None  # the workers' Unix sockets (mode 0700)
-        self._unix: list[str | None] = [None] * processes
+        number = next(_numbers)
+        # each slot's name, for the whole life of the pool: the HTTP client maps it to the
+        # slot's current worker
+        self._hosts = [
+            f"pool{number}-worker{slot}{_http.PRIVATE_DOMAIN}" for slot in range(processes)
+        ]
+        self.urls: list[str] = [f"http://{host}{ROUTE}" for host in self._hosts]
+        # where each slot's worker listens: its Unix socket's path, or its loopback port
+        self._addresses: list[str | int | None] = [None] * processes
         self._spawned = 0
+        self._warned_tcp = False
         self.code_version = 0  # the registry's redefinition count when the workers started
 
     @property
@@ -90,6 +108,11 @@ class LocalPool:
 
     def start(self) -> None:
         """Start the pool's thread and wait until it has started every worker."""
+        from .._worker.uvserver import raise_open_files_limit
+
+        # a call 10,000 wide holds a connection per chunk in flight: at the usual soft limit
+        # of 1,024 descriptors it failed with "Too many open files"
+        raise_open_files_limit()
         thread = threading.Thread(target=self._keep, name="serverless-pool", daemon=True)
         thread.start()
         try:
@@ -121,7 +144,8 @@ class LocalPool:
             raise ConfigurationError("the local pool's workers did not start in time")
 
     def _keep(self) -> None:
-        """The pool's thread: every worker is its child, so they live as long as it does."""
+        """The pool's thread: every worker is its child, so they live as long as it does, and
+        nothing may end it but close()."""
         while not self._closed.is_set():
             error: ConfigurationError | None = None
             try:
@@ -130,7 +154,7 @@ class LocalPool:
             except ConfigurationError as exc:  # the next revive() raises it to its caller
                 logger.error("replacing a local worker failed: %s", exc)
                 error = exc
-            except Exception:  # the thread outlives any round: its workers die with it
+            except BaseException:  # even SystemExit: the workers would die with the thread
                 logger.exception("a round of the local pool's thread failed; trying again")
             with self._round_done:
                 self._rounds += 1
@@ -154,31 +178,60 @@ class LocalPool:
                     logger.warning(
                         "local worker %s exited (%s); replacing it", old.pid, old.returncode
                     )
-            for slot in slots:
-                self._forget_unix(slot)
-            started = [(slot, *self._spawn()) for slot in slots]
-            for slot, proc, port_fd, unix in started:
-                self.urls[slot] = self._await_port(proc, port_fd)  # before pids show it
-                self._procs[slot] = proc
-                self._answered[slot] = time.monotonic()
-                self._cpu[slot] = -1
-                if unix is not None:
-                    _http.serve_over_unix("127.0.0.1", _port(self.urls[slot]), unix)
-                self._unix[slot] = unix
+                self._forget(slot)
+            started = []
+            try:
+                for slot in slots:
+                    started.append((slot, *self._spawn(slot)))
+                while started:
+                    slot, proc, port_fd, unix = started.pop(0)
+                    port = self._await_port(proc, port_fd)  # closes port_fd
+                    self._procs[slot] = proc  # before pids show it
+                    self._answered[slot] = time.monotonic()
+                    self._cpu[slot] = -1
+                    self._addresses[slot] = unix if unix is not None else port
+                    self._route(slot)
+            finally:
+                for _, proc, port_fd, _ in started:  # a worker before them failed to start
+                    proc.kill()
+                    proc.wait()
+                    os.close(port_fd)
+
+    def _route(self, slot: int) -> None:
+        """Point the slot's name at its worker (or at nothing while it is replaced)."""
+        _http.reach_privately(
+            self._hosts[slot], self._addresses[slot], self._wake.set, START_TIMEOUT + 5
+        )
+
+    def _forget(self, slot: int) -> None:
+        """The slot's worker is gone: its name leads nowhere until the next one listens."""
+        old, self._addresses[slot] = self._addresses[slot], None
+        self._route(slot)
+        if isinstance(old, str):
+            with contextlib.suppress(OSError):
+                os.unlink(old)
 
     def _probe(self) -> None:
         """A GET to every worker at once; kill one that has answered none for FROZEN_AFTER
         (its slot is refilled by the next round)."""
         with self._lock:
-            live = [(s, p, self.urls[s]) for s, p in enumerate(self._procs) if p is not None]
+            live = [(s, p, self._addresses[s]) for s, p in enumerate(self._procs) if p is not None]
         sockets: dict[socket.socket, int] = {}
-        for slot, _, url in live:
-            port = _port(url)
-            request = f"GET {self.route} {PROBE_REQUEST}"
+        unasked: list[int] = []  # this process was out of files: no news is not silence
+        for slot, _, _ in live:
+            request = f"GET {self.route} {PROBE_REQUEST.format(host=self._hosts[slot])}"
             try:
-                sock = socket.create_connection(("127.0.0.1", port), PROBE_TIMEOUT)
-                sock.sendall(request.encode())
-            except OSError:
+                sock = self._probe_connection(self._addresses[slot])
+                if sock is None:
+                    continue
+                try:
+                    sock.sendall(request.encode())
+                except BaseException:
+                    sock.close()
+                    raise
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    unasked.append(slot)
                 continue
             sock.setblocking(False)
             sockets[sock] = slot
@@ -186,19 +239,30 @@ class LocalPool:
         # a selector, not select(): a caller with a wide call holds more than FD_SETSIZE
         # (1,024) descriptors, and select() raises on any above it (workers=2000 killed the
         # pool's thread, and every worker with it)
-        with selectors.DefaultSelector() as selector:
+        try:
+            selector = selectors.DefaultSelector()
+        except OSError:  # out of files (epoll needs one)
+            unasked += sockets.values()
             for sock in sockets:
-                selector.register(sock, selectors.EVENT_READ, sock)
-            try:
-                while sockets and (left := deadline - time.monotonic()) > 0:
-                    for key, _ in selector.select(left):
-                        answered: socket.socket = key.data
-                        selector.unregister(answered)
-                        self._answered[sockets.pop(answered)] = time.monotonic()
-                        answered.close()
-            finally:
+                sock.close()
+            sockets = {}
+            selector = None
+        if selector is not None:
+            with selector:
                 for sock in sockets:
-                    sock.close()
+                    selector.register(sock, selectors.EVENT_READ, sock)
+                try:
+                    while sockets and (left := deadline - time.monotonic()) > 0:
+                        for key, _ in selector.select(left):
+                            answered: socket.socket = key.data
+                            selector.unregister(answered)
+                            self._answered[sockets.pop(answered)] = time.monotonic()
+                            answered.close()
+                finally:
+                    for sock in sockets:
+                        sock.close()
+        for slot in unasked:
+            self._answered[slot] = time.monotonic()
         now = time.monotonic()
         for slot, proc, _ in live:
             cpu = _cpu_ticks(proc.pid)
@@ -218,31 +282,52 @@ class LocalPool:
                     proc.wait()
                     self._wake.set()  # refill the slot now
 
+    @staticmethod
+    def _probe_connection(address: str | int | None) -> socket.socket | None:
+        """A connection to a worker's socket (or loopback port); None if it has none yet."""
+        if isinstance(address, str):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(PROBE_TIMEOUT)
+                sock.connect(address)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        if address is not None:
+            return socket.create_connection(("127.0.0.1", address), PROBE_TIMEOUT)
+        return None
+
     def _unix_path(self) -> str | None:
-        """A fresh socket path for the next worker, or None where paths would be too long."""
+        """A fresh socket path for the next worker, or None where there can be none."""
         if not hasattr(socket, "AF_UNIX"):
-            return None
-        if self._sockets_dir is None:
-            self._sockets_dir = tempfile.mkdtemp(prefix="serverless-pool-")  # mode 0700
+            return None  # pragma: no cover - Windows
         self._spawned += 1
-        path = os.path.join(self._sockets_dir, f"w{self._spawned}.sock")
-        return path if len(path.encode()) <= UNIX_PATH_MAX else None
+        path = str(self._dir.path / f"w{self._spawned}.sock")
+        if len(path.encode()) <= UNIX_PATH_MAX:
+            return path
+        if not self._warned_tcp:
+            self._warned_tcp = True
+            logger.warning(
+                "the local pool's workers listen on loopback TCP, which any local user can "
+                "reach: a socket path in %s would be longer than %d bytes (set TMPDIR to a "
+                "shorter directory)",
+                self._dir.path.parent,
+                UNIX_PATH_MAX,
+            )
+        return None
 
-    def _forget_unix(self, slot: int) -> None:
-        """The slot's worker is gone: its socket is no way to it (its port may be reused)."""
-        path, self._unix[slot] = self._unix[slot], None
-        if path is not None and self.urls[slot]:
-            _http.serve_over_unix("127.0.0.1", _port(self.urls[slot]), None)
-
-    def _spawn(self) -> tuple[subprocess.Popen[bytes], int, str | None]:
+    def _spawn(self, slot: int) -> tuple[subprocess.Popen[bytes], int, str | None]:
         read_fd, write_fd = os.pipe()
         unix = self._unix_path()
         config = {
             "secret": self._secret,
             "route": self.route,
+            "url": self.urls[slot],
             "threads": self.threads,
             "modules": self._modules,
             "modules_file": str(self.announcer.path),
+            "replay_dir": str(self._dir.path),
             "main": _mainscript.reference(),
             "sys_path": sys.path,
             "parent": os.getpid(),
@@ -260,6 +345,9 @@ class LocalPool:
                 pass_fds=(write_fd,),
                 close_fds=True,
             )
+        except BaseException:
+            os.close(read_fd)
+            raise
         finally:
             os.close(write_fd)
         assert proc.stdin is not None
@@ -267,7 +355,7 @@ class LocalPool:
         proc.stdin.close()
         return proc, read_fd, unix
 
-    def _await_port(self, proc: subprocess.Popen[bytes], port_fd: int) -> str:
+    def _await_port(self, proc: subprocess.Popen[bytes], port_fd: int) -> int:
         deadline = time.monotonic() + START_TIMEOUT
         data = b""
         selector = selectors.DefaultSelector()
@@ -278,7 +366,7 @@ class LocalPool:
                     chunk = os.read(port_fd, 64)
                     data += chunk
                     if data.endswith(b"\n"):
-                        return f"http://127.0.0.1:{int(data)}{self.route}"
+                        return int(data)  # its TCP port; 0: it listens on its socket only
                     if not chunk:
                         break
         finally:
@@ -296,7 +384,9 @@ class LocalPool:
         self._wake.set()
         with self._lock:
             self._close()
-        self.announcer.remove()
+        for host in self._hosts:
+            _http.forget_private(host)
+        self._dir.remove()
 
     def _close(self) -> None:
         procs = [p for p in self._procs if p is not None]
@@ -310,11 +400,6 @@ class LocalPool:
                 proc.kill()
                 proc.wait()
         self._procs = [None] * self.processes
-        for slot in range(self.processes):
-            self._forget_unix(slot)
-        if self._sockets_dir is not None:
-            shutil.rmtree(self._sockets_dir, ignore_errors=True)
-            self._sockets_dir = None
 
 
 def _cpu_ticks(pid: int) -> int | None:
@@ -325,10 +410,6 @@ def _cpu_ticks(pid: int) -> int | None:
         return int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
     except (OSError, ValueError, IndexError):
         return None
-
-
-def _port(url: str) -> int:
-    return int(url.split(":")[2].split("/")[0])
 
 
 _pool: LocalPool | None = None

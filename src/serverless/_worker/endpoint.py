@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 
@@ -83,7 +84,7 @@ class Endpoint:
         importable: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.time,
         origins: OriginPolicy | None = None,
-        shared_replay: bool = True,
+        shared_replay: bool | Path = True,  # a directory: the store there (replay.py)
         max_containers: int = MAX_CONTAINERS,
         budget: Budget | None = None,
         timer: Callable[[], float] = time.perf_counter,
@@ -102,6 +103,7 @@ class Endpoint:
         self.budget.limit = max(self.budget.limit, max_body)
         self._clock = clock
         self._replays = ReplayGuard(tolerance, shared=shared_replay)
+        self.replay_refusal = self._replays.refusal  # set: every chunk is refused (503)
         self._lock = threading.Lock()
         self._running: dict[int, float] = {}  # chunks running now, by token: their deadline
         self._timer = timer  # queue and compute times, pacing (the wall clock is `clock`)
@@ -232,7 +234,8 @@ class Endpoint:
         head.kid = verdict  # from now on, every answer is signed with this key
         fresh = self._replays.add(head.request_id, self._clock())
         if fresh is None:
-            return self.reject(503, "replay protection unavailable", head.fmt, head=head)
+            why = self._replays.refusal or "the replay store failed (see the worker's log)"
+            return self.reject(503, f"replay protection unavailable: {why}", head.fmt, head=head)
         if not fresh:
             return self.reject(409, "request id already used", head.fmt, head=head)
         return None

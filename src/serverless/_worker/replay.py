@@ -4,6 +4,11 @@ Each process keeps the ids it has seen (the fast path, no I/O); a small SQLite f
 and user, shared by every process of a multi-process server (uvicorn --workers, gunicorn -w)
 and kept across a restart, makes the first claim of an id the only one. An id is remembered
 for twice the tolerance: longer than its timestamp stays acceptable.
+
+The store fails closed: a state directory that is not this user's own, not 0700 or not
+writable, or a store that fails, refuses every chunk (503, naming the directory and the fix);
+never a quiet fall back to per-process protection, under which a captured request ran once per
+process (issue 22: 4 runs in 32 replays). `serverless worker` refuses to start instead.
 """
 
 from __future__ import annotations
@@ -66,12 +71,22 @@ def _private_directory(path: Path) -> Path:
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700, parents=True)
     info = path.lstat()
-    if not stat.S_ISDIR(info.st_mode) or (
-        hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o077)
-    ):
+    problem = ""
+    if stat.S_ISLNK(info.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISDIR(info.st_mode):
+        problem = "is not a directory"
+    elif hasattr(os, "getuid") and info.st_uid != os.getuid():
+        problem = f"belongs to uid {info.st_uid}, not to this user (uid {os.getuid()})"
+    elif hasattr(os, "getuid") and info.st_mode & 0o077:
+        problem = f"has mode {stat.S_IMODE(info.st_mode):04o}, not 0700"
+    elif not os.access(path, os.W_OK | os.X_OK):
+        problem = "is not writable by this user"
+    if problem:
         raise ConfigurationError(
-            f"{path} must be a directory owned by this user with mode 0700 "
-            f"(set ${STATE_DIR_ENV} to another directory)"
+            f"the replay store's directory {path} {problem}: remove it (it is created again, "
+            f"mode 0700), or `chmod 700` a directory of your own, or set ${STATE_DIR_ENV} to "
+            "a private directory of this user"
         )
     return path
 
@@ -96,6 +111,26 @@ class HostReplayStore:
     def path(self) -> Path:
         return self._path
 
+    def check(self) -> None:
+        """Create the store's file and table now, so a store that cannot be written is known
+        at start; the connection is closed (a server may fork after this)."""
+        import sqlite3
+
+        conn = sqlite3.connect(self._path, timeout=5.0, isolation_level=None)
+        try:
+            self._prepare(conn)
+        finally:
+            conn.close()
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, expires REAL NOT NULL)"
+            " WITHOUT ROWID"
+        )
+        os.chmod(self._path, 0o600)
+
     def _connection(self) -> sqlite3.Connection:
         import sqlite3
 
@@ -103,13 +138,7 @@ class HostReplayStore:
             conn = sqlite3.connect(
                 self._path, timeout=5.0, isolation_level=None, check_same_thread=False
             )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=OFF")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, expires REAL NOT NULL)"
-                " WITHOUT ROWID"
-            )
-            os.chmod(self._path, 0o600)
+            self._prepare(conn)
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 
@@ -138,20 +167,39 @@ class HostReplayStore:
 
 
 class ReplayGuard:
-    """The per-process cache in front of the per-host store."""
+    """The per-process cache in front of the shared store.
 
-    def __init__(self, window: float, shared: bool = True) -> None:
+    shared: True, the host's store ($SERVERLESS_STATE_DIR); a directory, the store there (the
+    local pool's workers share one in the pool's private directory); False, this process's
+    cache only (a worker that is the only process ever to hold its secret)."""
+
+    def __init__(self, window: float, shared: bool | Path = True) -> None:
+        import sqlite3
+
         self._local = SeenIds(window)
         self._store: HostReplayStore | None = None
-        if shared:
-            try:
-                self._store = HostReplayStore(window)  # opens its file at the first claim
-            except (OSError, ConfigurationError) as exc:
-                # Refusing every request would be worse; say so loudly instead.
-                logger.error("replay protection is per process only: %s", exc)
+        # why every request is refused, when the store cannot be used: fail closed
+        self.refusal = ""
+        if shared is False:
+            return
+        directory = shared if isinstance(shared, Path) else default_directory()
+        try:
+            self._store = HostReplayStore(window, directory)
+            self._store.check()
+        except ConfigurationError as exc:
+            self.refusal = str(exc)
+        except (OSError, sqlite3.Error) as exc:
+            self.refusal = (
+                f"the replay store in {directory} cannot be written ({exc}): set "
+                f"${STATE_DIR_ENV} to a private, writable directory of this user"
+            )
+        if self.refusal:
+            logger.error("every chunk will be refused (503): %s", self.refusal)
 
     def add(self, request_id: str, now: float) -> bool | None:
         """True: first use; False: a replay; None: the shared store failed (fail closed)."""
+        if self.refusal:
+            return None
         if not self._local.add(request_id, now):
             return False
         if self._store is None:

@@ -93,6 +93,8 @@ def _route(
     worker = init(
         route or os.environ.get("SERVERLESS_ROUTE") or DEFAULT_ROUTE, secret, threads=threads
     )
+    if worker.endpoint.replay_refusal:  # a dedicated worker refuses to start (fail closed)
+        raise ConfigurationError(worker.endpoint.replay_refusal)
     health = os.environ.get("SERVERLESS_HEALTH") or DEFAULT_HEALTH
     if not health.startswith("/") or health == worker.route:
         raise ConfigurationError("the health route must be a path other than the worker route")
