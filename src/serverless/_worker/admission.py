@@ -5,6 +5,11 @@ gets only what its headers justify: a body is read only after every header-only 
 and the bytes held by requests still unauthenticated are capped per process. Beyond the cap the
 oldest holder that has had its chance (`min_age`) is dropped, else the newcomer gets a fast 503:
 legitimate callers upload at full speed and finish, stalled uploads are the old ones.
+
+An unauthenticated body must also keep coming (`body_due`): a body that sends nothing for
+BODY_IDLE seconds, falls below BODY_MIN_RATE on average after that grace, or is not complete
+BODY_DEADLINE seconds after its headers is dropped with a 408. A trickle of a byte every few
+seconds would otherwise hold a connection, a thread (WSGI) and its share of the budget forever.
 """
 
 from __future__ import annotations
@@ -24,6 +29,18 @@ PREAUTH_BYTES = 48 * 1024 * 1024  # per process, see docs/security.md
 MIN_AGE = 1.0  # seconds a holder keeps its bytes before a newcomer may displace it
 # seconds a body may go without a byte before the request is dropped
 BODY_IDLE = float(os.environ.get("SERVERLESS_BODY_TIMEOUT") or 10.0)
+# bytes/s an unauthenticated body must average once BODY_IDLE has passed: a 32 MiB body on a
+# 1 MiB/s link passes, a byte every few seconds does not
+BODY_MIN_RATE = float(os.environ.get("SERVERLESS_BODY_MIN_RATE") or 64 * 1024)
+# seconds after its headers by which an unauthenticated body must be complete, however it comes
+BODY_DEADLINE = float(os.environ.get("SERVERLESS_BODY_DEADLINE") or 60.0)
+
+
+def body_due(start: float, last: float, received: int) -> float:
+    """When a body whose headers came at `start`, whose last bytes came at `last` and which
+    has sent `received` bytes is dropped unless more arrives (all in monotonic seconds)."""
+    paced = start + BODY_IDLE + received / BODY_MIN_RATE
+    return min(last + BODY_IDLE, paced, start + BODY_DEADLINE)
 
 
 def known_signature(header: str, key_ids: list[str]) -> bool | None:
