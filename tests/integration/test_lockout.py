@@ -31,11 +31,13 @@ ROUTE = "/serverless"
 KEYRING = p.Keyring(SECRET)
 SQUARE = "tests.sample_functions:square"
 FD_LIMIT = 256
-PROTOCOL = "serverless._worker.uvserver:GuardedHttpTools"  # docs/deploy.md's uvicorn recipe
+# docs/deploy.md's recipes: uvicorn's protocol and gunicorn's worker class
+PROTOCOL = "serverless._worker.uvserver:GuardedHttpTools"
+GTHREAD = "serverless._worker.gthread.Worker"
 
 SERVERS: dict[str, list[str]] = {
     "serverless worker": ["serverless._cli", "worker", "tests.sample_functions"],
-    "flask/gunicorn": ["gunicorn", "-k", "gthread", "-w", "1", "--threads", "8"],
+    "flask/gunicorn": ["gunicorn", "-k", GTHREAD, "-w", "1", "--threads", "8"],
     "fastapi/uvicorn": ["uvicorn", "tests.apps.fastapi_app:app", "--http", PROTOCOL],
 }
 

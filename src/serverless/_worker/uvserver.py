@@ -21,47 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import sys
 import time
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .._exceptions import ConfigurationError
-
-HEADER_TIMEOUT_ENV = "SERVERLESS_HEADER_TIMEOUT"
-DEFAULT_HEADER_TIMEOUT = 10.0
-MAX_HEADER_BYTES = 64 * 1024  # nginx's large_client_header_buffers is 4 x 8k
-RESERVE = 32  # descriptors kept for other files at the least (an eighth of the limit beyond)
+from .admission import MAX_HEADER_BYTES, connection_cap, header_timeout
 
 logger = logging.getLogger("serverless.worker")
-
-
-def header_timeout() -> float:
-    raw = os.environ.get(HEADER_TIMEOUT_ENV, "").strip()
-    try:
-        value = float(raw) if raw else DEFAULT_HEADER_TIMEOUT
-    except ValueError:
-        raise ConfigurationError(f"${HEADER_TIMEOUT_ENV} must be seconds, not {raw!r}") from None
-    if not value > 0:
-        raise ConfigurationError(f"${HEADER_TIMEOUT_ENV} must be positive, not {raw!r}")
-    return value
-
-
-def connection_cap() -> int:
-    """How many connections a process keeps open before it sheds: the open-files limit less
-    a reserve for its other files (the replay store, logs, its functions' own files and
-    calls)."""
-    try:
-        import resource
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (ImportError, ValueError, OSError):
-        return sys.maxsize
-    if soft == resource.RLIM_INFINITY:
-        return sys.maxsize
-    return max(1, soft - max(RESERVE, soft // 8))
 
 
 class Connections:
