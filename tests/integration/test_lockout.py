@@ -38,13 +38,15 @@ GTHREAD = "serverless._worker.gthread.Worker"
 SERVERS: dict[str, list[str]] = {
     "serverless worker": ["serverless._cli", "worker", "tests.sample_functions"],
     "flask/gunicorn": ["gunicorn", "-k", GTHREAD, "-w", "1", "--threads", "8"],
+    # gunicorn's own gthread: what the app itself does (the budget, the body's deadline)
+    "flask/gthread": ["gunicorn", "-k", "gthread", "-w", "1", "--threads", "8"],
     "fastapi/uvicorn": ["uvicorn", "tests.apps.fastapi_app:app", "--http", PROTOCOL],
 }
 
 
 def _command(kind: str, port: int) -> list[str]:
     args = list(SERVERS[kind])
-    if kind == "flask/gunicorn":
+    if kind.startswith("flask/"):
         return [
             *args,
             "-b",
@@ -153,7 +155,7 @@ class Attack:
         n = 0
         for sock in self.socks:
             try:
-                n += sock.recv(65536) != b""  # an answer (408, 503): closing
+                sock.recv(65536)  # b"": closed; else an answer (408, 503), then closed
             except BlockingIOError:
                 n += 1
             except OSError:
@@ -224,7 +226,11 @@ def test_a_trickling_body_is_closed_by_its_deadline(kind: str, tmp_path: Path) -
 # -- the open-files limit ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", sorted(SERVERS))
+# gunicorn's own gthread cannot shed: docs/deploy.md names the worker class that does
+AT_THE_LIMIT = sorted(set(SERVERS) - {"flask/gthread"})
+
+
+@pytest.mark.parametrize("kind", AT_THE_LIMIT)
 def test_trickling_bodies_at_the_open_files_limit(kind: str, tmp_path: Path) -> None:
     """At a 1,024-descriptor limit, 1,100 bodies sent a byte every 8 s failed 14 of 14
     calls. Here: 300 such bodies (a byte every 2 s) at a 256 limit."""
@@ -234,7 +240,7 @@ def test_trickling_bodies_at_the_open_files_limit(kind: str, tmp_path: Path) -> 
     assert_mostly_ok(ok, calls)
 
 
-@pytest.mark.parametrize("kind", sorted(SERVERS))
+@pytest.mark.parametrize("kind", AT_THE_LIMIT)
 def test_idle_connections_at_the_open_files_limit(kind: str, tmp_path: Path) -> None:
     """1,100 idle connections at a 1,024 limit blocked every call until the header timeout.
     Here: 300 at a 256 limit, which send nothing."""
