@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 
 from .._wire import Response
 from .admission import BODY_IDLE, body_due
@@ -20,6 +20,7 @@ from .threads import RequestThreads, wsgi_threads
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+Cut = Literal["evicted", "slow", "done"]  # why a body's read ended early, or that it ended
 
 # bytes per read of the body: the budget is taken, and progress counted, piece by piece (a
 # piece is a second at the minimum rate, so the watchdog sees a slow body's progress)
@@ -157,13 +158,13 @@ class _Read:
         self.sock = sock
         self.start = self.last = time.monotonic()
         self.received = 0
-        self.cut: str | None = None
+        self.cut: Cut | None = None
         self._lock = threading.Lock()
 
     def evict(self) -> None:
         self.stop("evicted")
 
-    def stop(self, reason: str) -> None:
+    def stop(self, reason: Cut) -> None:
         """Make the blocked read return short: shutting the socket's read side wakes a
         thread blocked in recv(), where closing it could hand its number to another
         connection. The answer can still be written; the connection closes after it."""
