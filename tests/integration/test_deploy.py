@@ -4,6 +4,7 @@ recipe's own server command, extracted from the file, serves a signed call here.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from gunicorn.workers.gthread import ThreadWorker
 
 import serverless
 from tests import sample_functions as sf
@@ -84,7 +86,10 @@ def test_every_yaml_file_parses() -> None:
 def test_appengine() -> None:
     app = load("appengine/app.yaml")[0]
     argv = appengine_command()
-    assert argv[:1] == ["gunicorn"] and flag(argv, "-k") == "gthread"
+    # gthread, reading requests before a thread runs them (docs/deploy.md)
+    assert argv[:1] == ["gunicorn"] and flag(argv, "-k") == "serverless._worker.gthread.Worker"
+    module, _, name = flag(argv, "-k").rpartition(".")
+    assert issubclass(getattr(importlib.import_module(module), name), ThreadWorker)
     scaling = app["automatic_scaling"]
     assert scaling["max_concurrent_requests"] == capacity(argv) == 16
     assert scaling["target_concurrent_requests"] <= scaling["max_concurrent_requests"]

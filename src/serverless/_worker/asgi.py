@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .._wire import Response
-from .admission import BODY_IDLE, Hold
+from .admission import Hold, body_due
 from .context import Origin, current_origin
 from .endpoint import Endpoint
 from .origin import resolve_origin
@@ -127,7 +127,7 @@ async def _read_body(
     endpoint: Endpoint, receive: Receive, length: int, fmt: str
 ) -> tuple[list[bytes], str, Hold] | Response:
     """Read a body of the declared `length`, hashing it as it arrives, within the process's
-    budget for unauthenticated bytes and with an idle timeout (slow or stalled uploads)."""
+    budget for unauthenticated bytes and within `body_due` (slow or stalled uploads)."""
     task = asyncio.current_task()
     assert task is not None
     state: list[str] = []  # why the task was interrupted, if it was
@@ -142,9 +142,10 @@ async def _read_body(
     chunks: list[bytes] = []
     size = 0
     loop = asyncio.get_running_loop()
+    start = last = loop.time()
     try:
         while True:
-            timer = loop.call_later(BODY_IDLE, interrupt, "idle")
+            timer = loop.call_at(body_due(start, last, size), interrupt, "slow")
             try:
                 message = await receive()
             except asyncio.CancelledError:
@@ -154,7 +155,7 @@ async def _read_body(
                 if uncancel is not None:
                     uncancel()
                 hold.release()
-                if state[0] == "idle":
+                if state[0] == "slow":
                     return endpoint.reject(408, "request body timed out", fmt, close=True)
                 return endpoint.reject(503, "too many uploads in progress", fmt, close=True)
             finally:
@@ -163,6 +164,8 @@ async def _read_body(
                 hold.release()
                 return endpoint.reject(400, "client disconnected", fmt, close=True)
             chunk = message.get("body", b"")
+            if chunk:
+                last = loop.time()
             size += len(chunk)
             if size > length:
                 hold.release()

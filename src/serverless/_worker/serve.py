@@ -13,6 +13,8 @@ SERVERLESS_HEALTH   the health route (default /healthz)
 SERVERLESS_SELF_URL, SERVERLESS_TRUSTED_HOSTS  where a function that fans out again from a
                     worker may call back (docs/security.md)
 SERVERLESS_HEADER_TIMEOUT  seconds a request's headers may take (default 10)
+SERVERLESS_BODY_TIMEOUT, SERVERLESS_BODY_MIN_RATE, SERVERLESS_BODY_DEADLINE  how an
+                    unauthenticated body must come (default 10 s idle, 64 KiB/s, 60 s in all)
 SERVERLESS_STATE_DIR  the directory of the per-host replay store
 """
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 
 from .._wire import Response
-from .admission import BODY_IDLE
+from .admission import BODY_IDLE, body_due
 from .context import Origin, current_origin
 from .endpoint import Endpoint, Job
 from .origin import resolve_origin
@@ -18,8 +20,12 @@ from .threads import RequestThreads, wsgi_threads
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+Cut = Literal["evicted", "slow", "done"]  # why a body's read ended early, or that it ended
 
-READ_SIZE = 1 << 20  # bytes per read of the body: the budget is taken piece by piece
+# bytes per read of the body: the budget is taken, and progress counted, piece by piece (a
+# piece is a second at the minimum rate, so the watchdog sees a slow body's progress)
+READ_SIZE = 64 * 1024
+TICK = 0.25  # seconds between the watchdog's looks at the bodies being read
 
 
 class WSGIEndpoint:
@@ -73,15 +79,20 @@ class WSGIEndpoint:
         return job if isinstance(job, Response) else self._run(job)
 
     def _read(self, environ: dict[str, Any], length: int, fmt: str) -> bytes | Response:
-        """Read the declared body within the process's budget for unauthenticated bytes,
-        with an idle timeout where the server hands us its socket (gunicorn)."""
+        """Read the declared body within the process's budget for unauthenticated bytes and
+        within `body_due`, where the server hands us its socket (gunicorn, werkzeug): an idle
+        timeout on the socket, and the watchdog cuts a body too slow, or evicted."""
         endpoint = self.endpoint
         stream = environ["wsgi.input"]
-        sock = environ.get("gunicorn.socket")
-        saved = sock.gettimeout() if isinstance(sock, socket.socket) else None
-        if isinstance(sock, socket.socket):
+        sock = _client_socket(environ)
+        saved = sock.gettimeout() if sock is not None else None
+        if sock is not None:
             sock.settimeout(BODY_IDLE)
-        hold = endpoint.budget.hold()  # a blocked read cannot be interrupted: no eviction
+        read = _Read(sock)
+        # a blocked read can only be interrupted through the socket: no socket, no eviction
+        hold = endpoint.budget.hold(read.evict if sock is not None else None)
+        if sock is not None:
+            _watchdog.add(read)
         chunks: list[bytes] = []
         try:
             remaining = length
@@ -90,18 +101,29 @@ class WSGIEndpoint:
                 if not hold.take(size):
                     return endpoint.reject(503, "too many uploads in progress", fmt, close=True)
                 chunk = stream.read(size)
-                if not chunk:
-                    return endpoint.reject(400, "body shorter than Content-Length", fmt, close=True)
+                if not chunk or read.cut is not None:
+                    return self._short(read, fmt)
                 chunks.append(chunk)
                 remaining -= len(chunk)
+                read.received += len(chunk)
+                read.last = time.monotonic()
         except OSError:  # the idle timeout, or the connection lost
             return endpoint.reject(408, "request body timed out", fmt, close=True)
         finally:
+            read.stop("done")  # from now on, neither the watchdog nor an eviction cuts it
+            _watchdog.remove(read)
             hold.release()
-            if isinstance(sock, socket.socket):
+            if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.settimeout(saved)
         return b"".join(chunks)
+
+    def _short(self, read: _Read, fmt: str) -> Response:
+        if read.cut == "evicted":
+            return self.endpoint.reject(503, "too many uploads in progress", fmt, close=True)
+        if read.cut == "slow":
+            return self.endpoint.reject(408, "request body timed out", fmt, close=True)
+        return self.endpoint.reject(400, "body shorter than Content-Length", fmt, close=True)
 
     def _run(self, job: Job) -> Response:
         return self.endpoint.run(job)
@@ -129,18 +151,91 @@ class WSGIEndpoint:
         )
 
 
-def _server_socket(environ: dict[str, Any]) -> tuple[str, int] | None:
-    """The accepted connection's local address, where the server gives us its socket.
-    SERVER_NAME is not used: several servers fill it from the Host header."""
+class _Read:
+    """A body being read: its progress, and why it was cut short (if it was)."""
+
+    def __init__(self, sock: socket.socket | None) -> None:
+        self.sock = sock
+        self.start = self.last = time.monotonic()
+        self.received = 0
+        self.cut: Cut | None = None
+        self._lock = threading.Lock()
+
+    def evict(self) -> None:
+        self.stop("evicted")
+
+    def stop(self, reason: Cut) -> None:
+        """Make the blocked read return short: shutting the socket's read side wakes a
+        thread blocked in recv(), where closing it could hand its number to another
+        connection. The answer can still be written; the connection closes after it."""
+        with self._lock:
+            if self.cut is not None:
+                return
+            self.cut = reason
+        if self.sock is not None and reason != "done":
+            with contextlib.suppress(OSError):  # closed meanwhile
+                self.sock.shutdown(socket.SHUT_RD)
+
+
+class _Watchdog:
+    """One thread per process that cuts the bodies past `body_due`; it sleeps while none
+    is being read."""
+
+    def __init__(self) -> None:
+        self._reads: dict[int, _Read] = {}
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, read: _Read) -> None:
+        with self._wake:
+            self._reads[id(read)] = read
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="serverless-body-watchdog", daemon=True
+                )
+                self._thread.start()
+            self._wake.notify()
+
+    def remove(self, read: _Read) -> None:
+        with self._wake:
+            self._reads.pop(id(read), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._reads:
+                    self._wake.wait()
+                reads = list(self._reads.values())
+            now = time.monotonic()
+            for read in reads:
+                if body_due(read.start, read.last, read.received) <= now:
+                    read.stop("slow")
+            time.sleep(TICK)
+
+
+_watchdog = _Watchdog()
+
+
+def _client_socket(environ: dict[str, Any]) -> socket.socket | None:
     for key in ("gunicorn.socket", "werkzeug.socket"):
         sock = environ.get(key)
         if isinstance(sock, socket.socket):
-            try:
-                name = sock.getsockname()
-            except OSError:
-                return None
-            if isinstance(name, tuple) and len(name) >= 2:
-                return str(name[0]), int(name[1])
+            return sock
+    return None
+
+
+def _server_socket(environ: dict[str, Any]) -> tuple[str, int] | None:
+    """The accepted connection's local address, where the server gives us its socket.
+    SERVER_NAME is not used: several servers fill it from the Host header."""
+    sock = _client_socket(environ)
+    if sock is None:
+        return None
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return None
+    if isinstance(name, tuple) and len(name) >= 2:
+        return str(name[0]), int(name[1])
     return None
 
 
