@@ -19,8 +19,9 @@ Rate = float | Literal["auto"]
 ErrorMode = Literal["raise", "return"]
 
 DEFAULT_WORKERS = 100  # as in the seed
-# bytes of results a stream may hold at once: 1,000,000 results of 4 KiB streamed through
-# at a peak caller RSS of a few hundred MB, where 125 chunks of them could hold 1 GB (issue 22)
+# bytes of results a stream may hold at once: 1,000,000 results of 4 KiB stream through at
+# a peak caller RSS of 211-239 MB (bench/streams.py); unbounded, 300,000 of 1.2 KiB behind one
+# 3 s straggler took it to 883 MB (issue 22)
 DEFAULT_BUFFER = 64 * 1024 * 1024
 
 
@@ -52,7 +53,7 @@ class Options:
     buffer: the most bytes of results (as encoded on the wire) a stream holds at once: those
         waiting behind a slower chunk to keep the input order, and those expected from the
         chunks in flight. When it is full, no chunk is sent until the consumer takes results.
-        Each chunk carries at most an eighth of it each way. None: no bound.
+        Each chunk carries at most 1/32 of it each way. None: no bound.
     """
 
     workers: int = DEFAULT_WORKERS

@@ -36,12 +36,13 @@ from .transport import Target
 # Retry-After: nothing ran) instead of queueing it without bound: the Call's start_by.
 START_WITHIN = 1.0
 PACED_CHUNK_S = 0.05  # seconds of its rate= one chunk of a paced list holds
-# A chunk carries at most this share of the body limit each way (its items, its results):
-# room for a reply of results larger than the items that made them, and for retries of
-# the same chunk on a slower link; and at most this share of a stream's buffer, so that
-# the buffer holds several chunks in flight, never just one.
+# A chunk carries at most 1/BODY_SHARE of the body limit each way (its items; its results, as
+# far as the replies so far tell): room for results that weigh more than their items. And at
+# most 1/BUFFER_SHARE of a stream's buffer, so that the buffer keeps many chunks in flight,
+# not a few: 1,000,000 items of 4 KiB behind a 3 s straggler streamed in 24 s with chunks of
+# 2 MiB, in 33 s with chunks of 8 MiB (bench/streams.py, the default 64 MiB buffer).
 BODY_SHARE = 4
-BUFFER_SHARE = 8
+BUFFER_SHARE = 32
 
 
 @dataclass(frozen=True)
