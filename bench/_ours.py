@@ -39,3 +39,8 @@ def lookup(items: list[int], service: str) -> list[list[Any]]:
             raise serverless.Throttled("429 from the service", retry_after=wait or None)
         out.append([code, address])
     return out
+
+
+@serverless.parallel
+def echo(items: list[bytes], stall_at: int = -1, stall: float = 0.0) -> list[bytes]:
+    return _work.echo(items, stall_at, stall)

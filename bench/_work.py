@@ -91,3 +91,22 @@ def lookup(items: list[int], service: str, by_hand: bool = False) -> list[list[A
                 break
             time.sleep(float(wait or 1))
     return out
+
+
+# -- streams of large items (issue 22): bytes whose first 8 say where they are in the input --
+
+
+def blob(index: int, size: int) -> bytes:
+    """Item `index` of a stream of `size`-byte items."""
+    return index.to_bytes(8, "big") + b"x" * (size - 8)
+
+
+def blob_index(item: bytes) -> int:
+    return int.from_bytes(item[:8], "big")
+
+
+def echo(items: list[bytes], stall_at: int = -1, stall: float = 0.0) -> list[bytes]:
+    """Each item back as it came; the chunk holding item `stall_at` first waits `stall` s."""
+    if any(blob_index(item) == stall_at for item in items):
+        time.sleep(stall)
+    return list(items)

@@ -391,3 +391,17 @@ class Counted:
 def counted_add(numbers: list[int], amount: int, *, times: int = 1) -> list[int]:
     _record("counted_add")
     return [(n + amount) * times for n in numbers]
+
+
+def blob(index: int, size: int) -> bytes:
+    """Item `index` of a stream of `size`-byte items: its first 8 bytes say which."""
+    return index.to_bytes(8, "big") + b"x" * (size - 8)
+
+
+@serverless.parallel
+def echo_blobs(blobs: Iterable[bytes], stall_at: int = -1, stall: float = 0.0) -> list[bytes]:
+    """Each item back as it came; the chunk holding item `stall_at` first waits `stall` s."""
+    items = list(blobs)
+    if any(int.from_bytes(b[:8], "big") == stall_at for b in items):
+        time.sleep(stall)
+    return items

@@ -22,6 +22,10 @@ DEFAULT_WORKERS = 100  # as in the seed
 # seconds a call may go on being refused (Throttled) with no item completing: a spent daily
 # quota or a revoked key ends the call with StillThrottled instead of never
 DEFAULT_PATIENCE = 180.0
+# bytes of results a stream may hold at once: 1,000,000 results of 4 KiB stream through at
+# a peak caller RSS of 211-239 MB (bench/streams.py); unbounded, 300,000 of 1.2 KiB behind one
+# 3 s straggler took it to 883 MB (issue 22)
+DEFAULT_BUFFER = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,10 @@ class Options:
     patience: seconds the call may go on being refused by the downstream (the function
         raising Throttled) with no item completing; then it raises StillThrottled, naming the
         last refusal. None: wait for as long as it takes (a `deadline=` still bounds it).
+    buffer: the most bytes of results (as encoded on the wire) a stream holds at once: those
+        waiting behind a slower chunk to keep the input order, and those expected from the
+        chunks in flight. When it is full, no chunk is sent until the consumer takes results.
+        Each chunk carries at most 1/32 of it each way. None: no bound.
     """
 
     workers: int = DEFAULT_WORKERS
@@ -65,6 +73,7 @@ class Options:
     errors: ErrorMode = "raise"
     rate: Rate | str | None = None
     patience: float | None = DEFAULT_PATIENCE
+    buffer: int | None = DEFAULT_BUFFER
 
     def __post_init__(self) -> None:
         # a string such as "3000/min" is kept as items per second
@@ -86,6 +95,8 @@ class Options:
             raise ConfigurationError(
                 f"patience must be a positive number of seconds or None, not {self.patience!r}"
             )
+        if self.buffer is not None:
+            _positive_int("buffer", self.buffer)
         if self.errors not in ("raise", "return"):
             raise ConfigurationError(f'errors must be "raise" or "return", not {self.errors!r}')
 
@@ -129,6 +140,7 @@ class OptionChanges(TypedDict, total=False):
     errors: ErrorMode
     rate: float | str | None
     patience: float | None
+    buffer: int | None
 
 
 OPTION_NAMES = frozenset(f.name for f in fields(Options))

@@ -29,7 +29,7 @@ from typing import (
 )
 
 from . import _registry
-from ._caller.chunking import AdaptiveChunks, Chunk
+from ._caller.chunking import AdaptiveChunks, Chunk, ChunkBytes
 from ._caller.dispatch import dispatcher
 from ._caller.fanout import Tally, close_batches, next_batch
 from ._caller.plan import CallPlan, make_plan
@@ -276,10 +276,12 @@ class ParallelFunction(_Step[P, R]):
             count,
             locate,
         )
-        chunks, sizer = plan.chunks(items)
+        # an untyped generator's items are checked as they are read, before they are weighed
+        check = None
         if count is None and shape.items is None:
-            chunks = _checked(chunks, shape)
-        return Invocation(steps, plan, chunks, count, sizer)
+            check = functools.partial(_check_chunk, shape)
+        chunks, sizer, weights = plan.chunks(items, check)
+        return Invocation(steps, plan, chunks, count, sizer, weights)
 
     def _target(
         self, steps: list[ParallelFunction[Any, Any]], blocking: bool, retries: int
@@ -299,14 +301,17 @@ class Invocation:
         chunks: Iterator[Chunk],
         count: int | None,  # None: an iterator, read off the loop thread
         sizer: AdaptiveChunks | None = None,
+        weights: ChunkBytes | None = None,
     ) -> None:
         self.steps, self.plan, self.chunks, self.count = steps, plan, chunks, count
-        self.target, self.sizer = plan.target, sizer
+        self.target, self.sizer, self.weights = plan.target, sizer, weights
         self.started = time.perf_counter()
         self.stats: list[StepStats] = []  # one per step, once the call is done
 
-    async def batches(self) -> AsyncIterator[list[Any]]:
-        """THE primitive: the results in input order, in batches, on the dispatcher's loop."""
+    async def batches(self, bounded: bool = False) -> AsyncIterator[list[Any]]:
+        """THE primitive: the results in input order, in batches, on the dispatcher's loop.
+        `bounded`: a stream, which holds at most the plan's `buffer` of results; a call that
+        collects every result holds them all anyway, so it never waits on its consumer."""
         tally = Tally()
         produced = 0
         if self.target is not None:
@@ -316,11 +321,14 @@ class Invocation:
                 tally,
                 lazy_input=self.count is None,
                 sizer=self.sizer,
+                weights=self.weights,
+                hold=self.plan.buffer if bounded else None,
             )
             async with contextlib.aclosing(fanout):  # cancels what is in flight if closed
                 async for batch in fanout:
                     produced += len(batch)
                     yield batch
+                    batch = []  # the consumer has it: not kept while the next one comes
         self._finish(produced, tally)
 
     async def collect(self) -> list[Any]:
@@ -340,22 +348,24 @@ class Invocation:
     def stream(self) -> Iterator[Any]:
         engine = dispatcher()
         shared = self.target.shared if self.target is not None else None
-        batches = self.batches()
+        batches = self.batches(bounded=True)
         try:
             while (
                 batch := run_shared(shared, lambda: engine.submit(next_batch(batches)))
             ) is not None:
                 yield from batch
+                batch = None  # let it go before the next one comes: the buffer's bound holds
         finally:
             engine.run(close_batches(batches))
 
     async def astream(self) -> AsyncIterator[Any]:
         engine = dispatcher()
-        batches = self.batches()
+        batches = self.batches(bounded=True)
         try:
             while (batch := await engine.arun(next_batch(batches))) is not None:
                 for result in batch:
                     yield result
+                batch = None  # as in stream()
         finally:
             await engine.arun(close_batches(batches))
 
@@ -391,6 +401,7 @@ class Invocation:
                 throttles=tally.throttles,
                 rate=tally.rate,
                 window=tally.window,
+                buffered=tally.buffered,
             )
             step._last.stats = stats
             self.stats.append(stats)
@@ -468,11 +479,8 @@ def _unwrap(func: Any) -> tuple[Callable[..., Any], Declared]:
     return func, "plain"
 
 
-def _checked(chunks: Iterator[Chunk], shape: Shape) -> Iterator[Chunk]:
-    """The chunks of an untyped input read lazily, each checked as it is read."""
-    for chunk in chunks:
-        check_items(shape, chunk.items, chunk.offset)
-        yield chunk
+def _check_chunk(shape: Shape, chunk: Chunk) -> None:
+    check_items(shape, chunk.items, chunk.offset)
 
 
 def _items_argument(name: str, args: tuple[Any, ...]) -> Iterable[Any]:
@@ -518,6 +526,7 @@ def parallel(
     errors: ErrorMode | None = None,
     rate: float | str | None = None,
     patience: float | None = DEFAULT_PATIENCE,
+    buffer: int | None = None,
     name: str | None = None,
 ) -> _ParallelDecorator: ...
 def parallel(
@@ -535,6 +544,7 @@ def parallel(
     errors: ErrorMode | None = None,
     rate: float | str | None = None,
     patience: float | None = DEFAULT_PATIENCE,
+    buffer: int | None = None,
     name: str | None = None,
 ) -> Any:
     """Run the function on chunks of its first argument, in parallel, on HTTP workers.
@@ -557,6 +567,7 @@ def parallel(
             hedge=hedge,
             errors=errors,
             rate=rate,
+            buffer=buffer,
         )
         .changed({"patience": patience})
     )

@@ -46,6 +46,9 @@ class StepStats:
     was sent again); rate: the items per second the call was paced at when it ended (its
     `rate=`, or where throttles settled it; None: unpaced); window: the chunks it could keep
     in flight when it ended; items_per_s: the rate it achieved (count / duration).
+    buffered: the most bytes of results (as encoded on the wire) the call held at once
+    waiting for an earlier chunk, to keep the input order (a stream holds at most about its
+    `buffer=`).
     """
 
     name: str
@@ -63,6 +66,7 @@ class StepStats:
     throttles: int = 0
     rate: float | None = None
     window: int = 0
+    buffered: int = 0
 
     @property
     def items_per_s(self) -> float:

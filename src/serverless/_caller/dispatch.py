@@ -27,7 +27,7 @@ from .._exceptions import (
     WorkerUnavailable,
 )
 from . import http as _http
-from .chunking import AdaptiveChunks, Chunk
+from .chunking import AdaptiveChunks, Chunk, ChunkBytes
 from .fanout import Answer, Fanout, Tally
 from .flow import Capacities
 from .plan import CallPlan
@@ -118,6 +118,8 @@ class Dispatcher:
         *,
         lazy_input: bool = False,
         sizer: AdaptiveChunks | None = None,
+        weights: ChunkBytes | None = None,
+        hold: int | None = None,
     ) -> AsyncGenerator[list[Any], None]:
         """One call's results in order, in batches (see fanout.py); iterate on the loop."""
         target = plan.target
@@ -126,7 +128,7 @@ class Dispatcher:
         async def attempt(
             url: str, chunk: Chunk, timeout: float, pace: float | None, slot: float | None
         ) -> Answer:
-            reply = await self._post(plan, target, url, chunk, timeout, (pace, slot))
+            reply, size = await self._post(plan, target, url, chunk, timeout, (pace, slot))
             assert reply.results is not None
             self.capacities.observe(url, reply.worker, reply.capacity)
             return Answer(
@@ -136,6 +138,7 @@ class Dispatcher:
                 reply.compute_s,
                 reply.stages or [],
                 reply.throttled,
+                size,
             )
 
         fanout = Fanout(
@@ -147,6 +150,8 @@ class Dispatcher:
             lazy_input=lazy_input,
             capacities=self.capacities,
             sizer=sizer,
+            weights=weights,
+            hold=hold,
         )
         return fanout.results()
 
@@ -158,10 +163,11 @@ class Dispatcher:
         chunk: Chunk,
         timeout: float,
         pacing: Pacing = (None, None),
-    ) -> p.Reply:
-        """One attempt of one chunk; a server-context call's waits for a lane first: HTTP to
-        self, or the caller's own thread. A chunk sent to self that was refused before it
-        started goes to the caller's thread (the `start_by` hook: SharedCall.refused)."""
+    ) -> tuple[p.Reply, int]:
+        """One attempt of one chunk, and its reply's size; a server-context call's waits for
+        a lane first: HTTP to self, or the caller's own thread. A chunk sent to self that was
+        refused before it started goes to the caller's thread (the `start_by` hook:
+        SharedCall.refused)."""
         shared = target.shared
         if shared is None:
             return await self._send(plan, target, url, chunk, timeout, pacing)
@@ -183,8 +189,8 @@ class Dispatcher:
         chunk: Chunk,
         timeout: float,
         pacing: Pacing = (None, None),
-    ) -> p.Reply:
-        """Sign, post through the target's transport (or lane), read."""
+    ) -> tuple[p.Reply, int]:
+        """Sign, post through the target's transport (or lane), read; and the reply's size."""
         transport = target.transport or self._client()
         what = f"chunk {chunk.index} of {plan.function}"
         # retries=0: at most once. A kept-alive connection that fails before any byte of an
@@ -217,7 +223,7 @@ class Dispatcher:
                 raise WorkerTimeout(f"{what} took longer than {timeout:.3g}s", url=url) from exc
             except _http.TransportError as exc:
                 raise WorkerUnavailable(f"{what} failed: {exc}", url=url) from exc
-        return p.read_reply(
+        reply = p.read_reply(
             response.status,
             response.content_type,
             response.body,
@@ -228,6 +234,7 @@ class Dispatcher:
             target.keyring,
             plan.results,
         )
+        return reply, len(response.body)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

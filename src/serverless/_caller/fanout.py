@@ -3,9 +3,12 @@
 Chunks are read from the input as slots free (a generator is never materialised), at most
 `workers` run at once (fewer where a URL's window says so: flow.py), and results come out in
 input order through a reorder buffer, bounded for a generator, so a stream of any length
-runs in bounded memory. A chunk is retried on transient failures, and hedged when it runs far
-past its peers. Whatever ends the call (an error, the deadline, the consumer closing the
-stream), every request still in flight is cancelled before the call returns.
+runs in bounded memory; a stream's buffer is bounded in bytes too (`hold`): once the results
+waiting behind a slower chunk, with those expected from the chunks in flight, reach it, no
+chunk is sent until the consumer takes some. A chunk is retried on transient failures, and
+hedged when it runs far past its peers. Whatever ends the call (an error, the deadline, the
+consumer closing the stream), every request still in flight is cancelled before the call
+returns.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 from .._exceptions import DeadlineExceeded, StillThrottled, WorkerError, WorkerUnavailable
 from .._stats import ChunkStats
 from .._wire import StageFigures, Throttle
-from .chunking import AdaptiveChunks, Chunk
+from .chunking import AdaptiveChunks, Chunk, ChunkBytes
 from .flow import Capacities, Window
 from .plan import CallPlan
 
@@ -58,6 +61,7 @@ class Tally:
     done: int = 0  # chunks answered
     stage_counts: list[int] = field(default_factory=list)  # a fused call's, per stage: items out
     stage_compute_s: list[float] = field(default_factory=list)
+    buffered: int = 0  # the most bytes of results held at once, waiting for an earlier chunk
 
     def add(self, stats: ChunkStats) -> None:
         self.done += 1
@@ -89,6 +93,7 @@ class Answer:
     compute_s: float = 0.0
     stages: list[StageFigures] = field(default_factory=list)  # a fused call's, per stage
     throttle: Throttle | None = None
+    size: int = 0  # bytes of the reply that carried them
 
 
 # One request of one chunk: (URL, the chunk or the part of it sent, timeout, the Call's pace
@@ -101,8 +106,8 @@ class _Record:
     of its lanes are answered; its ChunkStats derive from it when the chunk is done."""
 
     __slots__ = (
-        "attempts", "began", "compute_s", "end", "index", "queue_s", "size", "spans",
-        "stages", "start", "throttles", "url", "worker",
+        "attempts", "began", "compute_s", "end", "index", "nbytes", "queue_s", "size",
+        "spans", "stages", "start", "throttles", "url", "worker",
     )  # fmt: skip
 
     def __init__(self, chunk: Chunk, began: float) -> None:
@@ -114,9 +119,11 @@ class _Record:
         self.throttles = 0  # requests the function stopped with Throttled
         self.spans = False  # sent in parts or again after throttles: timed from `began`
         self.stages: list[StageFigures] = []  # per stage, added up over its parts
+        self.nbytes = 0  # bytes of the replies that carried its results
 
     def answered(self, url: str, answer: Answer, start: float, end: float) -> None:
         self.url, self.worker, self.queue_s = url, answer.worker, answer.queue_s
+        self.nbytes += answer.size
         self.start, self.end = start, end
         self.compute_s += answer.compute_s
         for stage, figures in enumerate(answer.stages):
@@ -146,10 +153,13 @@ class _Record:
 class _Chunk:
     """A chunk and the tasks working on it (its first run, and a hedge)."""
 
-    __slots__ = ("chunk", "counted_by", "settled", "started", "tasks", "urls")
+    __slots__ = (
+        "answered", "chunk", "counted_by", "expected", "settled", "started", "tasks", "urls",
+    )  # fmt: skip
 
     def __init__(self, chunk: Chunk) -> None:
         self.chunk = chunk
+        self.expected = self.answered = 0  # bytes of its results: before, and as answered
         self.tasks: list[asyncio.Task[list[Any]]] = []
         self.urls: list[str] = []  # where its tasks are sending now
         self.counted_by: int | None = None  # the task (lane) whose statistics count
@@ -206,6 +216,8 @@ class Fanout:
         lazy_input: bool,
         capacities: Capacities | None = None,
         sizer: AdaptiveChunks | None = None,  # fed each answer's size and compute time
+        weights: ChunkBytes | None = None,  # fed each answer's bytes
+        hold: int | None = None,  # bytes of results the call may hold (None: no bound)
     ) -> None:
         self.plan = plan
         self.function = plan.function
@@ -215,6 +227,10 @@ class Fanout:
         self.lazy_input = lazy_input
         self.capacities = capacities
         self.sizer = sizer
+        self.weights = weights
+        self.hold = hold
+        self.held = 0  # bytes of results: waiting in `ready`, and expected from those running
+        self.waiting = 0  # bytes of results in `ready`
         self.load = dict.fromkeys(urls, 0)
         self.windows = {url: Window(self._ceiling(url)) for url in urls}
         self.down: set[str] = set()  # URLs that lost a connection during this call
@@ -222,7 +238,7 @@ class Fanout:
         self.started = _now()
         self.deadline_at = None if plan.deadline is None else self.started + plan.deadline
         self.running: dict[int, _Chunk] = {}
-        self.ready: dict[int, list[Any]] = {}
+        self.ready: dict[int, tuple[list[Any], int]] = {}  # index: (results, their bytes)
         self.durations = _Durations()
         self.submitted = 0
         self.exhausted = False
@@ -251,6 +267,7 @@ class Fanout:
                     not self.exhausted
                     and self.busy < self._room()
                     and self.submitted - next_out < ahead
+                    and self._may_hold(next_out)
                 ):
                     chunk = await self._read()
                     if chunk is None:
@@ -259,10 +276,14 @@ class Fanout:
                         self._launch(_Chunk(chunk))
                 batch: list[Any] = []
                 while next_out in self.ready:
-                    batch += self.ready.pop(next_out)
+                    results, nbytes = self.ready.pop(next_out)
+                    batch += results
+                    self.held -= nbytes
+                    self.waiting -= nbytes
                     next_out += 1
                 if batch:
                     yield batch
+                    batch = []  # the consumer has it: not kept while the next one comes
                     continue
                 if self.exhausted and not self.running:
                     return
@@ -271,6 +292,16 @@ class Fanout:
             self.tally.rate, self.tally.window = self.pacer.rate, self._room()
             self.tally.throttles = self.pacer.throttles
             await self._cancel_all()
+
+    def _may_hold(self, next_out: int) -> bool:
+        """Whether the results held and expected leave room for one more chunk's (at most
+        `weights.limit`: chunking.py). With nothing outstanding one always goes, so a chunk
+        heavier than the bound still runs; the consumer taking results makes room, and the
+        chunk it waits for is in flight."""
+        if self.hold is None or self.submitted == next_out:
+            return True
+        heaviest = self.weights.limit if self.weights is not None else 0
+        return self.held + heaviest <= self.hold
 
     def _room(self) -> int:
         """Tasks the call may have alive now: `workers`, or less where the URLs' windows
@@ -368,7 +399,11 @@ class Fanout:
             return  # its chunk was already settled by a sibling
         if exc is None:
             owner.settled = True
-            self.ready[owner.index] = task.result()
+            nbytes = owner.answered
+            self.ready[owner.index] = (task.result(), nbytes)
+            self.held += nbytes - owner.expected  # now as answered, no longer as expected
+            self.waiting += nbytes
+            self.tally.buffered = max(self.tally.buffered, self.waiting)
             self.durations.add(_now() - owner.started)
             del self.running[owner.index]
             for other in owner.tasks:
@@ -384,6 +419,9 @@ class Fanout:
         if not hedge:
             self.running[chunk.index] = chunk
             self.submitted += 1
+            weights = self.weights
+            chunk.expected = weights.expected(chunk.chunk) if weights else chunk.chunk.nbytes
+            self.held += chunk.expected
             if self.plan.hedge:
                 heapq.heappush(self._by_start, (chunk.started, chunk.index, chunk))
         avoid = set(chunk.urls) if hedge else set()
@@ -535,6 +573,8 @@ class Fanout:
             self.slow.discard(url)
             if self.sizer is not None:
                 self.sizer.observe(len(chunk.items), answer.compute_s)
+            if self.weights is not None:
+                self.weights.answered(len(chunk.items), answer.size)
             if chunk is not whole:  # a part: the rest goes next
                 record.spans = True
                 whole = whole.tail(len(chunk.items))
@@ -546,6 +586,7 @@ class Fanout:
             if owner.counted_by in (None, lane):  # a hedge that also finished is not counted
                 owner.counted_by = lane
                 self.tally.add(record.stats(self.started))
+            owner.answered = record.nbytes
             return before
 
     # -- hedging ------------------------------------------------------------------------

@@ -20,7 +20,15 @@ from .. import _wire as p
 from .._config import Options, Rate
 from .._registry import BIND_NONE, Bind
 from .._wire.values import UNTYPED, Shape
-from .chunking import AdaptiveChunks, Chunk, chunk_adaptive, chunk_iterable, chunk_sequence
+from .chunking import (
+    AdaptiveChunks,
+    Chunk,
+    ChunkBytes,
+    chunk_adaptive,
+    chunk_iterable,
+    chunk_sequence,
+    within_bytes,
+)
 from .rate import Pacer
 from .transport import Target
 
@@ -28,6 +36,13 @@ from .transport import Target
 # Retry-After: nothing ran) instead of queueing it without bound: the Call's start_by.
 START_WITHIN = 1.0
 PACED_CHUNK_S = 0.05  # seconds of its rate= one chunk of a paced list holds
+# A chunk carries at most 1/BODY_SHARE of the body limit each way (its items; its results, as
+# far as the replies so far tell): room for results that weigh more than their items. And at
+# most 1/BUFFER_SHARE of a stream's buffer, so that the buffer keeps many chunks in flight,
+# not a few: 1,000,000 items of 4 KiB behind a 3 s straggler streamed in 24 s with chunks of
+# 2 MiB, in 33 s with chunks of 8 MiB (bench/streams.py, the default 64 MiB buffer).
+BODY_SHARE = 4
+BUFFER_SHARE = 32
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,7 @@ class CallPlan:
     isolate: bool = False  # errors="return": each item's error in its place
     rate: Rate | None = None  # items per second across the call, or "auto"
     patience: float | None = None  # seconds of refusals with no item completing, at most
+    buffer: int | None = None  # bytes of results a stream may hold (None: no bound)
     group: str = field(default_factory=p.new_request_id)  # the call's id on its paced chunks
 
     @property
@@ -122,15 +138,43 @@ class CallPlan:
             slot=slot if pace else None,
         )
 
-    def chunks(self, items: Iterable[Any]) -> tuple[Iterator[Chunk], AdaptiveChunks | None]:
-        """The input cut as planned, read lazily unless it is a list; and, for an input of
-        unknown length with no chunk_size, the sizer the replies feed (chunking.py)."""
+    def chunks(
+        self, items: Iterable[Any], check: Callable[[Chunk], None] | None = None
+    ) -> tuple[Iterator[Chunk], AdaptiveChunks | None, ChunkBytes]:
+        """The input cut as planned, read lazily unless it is a list, each chunk passed to
+        `check` as it is cut, then re-cut where it weighs too much (chunking.py); for an
+        input of unknown length with no chunk_size, the sizer the replies feed; and the
+        weights of items and results, which the replies feed too."""
+        max_body = self.target.max_body if self.target is not None else p.MAX_BODY
+        limit = min(max_body, p.MAX_REPLY) // BODY_SHARE
+        if self.buffer is not None:
+            limit = min(limit, self.buffer // BUFFER_SHARE)
+        # what every request carries besides its items (arguments, names): not theirs
+        bare = len(p.encode(self.envelope(Chunk(0, 0, []), self.timeout, 0.0, None)))
+        weights = ChunkBytes(max(1, limit - bare))
+        sizer = None
         if isinstance(items, Sequence):
-            return chunk_sequence(items, self.parts, self.chunk_size), None
-        if self.chunk_size is not None:
-            return chunk_iterable(items, self.chunk_size), None
-        sizer = AdaptiveChunks()
-        return chunk_adaptive(items, sizer), sizer
+            cut = chunk_sequence(items, self.parts, self.chunk_size)
+        elif self.chunk_size is not None:
+            cut = chunk_iterable(items, self.chunk_size)
+        else:
+            sizer = AdaptiveChunks(weights=weights)
+            cut = chunk_adaptive(items, sizer)
+        if check is not None:
+            cut = _checked(cut, check)
+        room = max(1, max_body - bare - 16)  # 16: the items' array header, with margin
+        pieces = within_bytes(cut, weights, _encoded_size, room, self.function)
+        return pieces, sizer, weights
+
+
+def _checked(chunks: Iterator[Chunk], check: Callable[[Chunk], None]) -> Iterator[Chunk]:
+    for chunk in chunks:
+        check(chunk)
+        yield chunk
+
+
+def _encoded_size(value: Any) -> int:
+    return len(p.encode(value))
 
 
 def make_plan(
@@ -183,6 +227,7 @@ def make_plan(
         isolate=first.errors == "return" and not fused,
         rate=rate,
         patience=_strictest(options.patience for options in every),
+        buffer=first.buffer,
     )
 
 
