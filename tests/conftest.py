@@ -117,6 +117,26 @@ def haproxy(backends: list[int], port: int, tmp: Path) -> Iterator[str]:
 
 
 @pytest.fixture
+def in_process_worker() -> Iterator[None]:
+    """Every call goes to a worker Endpoint in this process (the in-process transport), so
+    the counters of a downstream in this process are the worker side's."""
+    from serverless import _targets
+    from serverless._caller.inprocess import InProcess
+    from serverless._caller.transport import Target
+    from serverless._wire import Keyring
+    from serverless._worker.endpoint import Endpoint
+
+    keyring = Keyring(SECRET)
+    transport = InProcess(Endpoint("/serverless", keyring))
+    target = Target(
+        ("inprocess://w/serverless",), "/serverless", keyring, "in-process", transport=transport
+    )
+    with _targets.override(target):
+        yield
+    transport.close()
+
+
+@pytest.fixture
 def reset_settings() -> Iterator[None]:
     """Leave process-wide settings as they were."""
     saved = _config.settings()

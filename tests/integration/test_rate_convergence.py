@@ -7,32 +7,15 @@ so its counters are the worker side's. (No socket is needed; these are here for 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from serverless import _targets
-from serverless._caller.inprocess import InProcess
-from serverless._caller.transport import Target
-from serverless._wire import Keyring
-from serverless._worker.endpoint import Endpoint
 from tests import sample_functions as sf
-from tests.conftest import SECRET
 from tests.quota import DOWNSTREAM
 
+pytestmark = pytest.mark.usefixtures("in_process_worker")
+
 QUOTA = 200.0
-
-
-@pytest.fixture(autouse=True)
-def in_process() -> Iterator[None]:
-    keyring = Keyring(SECRET)
-    transport = InProcess(Endpoint("/serverless", keyring))
-    target = Target(
-        ("inprocess://w/serverless",), "/serverless", keyring, "in-process", transport=transport
-    )
-    with _targets.override(target):
-        yield
-    transport.close()
 
 
 def served_rate() -> float:

@@ -13,19 +13,14 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from serverless import _targets
-from serverless._caller.inprocess import InProcess
 from serverless._caller.transport import Target
 from serverless._pool import pool as _pool
-from serverless._wire import Keyring
-from serverless._worker.endpoint import Endpoint
 from tests import sample_functions as sf
-from tests.conftest import SECRET
 from tests.quota import DOWNSTREAM
 
 
@@ -35,19 +30,7 @@ def most_in(times: list[float], window: float) -> int:
     return max(bisect.bisect_left(times, t + window) - i for i, t in enumerate(times))
 
 
-@pytest.fixture
-def in_process() -> Iterator[None]:
-    keyring = Keyring(SECRET)
-    transport = InProcess(Endpoint("/serverless", keyring))
-    target = Target(
-        ("inprocess://w/serverless",), "/serverless", keyring, "in-process", transport=transport
-    )
-    with _targets.override(target):
-        yield
-    transport.close()
-
-
-@pytest.mark.usefixtures("in_process")
+@pytest.mark.usefixtures("in_process_worker")
 def test_a_latency_spike_never_bursts_the_rate() -> None:
     """rate=200 on 1,400 items of 2 ms, whose downstream takes 1 s per call for a second:
     the items overdue when it recovers take the turns still ahead or go back to the caller
