@@ -345,8 +345,8 @@ class LocalPool:
                 pass_fds=(write_fd,),
                 close_fds=True,
                 # out of the terminal's process group: a Ctrl-C interrupts the caller, whose
-                # cancelled requests stop the workers' work (docs/reliability.md); it reached
-                # every worker, which finished its chunks item after item, then died
+                # closed requests stop the workers' work (docs/reliability.md). In the group,
+                # it reached every worker, which finished its chunks item after item, then died
                 start_new_session=True,
             )
         except BaseException:

@@ -60,7 +60,7 @@ class Job:
     # whether the caller went away (its connection closed: Ctrl-C, a cancelled call, a closed
     # stream), where the adapter can tell: an item-by-item chunk stops before its next item,
     # and a chunk not yet started never starts. Read from the thread that runs the chunk.
-    gone: Callable[[], bool] = field(default=lambda: False)
+    gone: Callable[[], bool] = field(default=lambda: False)  # False: nothing tells
 
     @property
     def itemwise(self) -> bool:
