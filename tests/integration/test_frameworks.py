@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from subprocess import Popen
 from typing import Any, cast
 
@@ -221,3 +222,22 @@ def test_the_seed_pipeline_demo_in_flask(flask_server: App) -> None:
     assert addresses == sorted(addresses)
     assert all(re.fullmatch(r"Springfield, [A-Z]{2} \d{5}, USA", a) for a in addresses)
     assert headers["x-serverless-targets"] == "self,self,caller"
+
+
+def test_a_cancelled_call_stops_its_item_by_item_chunks(caller: App, tmp_path: Path) -> None:
+    """Issue 22.11 under each server: once the caller gives up (its connections closed), no
+    item-by-item chunk starts its next item 1 s later: gunicorn's threads look for the client
+    socket's end of file before each item, uvicorn's watch for http.disconnect."""
+    path = tmp_path / "stamps"
+    fn = sf.stamped.with_options(errors="return", workers=4, chunk_size=40)  # 2 s a chunk
+    future = fn.submit(list(range(400)), str(path), 0.05)
+    deadline = time.monotonic() + 30
+    while not path.exists() or len(path.read_text().splitlines()) < 8:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    future.cancel()
+    given_up = time.time()
+    time.sleep(3)
+    starts = [float(line.split()[1]) for line in path.read_text().splitlines()]
+    late = [round(start - given_up, 2) for start in starts if start > given_up + 1.0]
+    assert late == [], f"{len(late)} of {len(starts)} items started after 1 s: {late[:10]}"

@@ -185,6 +185,25 @@ def test_a_worker_never_starts_a_chunk_past_its_deadline(calls: Path) -> None:
     assert answer(endpoint, job_for(endpoint, start_by=time.time() - 5)).results == [1, 4]
 
 
+def test_a_cancelled_call_starts_no_further_item(tmp_path: Path) -> None:
+    """Issue 22.11: the caller gave up (a cancelled submit): no item-by-item chunk (here of
+    3 s) starts its next item, and no queued chunk starts, 1 s later (the in-process
+    transport: a cancelled request, as a closed connection on a server)."""
+    path = tmp_path / "stamps"
+    fn = sf.stamped.with_options(workers=2, chunk_size=60, errors="return")
+    future = fn.submit(list(range(200)), str(path), 0.05)
+    deadline = time.monotonic() + 30
+    while not path.exists() or len(path.read_text().splitlines()) < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    future.cancel()
+    given_up = time.time()
+    time.sleep(2)
+    starts = [float(line.split()[1]) for line in path.read_text().splitlines()]
+    assert [start for start in starts if start > given_up + 1.0] == []
+    assert len(starts) < 200
+
+
 def test_a_chunk_that_waited_past_its_start_by_is_refused_as_busy() -> None:
     endpoint = Endpoint(ROUTE, p.Keyring(SECRET))
     job = job_for(endpoint, start_by=time.time() - 0.01)

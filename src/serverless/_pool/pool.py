@@ -344,6 +344,10 @@ class LocalPool:
                 env=env,
                 pass_fds=(write_fd,),
                 close_fds=True,
+                # out of the terminal's process group: a Ctrl-C interrupts the caller, whose
+                # closed requests stop the workers' work (docs/reliability.md). In the group,
+                # it reached every worker, which finished its chunks item after item, then died
+                start_new_session=True,
             )
         except BaseException:
             os.close(read_fd)

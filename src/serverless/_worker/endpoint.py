@@ -177,7 +177,13 @@ class Endpoint:
         if job.is_async:
             return await self.run_async(job)
         job.capacity = capacity
-        return await asyncio.get_running_loop().run_in_executor(threads, self.run, job)
+        left = threading.Event()
+        job.gone = left.is_set
+        try:
+            return await asyncio.get_running_loop().run_in_executor(threads, self.run, job)
+        except asyncio.CancelledError:  # the caller went away: as a closed connection
+            left.set()
+            raise
 
     def check_head(
         self, method: str, headers: Mapping[str, str], length: int | None
@@ -321,13 +327,16 @@ class Endpoint:
     # -- running ---------------------------------------------------------------------------
 
     def late(self, job: Job, *, waited: bool) -> Response | None:
-        """A signed refusal if the chunk must not start now: past its deadline (504,
-        "expired": its caller has given up) or, if it waited here for a thread, past its
-        start_by (503, "busy", with Retry-After: it may go elsewhere). A chunk that finds a
-        thread free starts whatever its start_by says: it may have waited in a balancer's
-        queue, and sending it back would only put it at the end. Nothing has run either way."""
+        """A signed refusal if the chunk must not start now: its caller went away or it is
+        past its deadline (504, "expired": its caller has given up) or, if it waited here
+        for a thread, past its start_by (503, "busy", with Retry-After: it may go
+        elsewhere). A chunk that finds a thread free starts whatever its start_by says: it
+        may have waited in a balancer's queue, and sending it back would only put it at the
+        end. Nothing has run either way."""
         now = self._clock()
         call = job.call
+        if job.gone():
+            return self.refusal(job, 504, "expired", "the caller went away")
         if call.deadline is not None and now > call.deadline:
             return self.refusal(
                 job, 504, "expired", "the chunk's deadline passed before it started"

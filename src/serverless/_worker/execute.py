@@ -37,6 +37,7 @@ logger = logging.getLogger("serverless.worker")
 
 MAX_THROTTLED_CALLS = 1024  # calls whose throttles a worker remembers (the newest)
 LATE_STOP = "the chunk's turns passed before these items could start"
+GONE_STOP = "the caller went away"
 
 # What the work asks its driver for: seconds to sleep, or an awaitable to resolve.
 Wait = float | Awaitable[Any]
@@ -56,6 +57,15 @@ class Job:
     # further stages of a fused call, each run on the previous stage's results
     then: list[tuple[_registry.Entry, _registry.Bind]] = field(default_factory=list)
     capacity: int | None = None  # chunks of sync functions the adapter runs at once (a Reply's)
+    # whether the caller went away (its connection closed: Ctrl-C, a cancelled call, a closed
+    # stream), where the adapter can tell: an item-by-item chunk stops before its next item,
+    # and a chunk not yet started never starts. Read from the thread that runs the chunk.
+    gone: Callable[[], bool] = field(default=lambda: False)  # False: nothing tells
+
+    @property
+    def itemwise(self) -> bool:
+        """Run item by item: each error kept in place (isolate), or each item in its turn."""
+        return self.call.isolate or self.call.pace is not None
 
     @property
     def is_async(self) -> bool:
@@ -150,8 +160,7 @@ class Runner:
 
     def work(self, job: Job) -> Work:
         """The chunk's work, for a driver: item by item (Call.isolate, Call.pace), or whole."""
-        call = job.call
-        return self._itemwise(job) if call.isolate or call.pace is not None else self._whole(job)
+        return self._itemwise(job) if job.itemwise else self._whole(job)
 
     def _whole(self, job: Job) -> Work:
         """Every stage on the whole chunk, each on the previous stage's results."""
@@ -209,6 +218,8 @@ class Runner:
                     yield wait
                     waited += clock() - before
             stopped = stop(call, started, index)
+            if stopped is None and job.gone():  # nobody reads the answer: it says why
+                stopped = p.Throttle(at=index, message=GONE_STOP, ran=index, stopped=True)
             if stopped is not None:
                 return self._reply_throttled(job, results, errors, stopped, started, waited)
             try:

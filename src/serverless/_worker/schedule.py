@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,25 @@ class Scheduler:
 
     async def run(self, job: Job, gone: Callable[[], Awaitable[None]]) -> Response:
         """The job's answer, or a signed refusal where it did not start; `gone` returns once
-        the caller has disconnected."""
+        the caller has disconnected. An item-by-item chunk is watched while it runs: once its
+        caller is gone (Ctrl-C, a cancelled call, a closed stream), it starts no other item.
+        A whole chunk is not: it runs to its end anyway, and the watch would cost every
+        request a task."""
+        watch = asyncio.ensure_future(gone()) if job.itemwise else None
+        if watch is not None:
+            job.gone = functools.partial(_happened, watch)
+        try:
+            return await self._run(job, gone, watch)
+        finally:
+            if watch is not None:
+                watch.cancel()
+
+    async def _run(
+        self,
+        job: Job,
+        gone: Callable[[], Awaitable[None]],
+        watch: asyncio.Future[None] | None,
+    ) -> Response:
         endpoint = self.endpoint
         if job.is_async:
             return await endpoint.run_async(job)
@@ -63,7 +82,12 @@ class Scheduler:
                 # window at once instead of after the budget (a first call, workers=100 on
                 # 4 threads: +20% over workers=4 when the surplus waited a second)
                 return endpoint.refusal(job, 503, "busy", "every thread is busy, and as many wait")
-            refused = await self._wait(gate, job, gone)
+            left = watch or asyncio.ensure_future(gone())
+            try:
+                refused = await self._wait(gate, job, left)
+            finally:
+                if left is not watch:
+                    left.cancel()
             if refused is not None:
                 return refused
         try:
@@ -77,29 +101,31 @@ class Scheduler:
         gate.control.observe(cpu_s, wall_s, concurrent)
         return response
 
-    async def _wait(
-        self, gate: Gate, job: Job, gone: Callable[[], Awaitable[None]]
-    ) -> Response | None:
+    async def _wait(self, gate: Gate, job: Job, left: asyncio.Future[None]) -> Response | None:
         """Wait for a slot of the gate, at most until the chunk's start_by, and only while
-        its caller is still connected: a refusal (nothing ran) otherwise; None with a slot."""
+        its caller is still connected (`left` is done once it is gone): a refusal (nothing
+        ran) otherwise; None with a slot."""
         acquired = asyncio.ensure_future(gate.acquire())
-        left = asyncio.ensure_future(gone())
         start_by = job.call.start_by
         timeout = None if start_by is None else max(0.0, start_by - self._clock())
         try:
             await asyncio.wait({acquired, left}, timeout=timeout, return_when="FIRST_COMPLETED")
         finally:
-            left.cancel()
             if not acquired.done():
                 acquired.cancel()
-            await asyncio.gather(acquired, left, return_exceptions=True)
+            await asyncio.gather(acquired, return_exceptions=True)
         if not acquired.cancelled() and acquired.exception() is None:
             return None
-        if left.done() and not left.cancelled() and left.exception() is None:
+        if _happened(left):
             return self.endpoint.refusal(job, 504, "expired", "the caller went away")
         return self.endpoint.late(job, waited=True) or self.endpoint.refusal(
             job, 503, "busy", "no thread could start the chunk in time"
         )
+
+
+def _happened(watch: asyncio.Future[None]) -> bool:
+    """Whether the caller went away (a future's state: read from any thread)."""
+    return watch.done() and not watch.cancelled() and watch.exception() is None
 
 
 def _timed_run(endpoint: Endpoint, job: Job) -> tuple[Response, float, float]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import select
 import socket
 import threading
 import time
@@ -76,7 +78,7 @@ class WSGIEndpoint:
         if refused is not None:
             return refused
         job = endpoint.admit(head, body)
-        return job if isinstance(job, Response) else self._run(job)
+        return job if isinstance(job, Response) else self._run(job, environ)
 
     def _read(self, environ: dict[str, Any], length: int, fmt: str) -> bytes | Response:
         """Read the declared body within the process's budget for unauthenticated bytes and
@@ -125,7 +127,10 @@ class WSGIEndpoint:
             return self.endpoint.reject(408, "request body timed out", fmt, close=True)
         return self.endpoint.reject(400, "body shorter than Content-Length", fmt, close=True)
 
-    def _run(self, job: Job) -> Response:
+    def _run(self, job: Job, environ: dict[str, Any]) -> Response:
+        sock = _client_socket(environ)
+        if sock is not None and job.itemwise:  # it stops before its next item once gone
+            job.gone = functools.partial(_hung_up, sock)
         return self.endpoint.run(job)
 
     def _origin(self, environ: dict[str, Any]) -> Origin:
@@ -222,6 +227,22 @@ def _client_socket(environ: dict[str, Any]) -> socket.socket | None:
         if isinstance(sock, socket.socket):
             return sock
     return None
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the client closed the connection (Ctrl-C, a cancelled call): its end of file
+    is readable. A caller sends nothing more while it waits for the answer, so any byte
+    waiting is not a hang-up. poll, never select(): descriptors above 1,024 (issue 22)."""
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        if not poller.poll(0):
+            return False
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError, ValueError, AttributeError):  # TLS; no poll()
+        return False
+    except OSError:  # reset by the peer
+        return True
 
 
 def _server_socket(environ: dict[str, Any]) -> tuple[str, int] | None:
