@@ -104,4 +104,4 @@ def resolve(
         _registry.modules(),
         _registry.redefinitions(),
     )
-    return Target(tuple(pool.urls), pool.route, pool.keyring, "local", config.max_body)
+    return pool.target(config.max_body)

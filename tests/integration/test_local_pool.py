@@ -314,7 +314,6 @@ def test_a_round_of_the_pools_thread_that_raises_anything_leaves_the_workers_ali
     """The pool's thread is the workers' parent for PR_SET_PDEATHSIG: its death killed every
     worker. A round that raises even SystemExit is logged and tried again."""
     from serverless import _targets
-    from serverless._caller.transport import Target
     from serverless._pool import pool as _pool
 
     pool = _pool.LocalPool(2, 4, ["tests.sample_functions"])
@@ -336,7 +335,7 @@ def test_a_round_of_the_pools_thread_that_raises_anything_leaves_the_workers_ali
         assert not failures
         time.sleep(2 * _pool.WATCH_INTERVAL)  # a round after the last failure has run
         assert pool.pids == pids and all(_alive(pid) for pid in pids)
-        target = Target(tuple(pool.urls), pool.route, pool.keyring, "local")
+        target = pool.target()
         with _targets.override(target):
             assert set(sf.pids.with_options(workers=4)(list(range(8)))) <= set(pids)
     finally:

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from serverless import _targets
-from serverless._caller.transport import Target
 from serverless._pool import pool as _pool
 from tests import sample_functions as sf
 from tests.integration.test_local_pool import _alive, run_script
@@ -86,7 +85,7 @@ def test_a_frozen_worker_is_replaced_and_calls_stop_paying_its_timeout() -> None
         assert replaced_after < _pool.FROZEN_AFTER + 3 * (_pool.WATCH_INTERVAL + 1)
         assert not _alive(frozen)
         fn = sf.pids.with_options(timeout=5, workers=4)
-        target = Target(tuple(pool.urls), pool.route, pool.keyring, "local")
+        target = pool.target()
         for _ in range(4):
             started = time.monotonic()
             with _targets.override(target):
@@ -108,7 +107,7 @@ def test_a_silent_worker_burning_cpu_is_busy_not_frozen() -> None:
     pool.start()
     try:
         worker = pool.pids[0]
-        target = Target(tuple(pool.urls), pool.route, pool.keyring, "local")
+        target = pool.target()
         fn = sf.burn_on_the_loop.with_options(timeout=30, retries=0)
         with _targets.override(target):
             assert fn([_pool.FROZEN_AFTER + 2]) == [worker]

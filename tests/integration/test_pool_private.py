@@ -5,7 +5,8 @@ and 5), each performed as another local user or a crash would:
   went there over TCP (5 signed chunks, items in clear); now nothing reaches it and the
   retries run on the worker that replaced the dead one;
 - a request captured to one worker is replayed to another worker of the same pool: before, it
-  ran again (per-process protection); now the pool's workers share one store;
+  ran again (per-process protection); now each worker runs only the ids signed for its slot,
+  and a replacement nothing signed before it started;
 - a symbolic link planted at the module list's predictable `.tmp` path: before, the caller
   wrote through it and chmodded the target; now the list lives in the pool's 0700 directory;
 - a caller killed with SIGKILL: before, its `serverless-modules-*` file and `serverless-pool-*`
@@ -31,7 +32,6 @@ import pytest
 
 from serverless import _targets
 from serverless import _wire as p
-from serverless._caller.transport import Target
 from serverless._pool import pool as _pool
 from tests import sample_functions as sf
 from tests.conftest import test_env
@@ -98,7 +98,7 @@ def test_a_dead_workers_port_receives_nothing_and_the_retries_reach_its_replacem
     with fresh_pool(1) as pool:
         victim = pool.pids[0]
         ports = listening_tcp_ports(victim)  # before: its loopback port; now: none
-        target = Target(tuple(pool.urls), pool.route, pool.keyring, "local")
+        target = pool.target()
         f = sf.sleepy.with_options(workers=5, chunk_size=1, retries=5, timeout=10)
         items = [0.5 + i * 1e-6 for i in range(5)]
         with _targets.override(target):
@@ -115,22 +115,53 @@ def test_a_dead_workers_port_receives_nothing_and_the_retries_reach_its_replacem
         assert listening_tcp_ports(pool.pids[0]) == []
 
 
+def _captured(pool: _pool.LocalPool, slot: int) -> tuple[dict[str, str], bytes]:
+    """A request to square([3]) as the caller signs it for `slot`'s worker."""
+    fn = "tests.sample_functions:square"
+    rid = p.new_request_id(pool.id_prefixes[pool.urls[slot]])
+    body = p.encode(p.Call(v=p.VERSION, fn=fn, id=rid, index=0, items=[3]), p.MSGPACK)
+    return p.signed_headers(pool.keyring, pool.route, fn, rid, body, now=time.time()), body
+
+
 def test_a_request_captured_to_one_worker_is_refused_by_every_other(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Each worker runs only the request ids signed for its slot, and remembers those."""
     calls = tmp_path / "calls"
     monkeypatch.setenv(sf.CALLS_FILE_ENV, str(calls))
     with fresh_pool(2) as pool:
-        fn = "tests.sample_functions:square"
-        rid = p.new_request_id()
-        body = p.encode(p.Call(v=p.VERSION, fn=fn, id=rid, index=0, items=[3]), p.MSGPACK)
-        headers = p.signed_headers(pool.keyring, pool.route, fn, rid, body, now=time.time())
+        headers, body = _captured(pool, 0)
         first, second = sockets(pool)
         statuses = [unix_post(first, pool.route, headers, body)[0]]
         for path in (second, first, second):
             statuses.append(unix_post(path, pool.route, headers, body)[0])
-    assert statuses == [200, 409, 409, 409], statuses
+    assert statuses == [200, 403, 409, 403], statuses
     assert len(calls.read_text().splitlines()) == 1  # ran once, on one worker
+
+
+def test_a_request_captured_to_a_dead_worker_is_refused_by_its_replacement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replacement's replay cache starts empty: it runs nothing signed before it
+    started, and a caller's request signed after it goes through."""
+    calls = tmp_path / "calls"
+    monkeypatch.setenv(sf.CALLS_FILE_ENV, str(calls))
+    with fresh_pool(1) as pool:
+        headers, body = _captured(pool, 0)
+        (first,) = sockets(pool)
+        assert unix_post(first, pool.route, headers, body)[0] == 200
+        dead = pool.pids[0]
+        os.kill(dead, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while (dead in pool.pids or not sockets(pool)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (replacement,) = sockets(pool)
+        status, answer = unix_post(replacement, pool.route, headers, body)
+        assert status == 503 and b"signed before this worker started" in answer
+        assert len(calls.read_text().splitlines()) == 1  # the captured request ran once
+        target = pool.target()
+        with _targets.override(target):
+            assert sf.square([4]) == [16]
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from serverless import _targets
-from serverless._caller.transport import Target
 from serverless._pool import pool as _pool
 from tests import sample_functions as sf
 from tests.quota import DOWNSTREAM
@@ -54,7 +53,7 @@ def test_a_stopped_worker_never_bursts_the_rate(tmp_path: Path) -> None:
     log = tmp_path / "starts"
     pool = _pool.LocalPool(2, 4, ["tests.sample_functions"])
     pool.start()
-    target = Target(tuple(pool.urls), pool.route, pool.keyring, "local")
+    target = pool.target()
     frozen = pool.pids[0]
 
     def stop_a_worker() -> None:

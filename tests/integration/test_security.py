@@ -516,10 +516,13 @@ def test_the_local_pool_never_imports_a_module_named_on_the_wire() -> None:
     canary = Path(import_canary.canary_path(os.getpid()))
     canary.unlink(missing_ok=True)
     fn = "tests.import_canary:anything"
-    rid = p.new_request_id()
+    rid = p.new_request_id(pool.id_prefixes[pool.urls[0]])  # signed for its one worker
     body = p.encode(p.Call(v=p.VERSION, fn=fn, id=rid, index=0, items=[1]), p.MSGPACK)
     headers = p.signed_headers(pool.keyring, pool.route, fn, rid, body, now=time.time())
-    status, _ = unix_post(sockets(pool)[0], pool.route, headers, body)
+    try:
+        status, _ = unix_post(sockets(pool)[0], pool.route, headers, body)
+    finally:
+        _pool.shutdown()  # a one-process pool is not the one the later tests expect
     assert status == 404
     assert not canary.exists(), canary.read_text()
 

@@ -193,12 +193,14 @@ class Dispatcher:
         """Sign, post through the target's transport (or lane), read; and the reply's size."""
         transport = target.transport or self._client()
         what = f"chunk {chunk.index} of {plan.function}"
+        prefix = target.id_prefixes.get(url, "") if target.id_prefixes else ""
         # retries=0: at most once. A kept-alive connection that fails before any byte of an
         # answer may still have delivered the request, so it must not be resent: such a call
         # takes a fresh connection, which is never stale.
         for fresh in (plan.at_most_once, True):
             now = time.time()
-            call = plan.envelope(chunk, timeout, now, *pacing)  # signed anew on a resend: a new id
+            # signed anew on a resend: a new id
+            call = plan.envelope(chunk, timeout, now, *pacing, id_prefix=prefix)
             body, headers = p.build_request(
                 target.keyring, target.route, call, now, target.max_body
             )

@@ -113,6 +113,7 @@ class CallPlan:
         now: float,
         pace: float | None,
         slot: float | None = None,
+        id_prefix: str = "",
     ) -> p.Call:
         """One chunk's request envelope, with a request id of its own, for an attempt sent at
         `now` that ends in `timeout` seconds: after that the worker must not start it. A
@@ -123,7 +124,7 @@ class CallPlan:
         return p.Call(
             v=p.VERSION,
             fn=self.function,
-            id=p.new_request_id(),
+            id=p.new_request_id(id_prefix),
             index=chunk.index,
             items=chunk.items,
             args=self.args,

@@ -53,3 +53,6 @@ class Target:
     transport: Transport | None = None  # None: the dispatcher's HTTP client
     # a call made while serving: its thread runs chunks too (sharing.py)
     shared: SharedCall | None = None
+    # the first hex digits of the request ids sent to each URL: a local pool's worker runs
+    # only the ids signed for its slot, so a request cannot be replayed on another worker
+    id_prefixes: Mapping[str, str] | None = None

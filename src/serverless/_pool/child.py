@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 import types
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -60,17 +59,23 @@ def child() -> None:
         _import_main(config["main"])
 
     importable = announced(config["modules_file"])
-    # The pool's workers share one replay store, in the pool's private directory: a request
-    # runs on at most one of them (per process, a request captured to one worker ran again on
-    # another). A call made while serving a chunk calls back to this worker, under its slot's
-    # name, over its socket: never an origin from the caller's environment or from a request.
+    # A request runs on at most one of the pool's workers: each runs only the request ids
+    # signed for its slot (a request captured to one worker ran again on another, before),
+    # remembered per process, and a replacement none signed before it started (its cache
+    # died with the one it replaced). A host-wide SQLite store did the same for 0.08 ms a
+    # call (W3 0.50 -> 0.58 ms). A call made while serving a chunk calls back to this worker,
+    # under its slot's name, over its socket: never an origin from the caller's environment
+    # or from a request.
+    started = time.time()
     url = config["url"]
     endpoint = Endpoint(
         config["route"],
         Keyring(config["secret"]),
         importable=importable,
         origins=OriginPolicy(self_url=url),
-        shared_replay=Path(config["replay_dir"]),
+        shared_replay=False,
+        id_prefix=config["id_prefix"],
+        not_before=started,
     )
     app = ASGIEndpoint(endpoint, threads=config["threads"])
     raise_open_files_limit()  # a call 10,000 wide holds 10,000 connections to the pool

@@ -39,7 +39,9 @@ import sys
 import threading
 import time
 
+from .. import _wire as p
 from .._caller import http as _http
+from .._caller.transport import Target
 from .._exceptions import ConfigurationError
 from .._wire import Keyring
 from . import mainscript as _mainscript
@@ -96,6 +98,8 @@ class LocalPool:
             f"pool{number}-worker{slot}{_http.PRIVATE_DOMAIN}" for slot in range(processes)
         ]
         self.urls: list[str] = [f"http://{host}{ROUTE}" for host in self._hosts]
+        # the first hex digits of the request ids each slot's worker runs (child.py)
+        self.id_prefixes = {url: f"{slot:04x}" for slot, url in enumerate(self.urls)}
         # where each slot's worker listens: its Unix socket's path, or its loopback port
         self._addresses: list[str | int | None] = [None] * processes
         self._spawned = 0
@@ -317,6 +321,17 @@ class LocalPool:
             )
         return None
 
+    def target(self, max_body: int = p.MAX_BODY) -> Target:
+        """Where a call sends its chunks to run them on this pool."""
+        return Target(
+            tuple(self.urls),
+            self.route,
+            self.keyring,
+            "local",
+            max_body,
+            id_prefixes=self.id_prefixes,
+        )
+
     def _spawn(self, slot: int) -> tuple[subprocess.Popen[bytes], int, str | None]:
         read_fd, write_fd = os.pipe()
         unix = self._unix_path()
@@ -327,7 +342,7 @@ class LocalPool:
             "threads": self.threads,
             "modules": self._modules,
             "modules_file": str(self.announcer.path),
-            "replay_dir": str(self._dir.path),
+            "id_prefix": self.id_prefixes[self.urls[slot]],
             "main": _mainscript.reference(),
             "sys_path": sys.path,
             "parent": os.getpid(),

@@ -85,6 +85,8 @@ class Endpoint:
         clock: Callable[[], float] = time.time,
         origins: OriginPolicy | None = None,
         shared_replay: bool | Path = True,  # a directory: the store there (replay.py)
+        id_prefix: str = "",  # only request ids that begin so (a local pool worker's slot)
+        not_before: float | None = None,  # no request signed before (a replacement's start)
         max_containers: int = MAX_CONTAINERS,
         budget: Budget | None = None,
         timer: Callable[[], float] = time.perf_counter,
@@ -103,6 +105,7 @@ class Endpoint:
         self.budget.limit = max(self.budget.limit, max_body)
         self._clock = clock
         self._replays = ReplayGuard(tolerance, shared=shared_replay)
+        self.id_prefix, self.not_before = id_prefix, not_before
         self.replay_refusal = self._replays.refusal  # set: every chunk is refused (503)
         self._lock = threading.Lock()
         self._running: dict[int, float] = {}  # chunks running now, by token: their deadline
@@ -238,6 +241,15 @@ class Endpoint:
         if not isinstance(verdict, str):  # None cannot happen after check_head; refuse it too
             return self.reject(401, "bad signature", head.fmt)
         head.kid = verdict  # from now on, every answer is signed with this key
+        if not head.request_id.startswith(self.id_prefix):
+            return self.reject(
+                403, "the request was signed for another worker", head.fmt, head=head
+            )
+        if self.not_before is not None and float(head.timestamp) < self.not_before:
+            # a request signed for this slot before this process started was meant for the
+            # one it replaced, whose replay cache died with it: signed anew, it goes through
+            why = "the request was signed before this worker started: sign it anew"
+            return self.reject(503, why, head.fmt, head=head)
         fresh = self._replays.add(head.request_id, self._clock())
         if fresh is None:
             why = self._replays.refusal or "the replay store failed (see the worker's log)"
