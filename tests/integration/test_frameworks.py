@@ -272,10 +272,12 @@ def _parents(base: str, query: str, n: int, timeout: float) -> list[tuple[float,
     return answers
 
 
-def _gunicorn(threads: int, tmp_path: Any) -> Iterator[tuple[str, list[bytes]]]:
+def _gunicorn(
+    threads: int, tmp_path: Any, worker: str = "gthread"
+) -> Iterator[tuple[str, list[bytes]]]:
     """Flask under `gunicorn -k gthread -w 1 --threads N`, with its access log in tmp_path."""
     port = free_port()
-    command = ["gunicorn", "-k", "gthread", "-w", "1", "--threads", str(threads)]
+    command = ["gunicorn", "-k", worker, "-w", "1", "--threads", str(threads)]
     command += ["--no-control-socket", "--graceful-timeout", "5", "-b", f"127.0.0.1:{port}"]
     command += ["--access-logfile", str(tmp_path / "access.log"), "tests.apps.flask_app:app"]
     log: list[bytes] = []
@@ -289,12 +291,13 @@ def _gunicorn(threads: int, tmp_path: Any) -> Iterator[tuple[str, list[bytes]]]:
 
 
 @pytest.mark.timeout(90)
-def test_concurrent_parents_share_a_threaded_apps_free_threads(tmp_path: Any) -> None:
+@pytest.mark.parametrize("worker", ["gthread", "serverless._worker.gthread.Worker"])
+def test_concurrent_parents_share_a_threaded_apps_free_threads(tmp_path: Any, worker: str) -> None:
     """Issue 22.10: 6 requests at once, each calling back into its own app (gunicorn gthread,
     1 process x 16 threads) with 400 items of 50 ms: 120 s of work for the 10 threads the
     parents leave free. Before, the first call held every lane to the app and the other 5
     ran their chunks serially on their own threads: 20.2 s each, the serial time."""
-    for base, _ in _gunicorn(16, tmp_path):
+    for base, _ in _gunicorn(16, tmp_path, worker):
         answers = _parents(base, "/sleepy?n=400&seconds=0.05", 6, 60)
         assert [out[0] for _, out in answers] == [400] * 6, answers
         bound = 1.5 * 6 * 400 * 0.05 / (16 - 6)
