@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from ._wire.values import Shape, check_args, check_items
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from 3.11 on
 
+logger = logging.getLogger("serverless")
 P = ParamSpec("P")
 Q = ParamSpec("Q")
 R = TypeVar("R")
@@ -383,6 +385,18 @@ class Invocation:
         total = sum(computes)
         kind: TargetKind = self.target.kind if self.target is not None else "none"
         chunks = tally.in_order()
+        shared = self.target.shared if self.target is not None else None
+        inline = shared.inline_runs if shared is not None else 0
+        if shared is not None and tally.done > 1 and inline >= tally.done:
+            # not silently serial: the app it calls back into had no thread to spare
+            logger.warning(
+                "%s ran all %d of its chunks in the calling thread, one after another: every "
+                "request thread of this app process was taken. Give the server more "
+                "threads (gunicorn --threads) or send the calls to separate workers "
+                "(serverless.init(url=...) or SERVERLESS_URL)",
+                self.plan.function,
+                tally.done,
+            )
         self.stats = []
         for n, step in enumerate(self.steps):
             share = computes[n] / total if total > 0 else 1.0 / len(self.steps)
@@ -402,6 +416,7 @@ class Invocation:
                 rate=tally.rate,
                 window=tally.window,
                 buffered=tally.buffered,
+                inline=inline,
             )
             step._last.stats = stats
             self.stats.append(stats)

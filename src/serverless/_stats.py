@@ -49,6 +49,8 @@ class StepStats:
     buffered: the most bytes of results (as encoded on the wire) the call held at once
     waiting for an earlier chunk, to keep the input order (a stream holds at most about its
     `buffer=`).
+    inline: chunks that ran in the caller's own thread (a call made while serving a request,
+    on the app it calls back into), where the app had no free thread to send them to.
     """
 
     name: str
@@ -67,6 +69,7 @@ class StepStats:
     rate: float | None = None
     window: int = 0
     buffered: int = 0
+    inline: int = 0
 
     @property
     def items_per_s(self) -> float:

@@ -37,3 +37,12 @@ def nested(n: int = 100) -> list[int]:
 @app.get("/pid")
 def pid() -> int:
     return os.getpid()
+
+
+@app.get("/aio")
+async def aio(n: int = 400, seconds: float = 0.01, burn: bool = False) -> int:
+    # an async view: the call is awaited on the app's own loop, its chunks sent back to it
+    # (burn: each item burns the CPU that long, else it sleeps)
+    items = [seconds if burn else -seconds] * n
+    results = await sample_functions.burn_or_sleep.aio(items)
+    return len(results)

@@ -102,3 +102,15 @@ def demo() -> Response:
     response = Response("\n".join(lines) + "\n", mimetype="text/plain")
     response.headers["X-Serverless-Targets"] = ",".join(step.target for step in run.steps)
     return response
+
+
+@app.get("/sleepy")
+def sleepy() -> Response:
+    # n items of `seconds` each, sent back to this app; says how its chunks ran
+    n = request.args.get("n", default=400, type=int)
+    seconds = request.args.get("seconds", default=0.05, type=float)
+    result, stats = sample_functions.sleepy.with_stats([seconds] * n)
+    response = jsonify(len(result))
+    response.headers["X-Serverless-Chunks"] = str(len(stats.chunks))
+    response.headers["X-Serverless-Inline"] = str(stats.inline)
+    return response

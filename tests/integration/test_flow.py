@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ from serverless._caller.dispatch import dispatcher
 from serverless._caller.flow import Capacities
 from serverless._pool import pool as _pool
 from tests.conftest import SECRET, free_port, server
-from tests.sample_functions import sleepy, square
+from tests.sample_functions import sleepy, square, stamped
 
 THREADS = 16
 
@@ -98,3 +99,45 @@ def test_a_frozen_local_worker_is_hedged_around() -> None:
         os.kill(victim, signal.SIGCONT)
     assert out == items
     assert stats.hedges > 0 and wall < 3, (stats.hedges, wall)
+
+
+@pytest.fixture(scope="module")
+def narrow_worker() -> Iterator[str]:
+    """One worker process with 2 threads: many concurrent callers find it busy."""
+    port = free_port()
+    args = ["uvicorn", "--factory", "tests.apps.capacity_app:app", "--port", str(port)]
+    env = {"SERVERLESS_THREADS": "2", "SERVERLESS_MODULES": "tests.sample_functions"}
+    with server([*args, "--log-level", "warning"], port, **env):
+        yield f"http://127.0.0.1:{port}/serverless"
+
+
+@pytest.mark.usefixtures("reset_settings")
+def test_a_busy_refusal_is_a_wait_never_a_failure(narrow_worker: str, tmp_path: Path) -> None:
+    """Issue 22.10: 8 callers at once, each 10 chunks in flight, on a worker with 2 threads.
+    Its signed "busy" refusals (nothing ran) are waited out whatever `retries` says, and each
+    item runs once, counted on the worker. Before, they counted as pushbacks, then retries:
+    calls failed with "the worker is busy (it runs 2 at once)"."""
+    serverless.init(secret=SECRET)
+    log = tmp_path / "starts"
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def caller(k: int) -> None:
+        retries = (0, 1, 3)[k % 3]
+        f = stamped.with_options(url=narrow_worker, workers=10, retries=retries, deadline=120)
+        items = list(range(k * 1000, k * 1000 + 40))
+        try:
+            assert f(items, str(log), 0.02) == items
+        except BaseException as exc:  # reported below
+            with lock:
+                failures.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=150)
+    assert not any(thread.is_alive() for thread in threads)
+    assert not failures, failures[:3]
+    starts = [line.split()[0] for line in log.read_text().splitlines()]
+    assert sorted(starts) == sorted(str(k * 1000 + n) for k in range(8) for n in range(40))

@@ -241,3 +241,101 @@ def test_a_cancelled_call_stops_its_item_by_item_chunks(caller: App, tmp_path: P
     starts = [float(line.split()[1]) for line in path.read_text().splitlines()]
     late = [round(start - given_up, 2) for start in starts if start > given_up + 1.0]
     assert late == [], f"{len(late)} of {len(starts)} items started after 1 s: {late[:10]}"
+
+
+def test_concurrent_async_parents_calling_back_into_fastapi_all_succeed(
+    fastapi_server: App,
+) -> None:
+    """Issue 22.10: 6 requests at once, each awaiting f.aio(...) over 400 items sent back to
+    the same app. Its worker runs 64 at once and refuses the rest as busy (signed: nothing
+    ran); before, 2 to 4 of the 6 failed with "the worker is busy (it runs 64 at once)"."""
+    answers: list[object] = []
+    lock = threading.Lock()
+
+    def parent() -> None:
+        try:
+            body = get(fastapi_server.base + "/aio?n=400&seconds=0.05", timeout=50)[0]
+            out: object = json.loads(body)
+        except Exception as exc:  # reported below
+            out = exc
+        with lock:
+            answers.append(out)
+
+    threads = [threading.Thread(target=parent, daemon=True) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=55)
+    assert answers == [400] * 6, answers
+
+
+def _parents(base: str, query: str, n: int, timeout: float) -> list[tuple[float, Any]]:
+    """`n` requests to `base + query` at once: each one's wall time and answer (or error)."""
+    answers: list[tuple[float, Any]] = []
+    lock = threading.Lock()
+
+    def parent() -> None:
+        started = time.perf_counter()
+        try:
+            body, headers = get(base + query, timeout=timeout)
+            out: Any = (json.loads(body), headers)
+        except Exception as exc:  # reported below
+            out = exc
+        with lock:
+            answers.append((time.perf_counter() - started, out))
+
+    threads = [threading.Thread(target=parent, daemon=True) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout + 5)
+    return answers
+
+
+def _gunicorn(
+    threads: int, tmp_path: Any, worker: str = "gthread"
+) -> Iterator[tuple[str, list[bytes]]]:
+    """Flask under `gunicorn -k gthread -w 1 --threads N`, with its access log in tmp_path."""
+    port = free_port()
+    command = ["gunicorn", "-k", worker, "-w", "1", "--threads", str(threads)]
+    command += ["--no-control-socket", "--graceful-timeout", "5", "-b", f"127.0.0.1:{port}"]
+    command += ["--access-logfile", str(tmp_path / "access.log"), "tests.apps.flask_app:app"]
+    log: list[bytes] = []
+    with server(command, port) as proc:
+        assert proc.stdout is not None
+        drain = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+        drain.start()
+        yield f"http://127.0.0.1:{port}", log
+    drain.join(10)
+    proc.stdout.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("worker", ["gthread", "serverless._worker.gthread.Worker"])
+def test_concurrent_parents_share_a_threaded_apps_free_threads(tmp_path: Any, worker: str) -> None:
+    """Issue 22.10: 6 requests at once, each calling back into its own app (gunicorn gthread,
+    1 process x 16 threads) with 400 items of 50 ms: 120 s of work for the 10 threads the
+    parents leave free. Before, the first call held every lane to the app and the other 5
+    ran their chunks serially on their own threads: 20.2 s each, the serial time."""
+    for base, _ in _gunicorn(16, tmp_path, worker):
+        answers = _parents(base, "/sleepy?n=400&seconds=0.05", 6, 60)
+        assert [out[0] for _, out in answers] == [400] * 6, answers
+        bound = 1.5 * 6 * 400 * 0.05 / (16 - 6)
+        assert max(wall for wall, _ in answers) < bound, [wall for wall, _ in answers]
+        statuses = [line.split()[8] for line in (tmp_path / "access.log").read_text().splitlines()]
+        assert set(statuses) == {"200"}, statuses  # no 409 in normal call-back-to-self
+
+
+@pytest.mark.timeout(60)
+def test_a_call_the_app_cannot_help_says_so(tmp_path: Any) -> None:
+    """Two parents on an app with two threads: no thread is left for their chunks, which run
+    in the parents' own threads. The call says so, in the log and in its statistics."""
+    for base, log in _gunicorn(2, tmp_path):
+        answers = _parents(base, "/sleepy?n=40&seconds=0.01", 2, 30)
+        for _, (count, headers) in answers:
+            assert count == 40
+            chunks = int(headers["x-serverless-chunks"])
+            assert chunks > 1 and int(headers["x-serverless-inline"]) == chunks
+        time.sleep(0.5)  # the log's last lines
+        text = b"".join(log).decode(errors="replace")
+        assert "ran all" in text and "in the calling thread" in text, text[-2000:]

@@ -340,3 +340,34 @@ def test_a_round_of_the_pools_thread_that_raises_anything_leaves_the_workers_ali
             assert set(sf.pids.with_options(workers=4)(list(range(8)))) <= set(pids)
     finally:
         pool.close()
+
+
+def test_fifty_threads_each_with_the_default_width_all_complete() -> None:
+    """Issue 22.10: 50 threads, each calling with the default workers=100 at once, on the
+    embedded pool. Before the pool used selectors and Unix sockets, 12 such threads killed
+    the pool's thread (select() and descriptors over 1,024) and every later call hung."""
+    import threading
+
+    assert sf.square([1]) == [1]  # the pool is up
+    results: dict[int, object] = {}
+    lock = threading.Lock()
+
+    def caller(k: int) -> None:
+        items = list(range(k, k + 400))
+        try:
+            out: object = sf.square(items)
+            out = out == [n * n for n in items]
+        except BaseException as exc:  # reported below
+            out = exc
+        with lock:
+            results[k] = out
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=caller, args=(k,), daemon=True) for k in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=max(1.0, 120 - (time.monotonic() - started)))
+    assert len(results) == 50, f"{50 - len(results)} calls still running after 120 s"
+    assert all(out is True for out in results.values()), results
+    assert sf.square([3]) == [9]  # the pool survived

@@ -14,6 +14,7 @@ import pytest
 import serverless
 from serverless import _targets
 from serverless import _wire as p
+from serverless._caller.transport import Target
 from serverless._pool import pool as _pool
 from serverless._worker.context import current_origin
 from tests.conftest import SECRET
@@ -211,6 +212,9 @@ def test_single_threaded_wsgi_server_does_not_call_back_into_itself(
     # is served by the local pool instead (a stand-in here: unit tests start no process).
     pool = SimpleNamespace(urls=["http://127.0.0.1:1/serverless"], route="/serverless")
     pool.keyring = p.Keyring(SECRET)
+    pool.target = lambda max_body: Target(
+        tuple(pool.urls), pool.route, pool.keyring, "local", max_body
+    )
     monkeypatch.setattr(_pool, "get_pool", lambda *args: pool)
     monkeypatch.setattr(_targets, "_override", None)
     seen: list[Any] = []

@@ -39,3 +39,31 @@ def test_no_thread_is_kept_where_there_are_too_few_or_the_server_is_asgi(
     for _ in range(threads):
         capacity.enter_parent("http://app/serverless")
     assert capacity.parents == threads
+
+
+def test_a_freed_lane_goes_to_the_waiting_calls_in_turn() -> None:
+    """Issue 22.10: each call used to wake only its own waiting chunks, so the first call held
+    every lane to the app and the later ones ran theirs serially on their own threads."""
+    import asyncio
+
+    from serverless._caller.sharing import SharedCall
+
+    async def main() -> list[str]:
+        threads = RequestThreads(threads=2)
+        first, second = (SharedCall(object(), threads, True, url=u) for u in "ab")  # type: ignore[arg-type]
+        order: list[str] = []
+
+        async def chunk(call: SharedCall, hold: float) -> None:
+            async with call.lane(call.url) as lane:
+                order.append(lane)
+                await asyncio.sleep(hold)
+
+        tasks = [asyncio.create_task(chunk(first, 0.05)) for _ in range(6)]
+        await asyncio.sleep(0.01)  # the first call holds both lanes, four of its chunks wait
+        tasks += [asyncio.create_task(chunk(second, 0.05)) for _ in range(2)]
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        return order
+
+    order = asyncio.run(main())
+    assert order[:2] == ["a", "a"]
+    assert order[2:6].count("b") == 2, order  # the next lanes alternate between the calls

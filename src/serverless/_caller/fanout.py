@@ -40,7 +40,9 @@ BACKOFF_CAP = 2.0
 HEDGE_PEERS = 3  # hedge once this many chunks are done (or half of them, if fewer)...
 HEDGE_FACTOR = 2.0  # ...a chunk running this many times their median time...
 HEDGE_FLOOR = 0.1  # ...and at least this many seconds more than the median
-PUSHBACKS = 8  # 429/503 answers a chunk may get before they count as retries
+PUSHBACKS = 8  # unsigned 429/503 answers a chunk may get before they count as retries
+BUSY_BASE = 0.05  # seconds: a chunk refused busy again waits this, doubling, with jitter...
+BUSY_CAP = 1.0  # ...up to the worker's Retry-After
 SLOT_POLL = 0.5  # seconds: the longest a task waits for room before it looks again
 MAX_KEPT_STATS = 10_000  # per-chunk statistics kept for one call (counters are exact)
 
@@ -478,7 +480,7 @@ class Fanout:
     async def _attempts(self, owner: _Chunk, chunk: Chunk, avoid: set[str], lane: int) -> list[Any]:
         plan, pacer = self.plan, self.pacer
         failed = set(avoid)
-        retried = pushed_back = 0
+        retried = pushed_back = refused = 0  # refused: signed "busy" answers in a row
         # a paced chunk goes in parts of what the rate allows in a short while (a part that
         # lasts long would hold a stale pace); a throttled one from its first refused item
         whole, before = chunk, []  # before: results of the parts done, in order
@@ -508,6 +510,7 @@ class Fanout:
                 answer = await self.attempt(url, chunk, timeout, plan.pace(pacer), slot)
             except WorkerError as exc:
                 overloaded = isinstance(exc, WorkerUnavailable) and exc.status in (429, 503)
+                busy = isinstance(exc, WorkerUnavailable) and bool(exc.capacity)
                 if overloaded:
                     assert isinstance(exc, WorkerUnavailable)
                     if exc.capacity and self.capacities is not None:
@@ -518,6 +521,19 @@ class Fanout:
                         window.cap(self._ceiling(url))
                     else:
                         window.overloaded(number, _now(), exc.retry_after)
+                if busy:
+                    # a signed "busy" proves nothing ran: a wait for a slot, never a failure,
+                    # whatever `retries` says (at most once too); only the deadline ends it.
+                    # Other callers may hold the worker's threads (6 parents on one app: 2 to
+                    # 4 failed when these counted as retries), so a chunk refused again backs
+                    # off, with jitter, up to the worker's Retry-After
+                    record.attempts += 1
+                    failed.add(url)
+                    refused += 1
+                    if refused > 1:
+                        delay = min(BUSY_CAP, BUSY_BASE * 2 ** (refused - 2))
+                        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                    continue
                 if not exc.retryable or plan.at_most_once:
                     raise
                 # "not now" from an overloaded target is flow control, not a failure: the
@@ -533,8 +549,6 @@ class Fanout:
                 failed.add(url)
                 if exc.status is None:  # no HTTP answer at all: send elsewhere from now on
                     self.down.add(url)
-                if overloaded and isinstance(exc, WorkerUnavailable) and exc.capacity:
-                    continue  # a signed "busy" capped the window: waiting for a slot is enough
                 delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (record.attempts - 2))
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: no herd
                 continue

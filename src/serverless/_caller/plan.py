@@ -119,8 +119,8 @@ class CallPlan:
         `now` that ends in `timeout` seconds: after that the worker must not start it. A
         paced one's items take their turns from `slot`, when the rate let the first start."""
         deadline = now + timeout
-        # a call that cannot retry does not ask for a busy refusal: it would fail the call
-        start_by = None if self.at_most_once else min(now + START_WITHIN, deadline)
+        # retries=0 too: a signed busy refusal proves nothing ran, so it is resent (fanout.py)
+        start_by = min(now + START_WITHIN, deadline)
         return p.Call(
             v=p.VERSION,
             fn=self.function,
