@@ -104,6 +104,15 @@ def test_a_frozen_local_worker_is_hedged_around() -> None:
 @pytest.fixture(scope="module")
 def narrow_worker() -> Iterator[str]:
     """One worker process with 2 threads: many concurrent callers find it busy."""
+    yield from _narrow_worker()
+
+
+@pytest.fixture
+def fresh_narrow_worker() -> Iterator[str]:
+    yield from _narrow_worker()
+
+
+def _narrow_worker() -> Iterator[str]:
     port = free_port()
     args = ["uvicorn", "--factory", "tests.apps.capacity_app:app", "--port", str(port)]
     env = {"SERVERLESS_THREADS": "2", "SERVERLESS_MODULES": "tests.sample_functions"}
@@ -141,3 +150,23 @@ def test_a_busy_refusal_is_a_wait_never_a_failure(narrow_worker: str, tmp_path: 
     assert not failures, failures[:3]
     starts = [line.split()[0] for line in log.read_text().splitlines()]
     assert sorted(starts) == sorted(str(k * 1000 + n) for k in range(8) for n in range(40))
+
+
+@pytest.mark.usefixtures("reset_settings")
+def test_a_call_refused_busy_for_its_patience_ends(fresh_narrow_worker: str) -> None:
+    """Both threads of the worker held (8 s each: as good as hung for this call): a call's
+    chunks are refused busy and waited out, but not forever: after `patience=` seconds with
+    none answered the call raises, naming the refusal (a wait with no deadline= never ended)."""
+    serverless.init(secret=SECRET)
+    narrow_worker = fresh_narrow_worker
+    holder = sleepy.with_options(url=narrow_worker, workers=2, chunk_size=1)
+    held = holder.submit([8.0, 8.0])
+    try:
+        time.sleep(1.0)  # both threads taken
+        f = square.with_options(url=narrow_worker, patience=2)
+        started = time.monotonic()
+        with pytest.raises(serverless.WorkerUnavailable, match="busy for 2s"):
+            f([1, 2, 3])
+        assert time.monotonic() - started < 5
+    finally:
+        held.result(30)

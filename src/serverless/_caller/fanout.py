@@ -245,6 +245,8 @@ class Fanout:
         self.submitted = 0
         self.exhausted = False
         self.busy = 0  # tasks alive: first runs, hedges, and retries waiting for a slot
+        self._busy_since: float | None = None  # refused busy since, with no answer in between
+        self._last_busy: WorkerUnavailable | None = None
         self._finished: deque[tuple[_Chunk, asyncio.Task[list[Any]]]] = deque()
         self._wake: asyncio.Future[None] | None = None
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
@@ -369,12 +371,13 @@ class Fanout:
     def _patience_left(self) -> float | None:
         """Seconds the call may still be refused with nothing completing (None: no bound, or
         nothing is refused); raises StillThrottled once they are spent."""
+        busy = self._busy_left()
         stalled = self.pacer.stalled()
         if self.plan.patience is None or not stalled:
-            return None
+            return busy
         left = self.plan.patience - stalled
         if left > 0:
-            return left
+            return left if busy is None else min(left, busy)
         pacer = self.pacer
         raise StillThrottled(
             f"{self.function}: the downstream refused every item for {self.plan.patience:g}s"
@@ -384,6 +387,23 @@ class Fanout:
             last=pacer.last_refusal,
             completed=pacer.completed,
             throttles=pacer.throttles,
+        )
+
+    def _busy_left(self) -> float | None:
+        """The same bound for a call whose chunks every worker refuses as busy (their threads
+        all held: by other callers, or hung) with none answered meanwhile."""
+        if self.plan.patience is None or self._busy_since is None:
+            return None
+        left = self.plan.patience - (_now() - self._busy_since)
+        if left > 0:
+            return left
+        last = self._last_busy
+        raise WorkerUnavailable(
+            f"{self.function}: every worker refused its chunks as busy for "
+            f"{self.plan.patience:g}s with none answered (the last: {last}). patience= sets "
+            "how long a call waits (None: for as long as it takes)",
+            url=last.url if last is not None else "",
+            status=last.status if last is not None else None,
         )
 
     def _finish(self, owner: _Chunk, task: asyncio.Task[list[Any]]) -> None:
@@ -530,6 +550,11 @@ class Fanout:
                     record.attempts += 1
                     failed.add(url)
                     refused += 1
+                    if self._busy_since is None:  # the driver times the call's patience
+                        self._busy_since = _now()
+                        if self._wake is not None:
+                            _resolve(self._wake)
+                    self._last_busy = exc if isinstance(exc, WorkerUnavailable) else None
                     if refused > 1:
                         delay = min(BUSY_CAP, BUSY_BASE * 2 ** (refused - 2))
                         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
@@ -584,6 +609,7 @@ class Fanout:
                 continue
             window.succeeded()
             pacer.succeeded(len(chunk.items))
+            self._busy_since = None
             self.slow.discard(url)
             if self.sizer is not None:
                 self.sizer.observe(len(chunk.items), answer.compute_s)
