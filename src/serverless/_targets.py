@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from . import _registry
 from ._caller import http as _http
-from ._caller.sharing import SharedCall
+from ._caller.sharing import INLINE, SharedCall
 from ._caller.transport import Target
 from ._config import settings
 from ._exceptions import ConfigurationError
@@ -89,7 +89,17 @@ def resolve(
                 url=url,
                 parent=not origin.chunk,
             )
-        return Target((url,), origin.route, origin.keyring, "self", config.max_body, shared=shared)
+        # a local pool's worker runs only the request ids of its slot, its own lane's too
+        prefix = origin.endpoint.id_prefix if origin.endpoint is not None else ""
+        return Target(
+            (url,),
+            origin.route,
+            origin.keyring,
+            "self",
+            config.max_body,
+            shared=shared,
+            id_prefixes={url: prefix, INLINE: prefix} if prefix else None,
+        )
     if origin is not None:
         logger.warning(
             "not calling back into %s: the server could not answer while this request waits "

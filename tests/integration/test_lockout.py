@@ -215,12 +215,14 @@ def test_a_trickling_body_is_closed_by_its_deadline(kind: str, tmp_path: Path) -
         Attack(port, _byte, 0.5) as attack,
     ):
         attack.open(20, head(1 << 20))
-        deadline = time.monotonic() + 8
+        # closed after the 2 s grace; the bound leaves room for a loaded 2-core machine (2 of
+        # 20 on `serverless worker` were still open at 8 s once in six runs of the suite)
+        deadline = time.monotonic() + 15
         while attack.still_open() and time.monotonic() < deadline:
             time.sleep(0.25)
         still_open = attack.still_open()
         assert call(port)
-    assert still_open == 0, f"{still_open} of 20 trickling bodies still open after 8 s"
+    assert still_open == 0, f"{still_open} of 20 trickling bodies still open after 15 s"
 
 
 # -- the open-files limit ---------------------------------------------------------------------
