@@ -6,9 +6,9 @@ the ASGI endpoint under uvicorn on a Unix domain socket in the pool's private (0
 (private.py), and on no TCP port: no other local user can reach it, nor take its address once
 it died. Each slot of the pool has a URL that never changes, a name in `.invalid` that this
 process's HTTP client maps to the slot's current worker (_caller/http.py), so a call's retries
-reach the worker that replaced a dead one. The workers share a replay store in that directory:
-a request is run by at most one of them. Where there are no Unix sockets (Windows, a temp path
-over 100 bytes) the workers listen on loopback TCP instead, as before.
+reach the worker that replaced a dead one. Each worker runs only the request ids signed for its
+slot (child.py): a request is run by at most one of them. Where there are no Unix sockets
+(Windows, a temp path over 100 bytes) the workers listen on loopback TCP instead, as before.
 
 Importing the main script stops at its first parallel call, so a script without an
 `if __name__ == "__main__":` guard still works and its top-level work never runs in a worker.

@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from pathlib import Path
 
 import msgspec
 
@@ -84,7 +83,7 @@ class Endpoint:
         importable: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.time,
         origins: OriginPolicy | None = None,
-        shared_replay: bool | Path = True,  # a directory: the store there (replay.py)
+        shared_replay: bool = True,  # False: this process's cache only (replay.py)
         id_prefix: str = "",  # only request ids that begin so (a local pool worker's slot)
         not_before: float | None = None,  # no request signed before (a replacement's start)
         max_containers: int = MAX_CONTAINERS,

@@ -169,11 +169,11 @@ class HostReplayStore:
 class ReplayGuard:
     """The per-process cache in front of the shared store.
 
-    shared: True, the host's store ($SERVERLESS_STATE_DIR); a directory, the store there (the
-    local pool's workers share one in the pool's private directory); False, this process's
-    cache only (a worker that is the only process ever to hold its secret)."""
+    shared: True, the host's store ($SERVERLESS_STATE_DIR); False, this process's cache only
+    (a worker that is the only process to run the request ids signed for it: a local pool's
+    worker runs only those of its slot)."""
 
-    def __init__(self, window: float, shared: bool | Path = True) -> None:
+    def __init__(self, window: float, shared: bool = True) -> None:
         import sqlite3
 
         self._local = SeenIds(window)
@@ -182,7 +182,7 @@ class ReplayGuard:
         self.refusal = ""
         if shared is False:
             return
-        directory = shared if isinstance(shared, Path) else default_directory()
+        directory = default_directory()
         try:
             self._store = HostReplayStore(window, directory)
             self._store.check()
