@@ -162,8 +162,8 @@ def _cannot_travel(where: str, name: str, function: str, why: str | None) -> str
         f"`{where}.{name}` cannot travel to the workers with the receiver of {function}: "
         f"{why} The workers rebuild the receiver from its attributes, without calling "
         "__init__. Make it a class attribute, pass it to the method as an argument, "
-        "annotate it precisely in the class where a type would carry it (e.g. "
-        f"`{name}: Decimal`), leave it out with __getstate__/__setstate__, or make the "
+        f"annotate it in the class where a precise type carries it (`{name}: Decimal` "
+        "carries a Decimal), leave it out with __getstate__/__setstate__, or make the "
         "method a staticmethod."
     )
 
