@@ -380,6 +380,31 @@ def test_cloudrun_image_installs_the_library_from_its_requirements(
         assert_serves(base, workdir / "server.log")
 
 
+def test_the_readmes_git_url_installs_the_library(tmp_path: Path) -> None:
+    """The README's first way to add the library to an app, a tag of the repository by VCS
+    URL, with this checkout's history cloned and tagged standing for GitHub's."""
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("needs git and a git checkout")
+    (line,) = re.findall(r"pip install '(simple-serverless\S* @ git\+https://\S+)'", README())
+    url = re.search(r"git\+(https://\S+?)@([\w.]+)$", line)
+    assert url is not None, line
+    repo = tmp_path / "simple-serverless"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True, timeout=120)
+    subprocess.run(["git", "-C", str(repo), "tag", url.group(2)], check=True, timeout=60)
+    venv = tmp_path / "venv"
+    env = fresh_venv(venv)
+    # a PEP 508 URL needs a host: file://localhost/...
+    requirement = line.replace(url.group(1), f"file://localhost{repo}")
+    subprocess.run(
+        ["pip", "install", "-q", requirement], cwd=tmp_path, env=env, check=True, timeout=300
+    )
+    assert_installed(venv, env, tmp_path)
+
+
+def README() -> str:
+    return (ROOT / "README.md").read_text()
+
+
 def test_kubernetes_and_knative_run_the_cloudrun_image() -> None:
     """They have no install step of their own: they run the image the Dockerfile builds."""
     image = load("cloudrun/service.yaml")[0]["spec"]["template"]["spec"]["containers"][0]
