@@ -412,7 +412,8 @@ def test_kubernetes_and_knative_run_the_cloudrun_image() -> None:
     (knative,) = load("kubernetes/knative-service.yaml")
     assert pod["containers"][0]["image"] == image["image"]
     assert knative["spec"]["template"]["spec"]["containers"][0]["image"] == image["image"]
-    assert "deploy/cloudrun/Dockerfile" in (DEPLOY / "kubernetes/worker.yaml").read_text()
+    for recipe in ("kubernetes/worker.yaml", "kubernetes/knative-service.yaml"):
+        assert "deploy/cloudrun/Dockerfile" in (DEPLOY / recipe).read_text()
 
 
 # -- the local load balancer recipes of docs/deploy.md ----------------------------------------
