@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, TypedDict, cast
 
 from ._exceptions import ConfigurationError
-from ._wire import MAX_BODY, Keyring
+from ._wire import DEFAULT_ROUTE, MAX_BODY, Keyring
 
 # rate=: items per second, or "auto" (found from the downstream's throttles)
 Rate = float | Literal["auto"]
@@ -40,7 +40,7 @@ class Options:
         502/503/504, timeout), with exponential backoff and jitter, on another worker URL
         where there are several; a user exception is never retried. 0: each item runs at
         most once (nothing is resent once it may have reached a worker).
-    url: send chunks here instead of the process-wide target.
+    url: send chunks here instead of the process-wide target ("local": the local pool).
     deadline: seconds the whole call may take (None: no limit beyond the chunk timeouts).
     idempotent: the function may safely run twice on the same items (no side effects that
         matter): turns hedging on.
@@ -155,7 +155,7 @@ def _positive_int(name: str, value: object) -> None:
 class Settings:
     """Process-wide settings, set by serverless.init() or the environment."""
 
-    route: str = "/serverless"
+    route: str = DEFAULT_ROUTE
     keyring: Keyring | None = None
     url: str | None = None
     max_body: int = MAX_BODY

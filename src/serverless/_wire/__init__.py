@@ -39,6 +39,7 @@ from .envelope import (
     typed_call,
 )
 from .exchange import (
+    DEFAULT_ROUTE,
     build_request,
     read_reply,
 )
@@ -52,6 +53,7 @@ from .signing import (
 )
 
 __all__ = [
+    "DEFAULT_ROUTE",
     "H_FUNCTION",
     "H_REPLY_SIGNATURE",
     "H_REQUEST_ID",
