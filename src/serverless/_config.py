@@ -115,35 +115,44 @@ class Options:
         return self.changed(cast(OptionChanges, changes))
 
     def changed(self, changes: OptionChanges) -> Options:
-        """These options with `changes` (None clears an option whose default is None); an
-        unknown name is refused with the valid ones listed."""
+        """These options with `changes`; an unknown name is refused with the valid ones
+        listed. None clears an option: one that None sets (no deadline, no bound, no url...)
+        is unset, the others (workers, timeout, retries, idempotent, errors) go back to their
+        defaults."""
         unknown = sorted(set(changes) - OPTION_NAMES)
         if unknown:
             raise ConfigurationError(
                 f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: the "
                 f"options are {', '.join(sorted(OPTION_NAMES))}"
             )
-        return replace(self, **changes)
+        values: dict[str, Any] = {
+            k: _DEFAULTS[k] if v is None and k in _DEFAULTS else v for k, v in changes.items()
+        }
+        return replace(self, **values)
 
 
 class OptionChanges(TypedDict, total=False):
-    """`with_options(**changes)`, typed: the fields of Options."""
+    """`with_options(**changes)`, typed: the fields of Options, each of which None clears."""
 
-    workers: int
+    workers: int | None
     chunk_size: int | None
-    timeout: float
-    retries: int
+    timeout: float | None
+    retries: int | None
     url: str | None
     deadline: float | None
-    idempotent: bool
+    idempotent: bool | None
     hedge: bool | None
-    errors: ErrorMode
+    errors: ErrorMode | None
     rate: float | str | None
     patience: float | None
     buffer: int | None
 
 
 OPTION_NAMES = frozenset(f.name for f in fields(Options))
+# the options that None does not set: None puts their default back
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in fields(Options) if "None" not in str(f.type)
+}
 
 
 def _positive_int(name: str, value: object) -> None:

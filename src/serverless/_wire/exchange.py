@@ -152,6 +152,7 @@ def read_reply(
             index=index,
             item=error.item,
             worker=worker,
+            status=error.status,
         )
     if error is not None and error.kind == "result":
         if error.index is not None:  # a result that would not arrive as returned
@@ -206,6 +207,7 @@ def _in_place(reply: Reply, call: Call, offset: int, url: str) -> list[Any]:
                 index=offset + failed.index,
                 item=error.item,
                 worker=reply.worker,
+                status=error.status,
             )
         )
     out += results[taken:]
