@@ -147,12 +147,11 @@ def _throttling() -> Iterator[str]:
 @pytest.mark.parametrize("client", ["requests", "urllib", "aiohttp"])
 def test_a_429_from_a_common_client_points_to_throttled(client: str) -> None:
     # on the local pool, a parallel call whose function gets a 429 and raises the client's error
-    with _throttling() as url:
-        with pytest.raises(serverless.RemoteError) as info:
-            if client == "aiohttp":
-                ef.afetch([url] * 4)
-            else:
-                ef.fetch([url] * 4, client)
+    with _throttling() as url, pytest.raises(serverless.RemoteError) as info:
+        if client == "aiohttp":
+            ef.afetch([url] * 4)
+        else:
+            ef.fetch([url] * 4, client)
     error = info.value
     assert error.status == 429
     assert "serverless.Throttled(retry_after=...)" in str(error) and "rate=" in str(error)
