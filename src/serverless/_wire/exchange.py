@@ -227,11 +227,21 @@ def _unsigned(status: int, content_type: str | None, raw: bytes, what: str, url:
             claim = reply.error.message if reply.error is not None else ""
     if version is not None and version != VERSION:
         raise ProtocolError(_versions(what, version), url=url, status=status)
+    worded = bool(claim)  # a worker's refusal, as far as its unsigned bytes tell
     if not claim:
-        text = raw[:MAX_CLAIM].decode("utf-8", "replace")
-        claim = text if text.isprintable() else f"{len(raw)} bytes"
-    says = f"; the answer, unsigned and so unverified, says {_bounded(claim)!r}" if raw else ""
+        text = raw[: 4 * MAX_CLAIM].decode("utf-8", "replace")
+        claim = "" if "\ufffd" in text else text
+    says = ""
+    if claim:
+        says = f"; the answer, unsigned and so unverified, says {_bounded(claim)!r}"
+    elif raw:
+        says = f"; the answer is {len(raw)} unsigned bytes that are not text"
     if status == 401:
+        if not worded and raw:
+            says += (
+                ": if that is not a worker's refusal, something in front of the worker (a "
+                "proxy, the platform) asks for credentials of its own"
+            )
         raise RequestRejected(
             f"{what} was refused: {_unauthenticated(claim)}{says}", url=url, status=status
         )
@@ -254,7 +264,8 @@ def _unsigned(status: int, content_type: str | None, raw: bytes, what: str, url:
 
 
 def _bounded(text: str) -> str:
-    text = "".join(c if c.isprintable() else " " for c in text)
+    """An untrusted text as one line of at most MAX_CLAIM printable characters."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
     return text if len(text) <= MAX_CLAIM else text[: MAX_CLAIM - 3] + "..."
 
 
