@@ -158,6 +158,13 @@ def test_a_429_from_a_common_client_points_to_throttled(client: str) -> None:
     assert error.type_name in ("HTTPError", "ClientResponseError")
 
 
+def test_a_429_returned_in_place_points_to_throttled_too() -> None:
+    with _throttling() as url:
+        results = ef.fetch.with_options(errors="return")([url] * 2, "requests")
+    assert all(isinstance(r, serverless.RemoteError) and r.status == 429 for r in results)
+    assert "serverless.Throttled" in str(results[0])
+
+
 # -- a call made while serving a request that cannot call back ----------------------------------
 
 
