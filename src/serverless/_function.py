@@ -511,7 +511,9 @@ def _items_by_keyword(
     """The items passed by keyword (`f(items=[...])`, or by the parameter's own name, as in
     `f(zipcodes=[...])`) moved to the front of the positional arguments, as the chunks take
     them; anything else as it was. `bind`: the function's receiver is bound, not in `args`."""
-    param = _items_parameter(func, bind)
+    if args and not kwargs:  # the usual call: nothing to look up
+        return args, kwargs
+    param = _items_parameter(func, bind != BIND_NONE)
     keys = [key for key in (param, ITEMS) if key is not None and key in kwargs]
     if ITEMS in keys and param != ITEMS and _takes_keyword(func, ITEMS):
         keys.remove(ITEMS)  # the function's own parameter named `items`: not an alias
@@ -535,14 +537,15 @@ def _items_by_keyword(
     return (rest.pop(keys[0]),), rest
 
 
-def _items_parameter(func: Callable[..., Any], bind: Bind) -> str | None:
-    """The name of the parameter that takes a step's items (after a bound receiver), if it
+@functools.lru_cache(maxsize=1024)
+def _items_parameter(func: Callable[..., Any], bound: bool) -> str | None:
+    """The name of the parameter that takes a step's items (after a `bound` receiver), if it
     can be passed by keyword."""
     try:
         params = list(inspect.signature(func).parameters.values())
     except (TypeError, ValueError):  # no signature (a builtin): only items= then
         return None
-    params = params[1:] if bind != BIND_NONE else params
+    params = params[1:] if bound else params
     if not params or params[0].kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
         return None
     return params[0].name
