@@ -388,6 +388,11 @@ def _wire(value: Any) -> Any:
 
 
 def _wire_dict(value: dict[Any, Any]) -> dict[Any, Any]:
+    for key, item in value.items():  # a record of scalars, the common case: one plain loop
+        if type(key) not in EXACT_SCALARS or type(item) not in EXACT_SCALARS:
+            break
+    else:
+        return value
     out: dict[Any, Any] | None = None
     for i, (key, item) in enumerate(value.items()):
         sent_key = key if type(key) in EXACT_SCALARS else _wire_key(key)
