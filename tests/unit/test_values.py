@@ -362,6 +362,20 @@ def test_the_check_of_a_list_of_scalars_is_cheap() -> None:
     assert time.perf_counter() - started < 0.2  # ~10 ms here: one pass over the types each
 
 
+def test_wire_value_names_where_and_the_fix_given() -> None:
+    """The public check-and-convert of one value with no annotation to fall back on (an
+    instance's attributes use it): its error says where, what, and the caller's fix."""
+    sent = p.encode(_values.wire_value((1, {2}), "x", "fix"))
+    assert same(msgspec.msgpack.decode(sent, ext_hook=_values.ext_hook), (1, {2}))
+    fix = "Make it a value the wire carries."
+    with pytest.raises(serverless.SerializationError) as info:
+        _values.wire_value({"p": [vf.Point(1, 2)]}, "attribute `p` of the Scaler instance", fix)
+    assert str(info.value) == (
+        "attribute `p` of the Scaler instance, {'p': [Point(x=1, y=2)]}, holds a Point at "
+        "['p'][0], Point(x=1, y=2): it would arrive as a dict, {'x': 1, 'y': 2}. " + fix
+    )
+
+
 def test_extension_types_that_do_not_decode_are_malformed() -> None:
     cases = [
         (msgspec.msgpack.Ext(99, b""), "unknown MessagePack extension type 99"),

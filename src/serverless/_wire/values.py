@@ -14,7 +14,7 @@ So a value crosses the wire in one of two ways:
   Anything else (a class's instance, an enum, a subclass of a built-in) raises a
   SerializationError naming the value, where it is, what it would arrive as, and the
   annotation that would carry it. JSON has no extension types: a JSON request's untyped values
-  are what JSON decodes, and its reply may only carry results that decode unaided (`EXACT`).
+  are what JSON decodes, and its reply may only carry results that decode unaided.
 
 `Shape` is derived once per function from its annotations: the element type of its first
 parameter (the items), the types of its other parameters, the element type of its return.
