@@ -1,5 +1,6 @@
-"""Identity functions for tests/test_values.py: untyped ones, and ones annotated precisely for
-every kind of value that MessagePack alone does not bring back as it was."""
+"""Identity functions for tests/*/test_values.py: untyped ones (Python's built-in value types
+travel exactly with no annotation), ones annotated precisely for every kind of value that
+MessagePack alone does not bring back as it was, and the seed's pipeline, untyped."""
 
 from __future__ import annotations
 
@@ -42,8 +43,21 @@ class Pair(msgspec.Struct, frozen=True):
 
 @serverless.parallel
 def echo(items: list[Any], *args: Any, **kwargs: Any) -> list[Any]:
-    """Untyped: only values that MessagePack brings back unaided may pass."""
+    """Untyped: built-in values pass, instances of classes raise."""
     return list(items)
+
+
+@serverless.parallel
+def echo_bare(items, *args, **kwargs):  # type: ignore[no-untyped-def]
+    """With no annotations at all, as a new user writes it."""
+    return items
+
+
+@serverless.parallel
+def types_of(items: list[Any], *args: Any, **kwargs: Any) -> list[Any]:
+    """What arrived: each item's, argument's and keyword argument's type name and repr."""
+    seen = [*items, *args, *kwargs.values()]
+    return [[type(v).__name__, repr(v)] for v in seen]
 
 
 @serverless.parallel
@@ -55,7 +69,15 @@ def echo_args(items: list[int], *args: Any, **kwargs: Any) -> list[Any]:
 @serverless.parallel
 def returns(items: list[str]) -> list[Any]:
     """An untyped return: results that would change type must raise."""
-    samples = {"tuple": (1, 2), "set": {1}, "decimal": decimal.Decimal("1.5"), "int": 1}
+    samples = {
+        "tuple": (1, 2),
+        "set": {1},
+        "decimal": decimal.Decimal("1.5"),
+        "int": 1,
+        "point": Point(1, 2),
+        "colour": Colour.RED,
+        "nested point": {"a": [(1, Point(3, 4))]},
+    }
     return [samples[name] for name in items]
 
 
@@ -152,3 +174,22 @@ def typed_args(
 ) -> list[Any]:
     """Typed arguments; its results (untyped) say what arrived, as plain values."""
     return [[type(span).__name__, type(when).__name__, type(tags).__name__] for _ in items]
+
+
+# -- the seed's pipeline, as its users wrote it: no annotations, tuple results -----------------
+
+
+def get_address(zipcode):  # type: ignore[no-untyped-def]
+    latency = zipcode % 7 / 1000
+    address = None if zipcode % 5 == 0 else f"{zipcode} Main Street"
+    return zipcode, latency, address
+
+
+@serverless.parallel
+def geolocate(zipcodes):  # type: ignore[no-untyped-def]
+    return [get_address(zipcode) for zipcode in zipcodes]  # type: ignore[no-untyped-call]
+
+
+@serverless.parallel
+def cleanup(addresses):  # type: ignore[no-untyped-def]
+    return filter(lambda entry: entry[2], addresses)

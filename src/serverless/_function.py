@@ -44,7 +44,7 @@ from ._pool import mainscript as _mainscript
 from ._registry import BIND_CLASS, BIND_INSTANCE, BIND_NONE, BIND_STATE, Bind
 from ._stats import StepKind, StepStats, TargetKind
 from ._targets import resolve
-from ._wire.values import Shape, check_args, check_items
+from ._wire.values import Shape, check_items, wire_args, wire_items
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from 3.11 on
@@ -260,12 +260,15 @@ class ParallelFunction(_Step[P, R]):
         # only the first stage's input and the last stage's results cross the wire
         shape = self.entry.shape(bind)
         last = then[-1].entry.shape(then[-1]._bind) if then else shape
-        call_args = [*args[1:], *self._bound_args]
-        call_kwargs = {**self._bound_kwargs, **kwargs}
-        check_args(shape, call_args, call_kwargs)
-        count = len(items) if isinstance(items, Sequence) else None
-        if isinstance(items, Sequence):
-            check_items(shape, items)  # before any request, and before a pool starts
+        # untyped values as the wire carries them (values.py), or an error naming the one that
+        # cannot travel: before any request, and before a pool starts
+        call_args, call_kwargs = wire_args(
+            shape, [*args[1:], *self._bound_args], {**self._bound_kwargs, **kwargs}
+        )
+        count: int | None = None
+        convert = True
+        if isinstance(items, Sequence):  # a list whose items all travel as they are is not
+            count, convert = len(items), check_items(shape, items)  # walked again per chunk
         # each receiver checked and encoded once per call, before any request
         binds = [self._wire_binding(bind, receiver)]
         binds += [step._wire_binding(step._bind, step._receiver) for step in then]
@@ -287,11 +290,12 @@ class ParallelFunction(_Step[P, R]):
             count,
             locate,
         )
-        # an untyped generator's items are checked as they are read, before they are weighed
-        check = None
-        if count is None and shape.items is None:
-            check = functools.partial(_check_chunk, shape)
-        chunks, sizer, weights = plan.chunks(items, check)
+        # each chunk's untyped items converted as it is cut (a generator's: checked then too),
+        # before it is weighed
+        wire = None
+        if convert and shape.items is None:
+            wire = functools.partial(_wire_chunk, shape)
+        chunks, sizer, weights = plan.chunks(items, wire)
         return Invocation(steps, plan, chunks, count, sizer, weights)
 
     def _wire_binding(self, bind: Bind, receiver: Any) -> tuple[Bind, dict[str, Any]]:
@@ -522,8 +526,9 @@ def _unwrap(func: Any) -> tuple[Callable[..., Any], Declared]:
     return func, "plain"
 
 
-def _check_chunk(shape: Shape, chunk: Chunk) -> None:
-    check_items(shape, chunk.items, chunk.offset)
+def _wire_chunk(shape: Shape, chunk: Chunk) -> Chunk:
+    items = wire_items(shape, chunk.items, chunk.offset)
+    return chunk if items is chunk.items else Chunk(chunk.index, chunk.offset, items, chunk.nbytes)
 
 
 ITEMS = "items"  # the keyword that passes a step's items whatever its parameter's name

@@ -31,7 +31,7 @@ SECRET = "correct-horse-battery-staple"  # the worked example's; the servers her
 SQUARE = "tests.sample_functions:square"
 FAIL_ON = "tests.sample_functions:fail_on"
 TIMEOUT = 10.0
-VERSION = 2  # section 2
+VERSION = 3  # section 2
 
 # The worked example of docs/protocol.md, section 10.
 EXAMPLE_TIMESTAMP = "1700000000.000"
@@ -201,7 +201,7 @@ def worker(
 
 
 EXAMPLE_REPLY = (
-    b'{"v":2,"worker":"host:4242","results":[22,28,38],"error":null,"queue_s":2.6e-06,'
+    b'{"v":3,"worker":"host:4242","results":[22,28,38],"error":null,"queue_s":2.6e-06,'
     b'"compute_s":1.9e-05,"stages":null}'
 )
 
@@ -210,7 +210,7 @@ def _example() -> dict[str, str]:
     body = json_envelope(SQUARE, EXAMPLE_REQUEST_ID, [1, 2, 3], args=[10], kwargs={"scale": 2})
     message = string_to_sign("POST", ROUTE, SQUARE, EXAMPLE_TIMESTAMP, EXAMPLE_REQUEST_ID, body)
     digest = hashlib.sha256(EXAMPLE_REPLY).hexdigest()
-    reply_message = "\n".join(["reply-v2", "200", EXAMPLE_REQUEST_ID, digest]).encode()
+    reply_message = "\n".join([f"reply-v{VERSION}", "200", EXAMPLE_REQUEST_ID, digest]).encode()
     return {
         "key id": key_id(SECRET),
         "old key id": key_id(EXAMPLE_OLD_SECRET),
@@ -264,6 +264,62 @@ def test_worked_example_msgpack_hex_in_the_doc_is_right() -> None:
     hex_block = doc.split("(119 bytes, hex)")[1].split("```")[1]
     assert "".join(hex_block.split()) == packed.hex()
     assert len(packed) == 119
+
+
+def _extension_examples() -> list[tuple[str, str]]:
+    """(Python value as written, hex bytes) of each row of section 5.3's example table."""
+    table = DOC.read_text().split("Examples (hex), each a whole MessagePack value:")[1]
+    rows = [line for line in table.split("\n\n")[1].splitlines()[2:] if line.startswith("|")]
+    cells = [[cell.strip().strip("`") for cell in row.strip("|").split("|")] for row in rows]
+    return [(written, hex_bytes) for written, hex_bytes in cells]
+
+
+def test_extension_type_examples_in_the_doc_are_what_the_library_sends() -> None:
+    """Section 5.3: every example's bytes are what the library's caller sends for that value,
+    and they decode back to it, of the very same types and zone."""
+    import datetime
+    import decimal
+    import uuid
+    import zoneinfo
+
+    import msgspec
+
+    from serverless._wire import encode
+    from serverless._wire.values import ext_hook, to_wire
+    from tests.unit.test_values import same
+
+    names = {
+        "datetime": datetime.datetime,
+        "date": datetime.date,
+        "time": datetime.time,
+        "timedelta": datetime.timedelta,
+        "timezone": datetime.timezone,
+        "ZoneInfo": zoneinfo.ZoneInfo,
+        "Decimal": decimal.Decimal,
+        "UUID": uuid.UUID,
+    }
+    examples = _extension_examples()
+    assert len(examples) == 12
+    for written, hex_bytes in examples:
+        value = eval(written, names)  # the doc's own Python expression
+        sent = encode(to_wire(value))
+        assert sent.hex(" ") == hex_bytes, written
+        assert same(msgspec.msgpack.decode(sent, ext_hook=ext_hook), value), written
+
+
+def test_a_datetime_decodes_from_the_doc_alone() -> None:
+    """Section 5.3's walk-through of `d8 04 99 ...`, with the standard library only."""
+    examples = dict(_extension_examples())
+    data = bytes.fromhex(examples["datetime(2024, 5, 6, 7, 8, 9, 123456)"])
+    assert data[0] == 0xD8 and data[1] == 4  # fixext 16, code 4: a datetime
+    payload = data[2:]
+    assert len(payload) == 16 and payload[0] == 0x99  # an array of 9
+    year = int.from_bytes(payload[2:4], "big")  # cd: uint 16
+    month, day, hour, minute, second = payload[4:9]
+    micro = int.from_bytes(payload[10:14], "big")  # ce: uint 32
+    fold, zone = payload[14], payload[15]
+    assert (year, month, day, hour, minute, second, micro) == (2024, 5, 6, 7, 8, 9, 123456)
+    assert (fold, zone) == (0, 0xC0)  # nil: naive
 
 
 # -- against real servers ----------------------------------------------------------------------

@@ -74,10 +74,10 @@ def test_errors_return_with_a_filter_function_keeps_each_items_results() -> None
 
 def test_an_isolated_reply_is_checked() -> None:
     keyring = p.Keyring(SECRET)
-    call = p.Call(v=2, fn="m:f", id=p.new_request_id(), index=0, items=[1, 2], isolate=True)
+    call = p.Call(v=p.VERSION, fn="m:f", id=p.new_request_id(), index=0, items=[1, 2], isolate=True)
     error = p.ErrorInfo(kind="user", type="ValueError", message="no")
     for bad in (p.ItemError(index=5, at=0, error=error), p.ItemError(index=0, at=9, error=error)):
-        reply = p.Reply(v=2, results=[1], item_errors=[bad])
+        reply = p.Reply(v=p.VERSION, results=[1], item_errors=[bad])
         body = p.encode(reply)
         signature = keyring.sign(p.reply_signing_message(200, call.id, body))
         headers = {p.H_REPLY_SIGNATURE: signature}
@@ -143,7 +143,7 @@ def job_for(
     endpoint: Endpoint, deadline: float | None = None, start_by: float | None = None
 ) -> Job:
     call = p.Call(
-        v=2,
+        v=p.VERSION,
         fn="tests.sample_functions:square",
         id=p.new_request_id(),
         index=0,

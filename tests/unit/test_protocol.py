@@ -186,11 +186,14 @@ def test_an_unsigned_answers_claim_is_shown_bounded_and_printable() -> None:
 
 
 def test_an_old_worker_is_named_with_both_versions() -> None:
+    """A v2 worker (no extension types) refuses a v3 request by its Serverless-Version header,
+    unsigned, before it decodes a byte: it never hands msgspec Ext objects to a function."""
     call = envelope(sf.square.entry.name, [1])
+    message = "this worker speaks wire protocol v2; the request's serverless-version header is '3'"
     old = msgspec.msgpack.encode(
-        {"v": 1, "error": {"kind": "rejected", "type": "HTTP400", "message": "unsupported version"}}
+        {"v": 2, "error": {"kind": "rejected", "type": "HTTP400", "message": message}}
     )
-    with pytest.raises(serverless.ProtocolError, match="v1 and this caller v2"):
+    with pytest.raises(serverless.ProtocolError, match="v2 and this caller v3: upgrade"):
         p.read_reply(400, p.MSGPACK, old, {}, call, 0, URL, KEYS)
 
 

@@ -142,10 +142,11 @@ class CallPlan:
         )
 
     def chunks(
-        self, items: Iterable[Any], check: Callable[[Chunk], None] | None = None
+        self, items: Iterable[Any], wire: Callable[[Chunk], Chunk] | None = None
     ) -> tuple[Iterator[Chunk], AdaptiveChunks | None, ChunkBytes]:
-        """The input cut as planned, read lazily unless it is a list, each chunk passed to
-        `check` as it is cut, then re-cut where it weighs too much (chunking.py); for an
+        """The input cut as planned, read lazily unless it is a list, each chunk made what
+        the wire carries by `wire` as it is cut (values.py: its untyped items converted, or a
+        SerializationError), then re-cut where it weighs too much (chunking.py); for an
         input of unknown length with no chunk_size, the sizer the replies feed; and the
         weights of items and results, which the replies feed too."""
         max_body = self.target.max_body if self.target is not None else p.MAX_BODY
@@ -163,17 +164,11 @@ class CallPlan:
         else:
             sizer = AdaptiveChunks(weights=weights)
             cut = chunk_adaptive(items, sizer)
-        if check is not None:
-            cut = _checked(cut, check)
+        if wire is not None:
+            cut = map(wire, cut)
         room = max(1, max_body - bare - 16)  # 16: the items' array header, with margin
         pieces = within_bytes(cut, weights, _encoded_size, room, self.function)
         return pieces, sizer, weights
-
-
-def _checked(chunks: Iterator[Chunk], check: Callable[[Chunk], None]) -> Iterator[Chunk]:
-    for chunk in chunks:
-        check(chunk)
-        yield chunk
 
 
 def _encoded_size(value: Any) -> int:

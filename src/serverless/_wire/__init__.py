@@ -1,4 +1,4 @@
-"""The wire: pure code both sides share, protocol v2 (docs/protocol.md). Its messages and
+"""The wire: pure code both sides share, protocol v3 (docs/protocol.md). Its messages and
 their encoding (envelope.py), its signatures (signing.py), the caller's half of the exchange
 (exchange.py: build a request, read a reply; the worker's checks are _worker/endpoint.py),
 exact values (values.py) and their bounds (bounds.py). No I/O, no clock reads (times are

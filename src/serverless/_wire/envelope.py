@@ -1,4 +1,4 @@
-"""Wire protocol v2, its messages: the envelope a caller sends (Call), the reply a worker
+"""Wire protocol v3, its messages: the envelope a caller sends (Call), the reply a worker
 answers (Reply), their parts, and their encoding (MessagePack or JSON). Pure, no I/O.
 
 docs/protocol.md is the normative description; keep the two in step.
@@ -21,7 +21,10 @@ from .._exceptions import (
 from . import receiver as _receiver
 from . import values as _values
 
-VERSION = 2  # 2: replies are signed and bound to their request (v1 callers cannot check them)
+# 2: replies are signed and bound to their request (v1 callers cannot check them). 3: untyped
+# values carry Python's built-in types as MessagePack extension types, which a v2 worker would
+# hand to the function as msgspec.msgpack.Ext objects: it refuses a v3 request instead.
+VERSION = 3
 MSGPACK = "application/msgpack"
 JSON = "application/json"
 MAX_BODY = 32 * 1024 * 1024  # the App Engine and Cloud Run request limit
@@ -198,13 +201,14 @@ class Reply(msgspec.Struct, forbid_unknown_fields=False):
     throttled: Throttle | None = None  # the chunk stopped at a throttle: `results` are partial
 
 
-_msgpack_encoder = msgspec.msgpack.Encoder()
+# values.py's hooks: untyped values' built-in types as MessagePack extension types, both ways
+_msgpack_encoder = msgspec.msgpack.Encoder(enc_hook=_values.enc_hook)
 _json_encoder = msgspec.json.Encoder()
-_call_msgpack = msgspec.msgpack.Decoder(Call)
+_call_msgpack = msgspec.msgpack.Decoder(Call, ext_hook=_values.ext_hook)
 _call_json = msgspec.json.Decoder(Call)
-_reply_msgpack = msgspec.msgpack.Decoder(Reply)
+_reply_msgpack = msgspec.msgpack.Decoder(Reply, ext_hook=_values.ext_hook)
 _reply_json = msgspec.json.Decoder(Reply)
-_wire_call_msgpack = msgspec.msgpack.Decoder(WireCall)
+_wire_call_msgpack = msgspec.msgpack.Decoder(WireCall, ext_hook=_values.ext_hook)
 _wire_call_json = msgspec.json.Decoder(WireCall)
 
 
@@ -247,7 +251,7 @@ def reply_decoder(
     result: Any, fmt: str
 ) -> msgspec.msgpack.Decoder[Reply] | msgspec.json.Decoder[Reply]:
     """Replies whose results decode, in the same pass, into `list[result]` (where `result` is
-    None: as plain data)."""
+    None: as untyped values, their extension types included)."""
     if result is None:
         return _reply_json if fmt == JSON else _reply_msgpack
     typed = msgspec.defstruct(
@@ -256,7 +260,9 @@ def reply_decoder(
         bases=(Reply,),
         forbid_unknown_fields=False,
     )
-    return msgspec.json.Decoder(typed) if fmt == JSON else msgspec.msgpack.Decoder(typed)
+    if fmt == JSON:
+        return msgspec.json.Decoder(typed)
+    return msgspec.msgpack.Decoder(typed, ext_hook=_values.ext_hook)
 
 
 def decode_wire_call(body: bytes, fmt: str) -> WireCall:

@@ -1,4 +1,4 @@
-"""Wire protocol v2, the caller's half: build a signed request for a Call, and read a worker's
+"""Wire protocol v3, the caller's half: build a signed request for a Call, and read a worker's
 answer into results or the exception it stands for, trusting nothing unsigned. Pure: the
 clock is an argument. (The worker's half, the checks in protocol order, is _worker/endpoint.py.)
 """

@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 
 from .._exceptions import SerializationError
-from .values import MSGPACK, Mismatch, decoder, inexact_value, precise
+from .values import MSGPACK, Mismatch, decoder, precise, to_wire
 
 _NOT_SLOTS = frozenset({"__dict__", "__weakref__"})
 
@@ -114,12 +114,19 @@ def state_of(receiver: Any, function: str) -> dict[str, Any]:
     else:
         state = _attributes(receiver)
     typed = attribute_types(cls)
+    sent: dict[str, Any] = {}
     for name, value in state.items():
         refusal = name_refusal(name)
-        why = None if refusal is not None or name in typed else inexact_value(value)
-        if refusal is not None or why is not None:
-            raise SerializationError(_cannot_travel(where, name, function, refusal or why))
-    return state
+        if refusal is not None:
+            raise SerializationError(_cannot_travel(where, name, function, refusal))
+        if name in typed:
+            sent[name] = value
+            continue
+        try:  # untyped: built-in values as extension types, as items travel (values.py)
+            sent[name] = to_wire(value)
+        except SerializationError as exc:
+            raise SerializationError(_cannot_travel(where, name, function, str(exc))) from None
+    return sent
 
 
 def _attributes(receiver: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Wire protocol v2, its signatures: key ids, the strings each side signs (the request's over
+"""Wire protocol v3, its signatures: key ids, the strings each side signs (the request's over
 its headers and the body's SHA-256, the reply's bound to its request id), and the Keyring
 that signs and checks them (HMAC-SHA256, several keys during a rotation). Pure: the time a
 request is signed at is an argument.

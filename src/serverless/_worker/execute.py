@@ -30,7 +30,7 @@ from .. import _registry
 from .. import _wire as p
 from .._exceptions import SerializationError, Throttled
 from .._wire import Response
-from .._wire.values import inexact_result
+from .._wire.values import Mismatch, wire_results
 from .pacing import Arrivals, Turns
 
 logger = logging.getLogger("serverless.worker")
@@ -310,17 +310,17 @@ class Runner:
         """The results, signed; `waited`: seconds of a paced chunk spent waiting for its
         items' turns, which its compute_s leaves out."""
         entry, bind = job.then[-1] if job.then else (job.entry, job.bind)
-        try:
-            inexact = inexact_result(entry.shape(bind), results)
+        try:  # untyped results: built-in types as extension types (the reply's format allowing)
+            sent = wire_results(entry.shape(bind), results, job.fmt)
         except SerializationError as exc:  # nested too deep to check, or to encode
             return self._failure(job, "result", exc, None, started, len(job.then))
-        if inexact is not None:  # untyped results that would not arrive as returned
+        if isinstance(sent, Mismatch):  # untyped results that would not arrive as returned
             error = p.ErrorInfo(
                 kind="result",
                 type="SerializationError",
-                message=inexact.message,
-                index=inexact.index,
-                item=_short_repr(results[inexact.index]) if inexact.index is not None else None,
+                message=sent.message,
+                index=sent.index,
+                item=_short_repr(results[sent.index]) if sent.index is not None else None,
                 stage=len(job.then),
             )
             reply = p.Reply(
@@ -335,7 +335,7 @@ class Runner:
         reply = p.Reply(
             v=p.VERSION,
             worker=worker_id(),
-            results=results,
+            results=sent,
             queue_s=started - job.received,
             compute_s=done - started - waited,
             stages=figures if job.then else None,
