@@ -516,7 +516,9 @@ def test_builtin_values_arrive_exactly_as_items_arguments_and_results(
     assert same(roundtrip(vf.echo_bare, [value, value]), [value, value])
     assert same(roundtrip(vf.echo_args, [0], value, k=value), [[value], {"k": value}])
     [[type_name, text]] = roundtrip(vf.types_of, [value])
-    assert type_name == type(value).__name__ and text == repr(value)
+    assert type_name == type(value).__name__
+    # a set's repr follows its insertion history (the same elements in another order)
+    assert isinstance(value, set | frozenset) or text == repr(value)
 
 
 def test_untyped_results_of_classes_raise_on_the_worker() -> None:
