@@ -68,6 +68,9 @@ class CallPlan:
     patience: float | None = None  # seconds of refusals with no item completing, at most
     buffer: int | None = None  # bytes of results a stream may hold (None: no bound)
     group: str = field(default_factory=p.new_request_id)  # the call's id on its paced chunks
+    # the SHA-256 of the pickle of the call's functions of `__main__`, in the local pool's
+    # private directory (_pool/byvalue.py); "": every function is found by its name
+    code: str = ""
 
     @property
     def fused(self) -> bool:
@@ -137,6 +140,7 @@ class CallPlan:
             pace=pace,
             group=self.group if pace is not None else "",
             slot=slot if pace else None,
+            code=self.code,
         )
 
     def chunks(
