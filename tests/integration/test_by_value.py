@@ -12,7 +12,6 @@ digest, a Call naming a digest sent to a remote worker, links planted where the 
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import pickle
@@ -26,7 +25,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -215,11 +213,12 @@ def test_the_contract_suite_runs_in_a_jupyter_kernel_and_a_changed_cell_takes_ef
     nb.cells = [nbformat.v4.new_code_cell(textwrap.dedent(cell)) for cell in NOTEBOOK_CELLS]
     with _kernel(tmp_path) as km:
         client = NotebookClient(nb, km=km, timeout=TIMEOUT, cwd=str(TESTS.parent))
-        client.execute()
-    with warnings.catch_warnings():  # jupyter_client leaves its zmq sockets to the collector
-        warnings.simplefilter("ignore", ResourceWarning)
-        del client, km
-        gc.collect()
+        try:
+            client.execute()
+        finally:  # a client given its kernel manager leaves it running, its sockets open
+            if client.kc is not None:
+                client.kc.stop_channels()
+            km.shutdown_kernel(now=True)
     outputs = ["".join(o.get("text", "") for o in cell.outputs) for cell in nb.cells]
     contract = json.loads(outputs[0].strip().splitlines()[-1])
     assert contract["failures"] == [] and contract["cells"] == CELLS, outputs[0][-3000:]
