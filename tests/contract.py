@@ -40,6 +40,13 @@ BINDINGS: dict[str, Binding] = {
     "explicit receiver": Binding(
         lambda: cf.Calc.method, cf.Calc(), lambda x, n: x + n + cf.Calc.offset, False
     ),
+    # the instance's state travels: a worker that built a fresh Calc() would add 0, not 7
+    "instance with state": Binding(
+        lambda: cf.Calc(7).method, None, lambda x, n: x + n + cf.Calc.offset + 7
+    ),
+    "explicit receiver with state": Binding(
+        lambda: cf.Calc.method, cf.Calc(7), lambda x, n: x + n + cf.Calc.offset + 7, False
+    ),
 }
 
 

@@ -21,11 +21,14 @@ def identity(numbers: list[int]) -> list[int]:
 
 
 class Calc:
-    offset = 100  # a class attribute: a worker binds methods to a fresh instance
+    offset = 100  # a class attribute: the workers have it from the class
+
+    def __init__(self, extra: int = 0) -> None:
+        self.extra = extra  # an instance's state: it travels with the receiver
 
     @serverless.parallel
     def method(self, numbers: list[int], n: int = 1) -> list[int]:
-        return [x + n + self.offset for x in numbers]
+        return [x + n + self.offset + self.extra for x in numbers]
 
     @serverless.parallel
     @staticmethod

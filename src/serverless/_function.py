@@ -32,6 +32,7 @@ from typing import (
 )
 
 from . import _registry
+from . import _wire as p
 from ._caller.chunking import AdaptiveChunks, Chunk, ChunkBytes
 from ._caller.dispatch import dispatcher
 from ._caller.fanout import Tally, close_batches, next_batch
@@ -39,9 +40,9 @@ from ._caller.plan import CallPlan, make_plan
 from ._caller.sharing import run_shared
 from ._caller.transport import Target
 from ._config import DEFAULT_PATIENCE, ErrorMode, OptionChanges, Options
-from ._exceptions import ConfigurationError
+from ._exceptions import ConfigurationError, SerializationError
 from ._pool import byvalue as _byvalue
-from ._registry import BIND_CLASS, BIND_INSTANCE, BIND_NONE, Bind
+from ._registry import BIND_CLASS, BIND_INSTANCE, BIND_NONE, BIND_STATE, Bind
 from ._stats import StepKind, StepStats, TargetKind
 from ._targets import resolve
 from ._wire.values import Shape, check_args, check_items
@@ -310,7 +311,7 @@ class ParallelFunction(_Step[P, R]):
         then: Sequence[ParallelFunction[Any, Any]] = (),
     ) -> Invocation:
         """The call, prepared once; `then`: further steps fused into the same requests."""
-        bind, _, args = self._split(args)
+        bind, receiver, args = self._split(args)
         items = _items_argument(self.__name__, args)
         steps = [self, *then]
         # only the first stage's input and the last stage's results cross the wire
@@ -322,7 +323,9 @@ class ParallelFunction(_Step[P, R]):
         count = len(items) if isinstance(items, Sequence) else None
         if isinstance(items, Sequence):
             check_items(shape, items)  # before any request, and before a pool starts
-        binds = [bind, *(step._bind for step in then)]
+        # each receiver checked and encoded once per call, before any request
+        binds = [self._wire_binding(bind, receiver)]
+        binds += [step._wire_binding(step._bind, step._receiver) for step in then]
 
         def locate(retries: int) -> tuple[Target, int | None]:
             # chosen here, in the caller's thread: it may be the app serving the request this
@@ -331,7 +334,10 @@ class ParallelFunction(_Step[P, R]):
             return target, dispatcher().capacities.total(target.urls)
 
         plan = make_plan(
-            [(step.entry.name, b, step.options) for step, b in zip(steps, binds, strict=True)],
+            [
+                (step.entry.name, b, state, step.options)
+                for step, (b, state) in zip(steps, binds, strict=True)
+            ],
             call_args,
             call_kwargs,
             last,
@@ -347,6 +353,24 @@ class ParallelFunction(_Step[P, R]):
             plan = dataclasses.replace(plan, code=_send_by_value(steps, shelf))
         chunks, sizer, weights = plan.chunks(items, check)
         return Invocation(steps, plan, chunks, count, sizer, weights)
+
+    def _wire_binding(self, bind: Bind, receiver: Any) -> tuple[Bind, dict[str, Any]]:
+        """The binding the workers get, and the receiver's state: an instance travels as
+        its attributes (BIND_STATE), rebuilt there without __init__ (_wire/receiver.py)."""
+        if bind != BIND_INSTANCE:
+            return bind, {}
+        owner = self._func.__qualname__.rpartition(".")[0]
+        kind = type(receiver)
+        module = _registry.module_name(kind.__module__)
+        if kind.__qualname__ != owner or module != self.entry.module:
+            raise SerializationError(
+                f"{self.entry.name} is called on a {kind.__qualname__}, a subclass of "
+                f"{owner}: the workers rebuild its receiver as a {owner}, the class the "
+                f"method is defined in, and would lose what {kind.__qualname__} changes. "
+                f"Decorate a method of {kind.__qualname__} itself, or make this one a "
+                "staticmethod that takes what it needs as arguments."
+            )
+        return BIND_STATE, p.encode_state(receiver, self.entry.name)
 
     def _target(
         self, steps: list[ParallelFunction[Any, Any]], blocking: bool, retries: int

@@ -25,22 +25,28 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
 from ._exceptions import ConfigurationError
+from ._wire import receiver as _receiver
 from ._wire.values import Shape, shape_of
 
 # multiprocessing's spawn start method imports the parent's main script as "__mp_main__".
 _MAIN_ALIASES = {"__mp_main__": "__main__"}
 
-# How a worker binds a method before calling it: not at all, to a fresh instance of its
-# class (as the seed does), or to its class (a classmethod).
-Bind = Literal["", "instance", "class"]
+# How a worker binds a method before calling it: not at all, to an instance rebuilt from the
+# receiver's state the call carries (_wire/receiver.py), to its class (a classmethod), or to
+# a fresh instance `Owner()` (the seed's "instance", which callers no longer send: it drops
+# the receiver's state). "state" is a binding of its own, not "instance" plus a field, so a
+# worker that predates it refuses it (an unknown binding, 400) rather than silently running
+# the method on a fresh instance.
+Bind = Literal["", "instance", "class", "state"]
 BIND_NONE: Final = ""
 BIND_INSTANCE: Final = "instance"
 BIND_CLASS: Final = "class"
+BIND_STATE: Final = "state"
 
 
 def as_bind(value: str) -> Bind | None:
     """`value` as a Bind, or None if it names none (from the wire: anything may come)."""
-    for bind in (BIND_NONE, BIND_INSTANCE, BIND_CLASS):
+    for bind in (BIND_NONE, BIND_INSTANCE, BIND_CLASS, BIND_STATE):
         if value == bind:
             return bind
     return None
@@ -75,12 +81,26 @@ class Entry:
             raise ConfigurationError(f"{self.name} is not defined in a class")
         return target
 
-    def misfit(self, bind: Bind, args: int, kwargs: Iterable[str]) -> str | None:
-        """Why a chunk called with `bind`, `args` extra positional arguments and these
-        keywords cannot run this function (None if it can), found without running anything
-        of the user's: a signed request may still name arguments the function does not take."""
+    def misfit(
+        self, bind: Bind, args: int, kwargs: Iterable[str], state: Iterable[str] = ()
+    ) -> str | None:
+        """Why a chunk called with `bind`, `args` extra positional arguments, these keywords
+        and a receiver with these attributes cannot run this function (None if it can), found
+        without running anything of the user's: a signed request may still name arguments
+        the function does not take, or attributes no instance may be given."""
         if bind not in self._binds:
             return f"{self.name} is not called with the binding {bind!r}"
+        state = list(state)
+        if state and bind != BIND_STATE:
+            return f"a receiver's state comes only with the binding {BIND_STATE!r}"
+        if bind == BIND_STATE:
+            try:
+                owner = self.owner()
+            except Exception as exc:  # not found: nothing to rebuild
+                return f"cannot find the class of {self.name}: {exc}"
+            misfit = _receiver.misfit(owner, state)
+            if misfit is not None:
+                return f"{misfit} ({self.name})"
         signature = self._signature
         if signature is None:
             return None
@@ -95,7 +115,8 @@ class Entry:
     def _binds(self) -> frozenset[str]:
         """The bindings a caller's step can send for this function: none for a module's
         function or a staticmethod, the class for a classmethod, the class or an instance
-        for a method (looked up in its class's namespace: no descriptor runs)."""
+        (rebuilt from its state, or the seed's fresh one) for a method (looked up in its
+        class's namespace: no descriptor runs)."""
         if not self.owner_path or self.declared == "static":
             return frozenset({BIND_NONE})
         if self.declared == "class":
@@ -109,8 +130,8 @@ class Entry:
         if isinstance(found, classmethod):
             return frozenset({BIND_CLASS})
         if found is None:
-            return frozenset({BIND_NONE, BIND_INSTANCE, BIND_CLASS})
-        return frozenset({BIND_INSTANCE, BIND_CLASS})
+            return frozenset({BIND_NONE, BIND_INSTANCE, BIND_STATE, BIND_CLASS})
+        return frozenset({BIND_INSTANCE, BIND_STATE, BIND_CLASS})
 
     @functools.cached_property
     def _signature(self) -> inspect.Signature | None:
@@ -128,12 +149,18 @@ class Entry:
         # computed on first use: annotations may name classes defined after the decorator
         return shape_of(self.func, self.name, False), shape_of(self.func, self.name, True)
 
-    def bound(self, bind: Bind) -> Callable[..., Any]:
-        """The callable to run for a chunk: a fresh instance per call, as the seed does."""
+    def bound(self, bind: Bind, state: Mapping[str, Any] | None = None) -> Callable[..., Any]:
+        """The callable to run for a chunk: bound to its class, or to an instance of it
+        rebuilt from the receiver's `state` (each chunk its own copy, as unpickled), or to a
+        fresh `Owner()` (the seed's binding "instance")."""
         if bind == BIND_NONE:
             return self.func
         owner = self.owner()
-        receiver: Any = owner() if bind == BIND_INSTANCE else owner
+        receiver: Any = owner
+        if bind == BIND_STATE:
+            receiver = _receiver.rebuild(owner, state or {})
+        elif bind == BIND_INSTANCE:
+            receiver = owner()
         method: Callable[..., Any] = self.func.__get__(receiver, owner)
         return method
 

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.timeout(180)
 
 CONTRACT_MAIN = TESTS / "scripts" / "contract_main.py"
-CELLS = 5 * len(FORMS)  # the five __main__ bindings of contract_main.py times every form
+CELLS = 6 * len(FORMS)  # the six __main__ bindings of contract_main.py times every form
 TIMEOUT = 150
 
 

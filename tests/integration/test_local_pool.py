@@ -53,9 +53,9 @@ def test_both_pool_processes_serve() -> None:
 
 def test_methods_static_and_class() -> None:
     geo = sf.Geo()
-    geo.factor = 99  # the worker builds a fresh instance, as the seed does
-    assert geo.scaled([1, 2, 3]) == [10, 20, 30]
-    assert sf.Geo.scaled(geo, [4]) == [40]
+    geo.factor = 99  # the instance's state travels with it (issue 23): the seed used 10
+    assert geo.scaled([1, 2, 3]) == [99, 198, 297]
+    assert sf.Geo.scaled(geo, [4]) == [396]
     assert sf.Geo.negated([1, 2]) == [-1, -2]
     # typed as methods: a staticmethod on an instance, a classmethod on the class (_function)
     assert cast(Any, geo).negated([3]) == [-3]

@@ -115,6 +115,7 @@ def test_runs_a_registered_function(post: Any, fmt: str) -> None:
 
 
 def test_methods_get_a_fresh_instance_or_the_class(post: Any) -> None:
+    # "instance", the seed's binding that callers no longer send: a worker still runs it
     assert post(*signed("tests.sample_functions:Geo.scaled", [1, 2], bind="instance"))[
         1
     ].results == [10, 20]

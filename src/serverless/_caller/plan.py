@@ -51,6 +51,7 @@ class CallPlan:
 
     function: str  # the registered name; fused stages joined by p.STAGE_SEPARATOR
     bind: Bind = BIND_NONE
+    state: dict[str, Any] = field(default_factory=dict)  # the receiver's, encoded once
     args: list[Any] = field(default_factory=list)
     kwargs: dict[str, Any] = field(default_factory=dict)
     then: list[p.Stage] = field(default_factory=list)  # fused stages after the first
@@ -133,6 +134,7 @@ class CallPlan:
             args=self.args,
             kwargs=self.kwargs,
             bind=self.bind,
+            state=self.state,
             then=self.then,
             isolate=self.isolate,
             deadline=deadline,
@@ -183,20 +185,20 @@ def _encoded_size(value: Any) -> int:
 
 
 def make_plan(
-    steps: Sequence[tuple[str, Bind, Options]],
+    steps: Sequence[tuple[str, Bind, dict[str, Any], Options]],
     args: list[Any],
     kwargs: dict[str, Any],
     results: Shape,
     count: int | None,
     locate: Callable[[int], tuple[Target, int | None]] | None = None,
 ) -> CallPlan:
-    """The plan of a call of `steps` (registered name, binding, options; more than one: fused
-    into the same requests, the first step's options cut the input) on `count` items (None:
-    an iterator). `locate(retries)`: where a call with that many retries sends its chunks,
-    and how many its workers said they run at once (None: unknown); not asked for an empty
-    input, which goes nowhere."""
-    (_, bind, first), later = steps[0], steps[1:]
-    every = [options for _, _, options in steps]
+    """The plan of a call of `steps` (registered name, binding, receiver's encoded state,
+    options; more than one: fused into the same requests, the first step's options cut the
+    input) on `count` items (None: an iterator). `locate(retries)`: where a call with that
+    many retries sends its chunks, and how many its workers said they run at once (None:
+    unknown); not asked for an empty input, which goes nowhere."""
+    (_, bind, state, first), later = steps[0], steps[1:]
+    every = [options for *_, options in steps]
     fused = bool(later)
     timeout = max(options.timeout for options in every)
     retries = min(options.retries for options in every)
@@ -215,11 +217,12 @@ def make_plan(
             longest = max(1, int(rate * min(PACED_CHUNK_S, timeout / 4)))
             parts = max(parts, -(-count // longest))
     return CallPlan(
-        function=p.STAGE_SEPARATOR.join(step_name for step_name, _, _ in steps),
+        function=p.STAGE_SEPARATOR.join(step[0] for step in steps),
         bind=bind,
+        state=state,
         args=args,
         kwargs=kwargs,
-        then=[p.Stage(fn=step_name, bind=step_bind) for step_name, step_bind, _ in later],
+        then=[p.Stage(fn=name, bind=step_bind, state=s) for name, step_bind, s, _ in later],
         results=results,
         target=target,
         workers=first.workers,

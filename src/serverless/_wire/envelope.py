@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import secrets
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ import msgspec
 from .._exceptions import (
     SerializationError,
 )
+from . import receiver as _receiver
 from . import values as _values
 
 VERSION = 2  # 2: replies are signed and bound to their request (v1 callers cannot check them)
@@ -57,6 +59,15 @@ class Stage(msgspec.Struct, forbid_unknown_fields=False):
 
     fn: str
     bind: str = ""
+    state: dict[str, Any] = {}  # as Call.state
+
+
+class WireStage(msgspec.Struct, forbid_unknown_fields=False):
+    """A Stage as a worker first decodes it (its receiver's state raw, as WireCall's)."""
+
+    fn: str
+    bind: str = ""
+    state: dict[str, msgspec.Raw] = {}
 
 
 class StageFigures(msgspec.Struct, forbid_unknown_fields=False):
@@ -86,7 +97,13 @@ class Call(msgspec.Struct, forbid_unknown_fields=False):
     items: list[Any]
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
-    bind: str = ""  # "", "instance" (a fresh instance of the class) or "class"
+    # "", "state" (an instance rebuilt from `state`, without __init__), "class", or the
+    # seed's "instance" (a fresh instance Owner(), which no caller sends any more)
+    bind: str = ""
+    # bind "state": the receiver's attributes by name (the caller puts them here encoded
+    # once per call, as msgspec.Raw MessagePack, reused by every chunk). A worker that
+    # predates it refuses the binding "state" (400): it never runs on a fresh instance.
+    state: dict[str, Any] = {}
     then: list[Stage] = []
     # errors="return": run the function item by item, each item's error in the reply (§6.2)
     isolate: bool = False
@@ -122,7 +139,8 @@ class WireCall(msgspec.Struct, forbid_unknown_fields=False):
     args: list[msgspec.Raw] = []
     kwargs: dict[str, msgspec.Raw] = {}
     bind: str = ""
-    then: list[Stage] = []
+    state: dict[str, msgspec.Raw] = {}
+    then: list[WireStage] = []
     isolate: bool = False
     deadline: float | None = None
     start_by: float | None = None
@@ -213,6 +231,12 @@ def encode(obj: Any, fmt: str = MSGPACK) -> bytes:
         raise SerializationError(f"cannot encode for the wire: {exc}") from exc
 
 
+def encode_state(receiver: Any, function: str) -> dict[str, msgspec.Raw]:
+    """An instance method's receiver as Call.state carries it (receiver.py), encoded once
+    per call with the envelope's encoder; SerializationError names what cannot travel."""
+    return _receiver.encode_state(receiver, function, encode)
+
+
 def decode_call(body: bytes, fmt: str) -> Call:
     return _call_json.decode(body) if fmt == JSON else _call_msgpack.decode(body)
 
@@ -242,9 +266,16 @@ def decode_wire_call(body: bytes, fmt: str) -> WireCall:
     return _wire_call_json.decode(body) if fmt == JSON else _wire_call_msgpack.decode(body)
 
 
-def typed_call(wire: WireCall, shape: _values.Shape, fmt: str) -> Call | _values.Mismatch:
-    """The Call, its values decoded into the types `shape` gives; a Mismatch if one does not
-    match its annotation. Raises msgspec's errors on a malformed envelope."""
+def typed_call(
+    wire: WireCall,
+    shape: _values.Shape,
+    fmt: str,
+    receivers: Sequence[type | None] = (),
+) -> Call | _values.Mismatch:
+    """The Call, its values decoded into the types `shape` gives, and each stage's receiver
+    state into its class's (`receivers`, by stage: None where the stage has no state); a
+    Mismatch if one does not match its annotation. Raises msgspec's errors on a malformed
+    envelope."""
     items = _values.decode_items(shape, wire.items, fmt)
     if isinstance(items, _values.Mismatch):
         return items
@@ -252,6 +283,13 @@ def typed_call(wire: WireCall, shape: _values.Shape, fmt: str) -> Call | _values
     if isinstance(arguments, _values.Mismatch):
         return arguments
     args, kwargs = arguments
+    raws = [wire.state, *(stage.state for stage in wire.then)]
+    states: list[dict[str, Any]] = []
+    for raw, cls in zip(raws, [*receivers, *[None] * len(raws)], strict=False):
+        state = _receiver.decode_state(cls, raw, fmt) if cls is not None and raw else {}
+        if isinstance(state, _values.Mismatch):
+            return state
+        states.append(state)
     return Call(
         v=wire.v,
         fn=wire.fn,
@@ -261,7 +299,11 @@ def typed_call(wire: WireCall, shape: _values.Shape, fmt: str) -> Call | _values
         args=args,
         kwargs=kwargs,
         bind=wire.bind,
-        then=wire.then,
+        state=states[0],
+        then=[
+            Stage(fn=stage.fn, bind=stage.bind, state=state)
+            for stage, state in zip(wire.then, states[1:], strict=True)
+        ],
         isolate=wire.isolate,
         deadline=wire.deadline,
         start_by=wire.start_by,

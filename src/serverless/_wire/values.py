@@ -329,6 +329,13 @@ def inexact_result(shape: Shape, results: list[Any]) -> Mismatch | None:
     )
 
 
+def inexact_value(value: Any) -> str | None:
+    """Why `value`, sent untyped, would not arrive as sent ("<repr>, is a set: it would arrive
+    as a list, ...."), or None if it would (an instance's attributes: _wire/receiver.py)."""
+    found = _first_inexact_of([value])
+    return None if found is None else _describe(found[1], found[2], value)
+
+
 def _first_inexact_of(values: Sequence[Any]) -> tuple[int, str, Any] | None:
     """(index, path inside that value, the inexact value) of the first value that would not
     arrive as sent, or None. A sequence of scalars costs one pass over their types."""

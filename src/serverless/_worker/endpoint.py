@@ -309,23 +309,25 @@ class Endpoint:
             entries = loaded
             if (missing := self._missing(names, entries, fmt, head)) is not None:
                 return missing
-        binds = [wire.bind] + [stage.bind for stage in wire.then]
+        binds = [(wire.bind, wire.state)] + [(stage.bind, stage.state) for stage in wire.then]
         stages: list[tuple[_registry.Entry, _registry.Bind]] = []
-        for name, found, wire_bind in zip(names, entries, binds, strict=True):
+        for name, found, (wire_bind, state) in zip(names, entries, binds, strict=True):
             assert found is not None
             bind = _registry.as_bind(wire_bind)
             if bind is None:
                 return self.reject(400, f"bad binding {wire_bind!r} for {name}", fmt, head=head)
             first = not stages  # later stages get the previous stage's results, nothing else
             misfit = found.misfit(
-                bind, len(wire.args) if first else 0, wire.kwargs if first else ()
+                bind, len(wire.args) if first else 0, wire.kwargs if first else (), state
             )
             if misfit is not None:  # refused before it runs: nothing of the user's has
                 return self.reject(400, misfit, fmt, head=head)
             stages.append((found, bind))
         (entry, bind), then = stages[0], stages[1:]
+        # the classes whose instances are rebuilt from a state (misfit found them)
+        receivers = [e.owner() if b == _registry.BIND_STATE else None for e, b in stages]
         try:  # the values, into the types the first function's annotations give
-            call = p.typed_call(wire, entry.shape(bind), content_fmt)
+            call = p.typed_call(wire, entry.shape(bind), content_fmt, receivers)
         except (msgspec.DecodeError, ValueError, RecursionError) as exc:
             return self.reject(
                 400, f"malformed envelope: {type(exc).__name__}: {exc}", fmt, head=head

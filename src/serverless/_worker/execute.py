@@ -171,12 +171,13 @@ class Runner:
         args, kwargs = job.call.args, job.call.kwargs
         stage = 0
         results: list[Any] = []
+        states = [job.call.state, *(later.state for later in job.call.then)]
         try:
             for stage, (entry, bind) in enumerate([(job.entry, job.bind), *job.then]):
                 stage_started = clock()
                 if stage:
                     items, args, kwargs = _Tracked(results), [], {}
-                result = entry.bound(bind)(items, *args, **kwargs)
+                result = entry.bound(bind, states[stage])(items, *args, **kwargs)
                 if entry.is_async:
                     result = yield result
                 results = _as_list(result)
@@ -198,7 +199,13 @@ class Runner:
         A fused call never runs item by item (the endpoint refuses it)."""
         clock, stop = self._clock, self.throttles.stop
         started = clock()
-        function, call, is_async = job.entry.bound(job.bind), job.call, job.entry.is_async
+        call, is_async = job.call, job.entry.is_async
+        try:  # the receiver, rebuilt once for the chunk: its __new__ or __setstate__ may raise
+            function = job.entry.bound(job.bind, call.state)
+        except BaseException as exc:
+            if not users_exit(exc):
+                raise
+            return self._failure(job, "user", exc, None, started)
         results: list[Any] = []
         errors: list[p.ItemError] = []
         turns, waited = None, 0.0  # waited: for turns, not computing (the Reply's compute_s)
