@@ -451,7 +451,7 @@ def test_import_serverless_does_not_import_cloudpickle() -> None:
 
 def test_a_large_function_warns_and_a_huge_one_is_refused_with_its_size() -> None:
     big = _holder(bytes(11 * 2**20))
-    with pytest.warns(ResourceWarning, match=r"holder pickles to 11\.0 MiB"):
+    with pytest.warns(UserWarning, match=r"holder pickles to 11\.0 MiB"):
         byvalue.dumps([("__main__:holder", (None, big, "plain", None))])
     huge = _holder(bytes(101 * 2**20))
     with pytest.raises(serverless.ConfigurationError, match=r"101\.0 MiB .* over the 100 MiB"):

@@ -107,16 +107,15 @@ def dumps(functions: Sequence[tuple[str, Sent]]) -> bytes:
             "function in a module and import it, and pass large data as items or arguments "
             "(or load it on the workers) instead of through a global."
         )
-    if size > WARN_BYTES and first not in _warned:
+    if size > WARN_BYTES and first not in _warned:  # once per function and process
         _warned.add(first)
-        warnings.warn(
+        warnings.warn(  # a UserWarning: Python shows it by default, a notebook too
             f"{first} pickles to {size / 2**20:.1f} MiB with what it references in __main__ "
             "(its globals travel with it, at every call that changes them): put the function "
             "in a module, or pass large data as items or arguments",
-            ResourceWarning,
-            stacklevel=4,
+            UserWarning,
+            stacklevel=5,
         )
-        logger.warning("%s pickles to %d bytes", first, size)
     return data
 
 
