@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import functools
 import importlib
 import logging
@@ -343,14 +342,12 @@ class ParallelFunction(_Step[P, R]):
             last,
             count,
             locate,
+            _by_value(steps),
         )
         # an untyped generator's items are checked as they are read, before they are weighed
         check = None
         if count is None and shape.items is None:
             check = functools.partial(_check_chunk, shape)
-        shelf = plan.target.shelf if plan.target is not None else None
-        if shelf is not None and any(_byvalue.is_main(step.entry) for step in steps):
-            plan = dataclasses.replace(plan, code=_send_by_value(steps, shelf))
         chunks, sizer, weights = plan.chunks(items, check)
         return Invocation(steps, plan, chunks, count, sizer, weights)
 
@@ -560,12 +557,20 @@ class SequentialFunction(_Step[P, R]):
         return result, stats
 
 
-def _send_by_value(steps: Sequence[ParallelFunction[Any, Any]], shelf: _registry.CodeShelf) -> str:
-    """The call's functions of `__main__`, pickled now (a redefined cell, a changed global:
-    the next call sends the new one) into the local pool's private directory; the pickle's
-    digest, which every request of the call carries, signed."""
-    sent = [(step.entry.name, step._sent()) for step in steps if _byvalue.is_main(step.entry)]
-    return shelf.put(_byvalue.dumps(sent))
+def _by_value(steps: Sequence[ParallelFunction[Any, Any]]) -> Callable[[Target], str] | None:
+    """For a call of functions of `__main__`: how they go to a target that takes code by value
+    (the local pool): pickled now (a redefined cell, a changed global: the next call sends
+    the new one) into its private directory; the digest every request carries, signed."""
+    sent = [(step.entry.name, step._sent) for step in steps if _byvalue.is_main(step.entry)]
+    if not sent:
+        return None
+
+    def stow(target: Target) -> str:
+        if target.shelf is None:  # an in-process endpoint (tests): it has them registered
+            return ""
+        return target.shelf.put(_byvalue.dumps([(name, of()) for name, of in sent]))
+
+    return stow
 
 
 # what a step sent by value keeps of its state besides its binding (see _Step.__reduce__)
