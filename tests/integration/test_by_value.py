@@ -188,7 +188,6 @@ def _kernel(tmp_path: Path) -> Iterator[KernelManager]:
     spec = tmp_path / "kernels" / "serverless-tests"
     spec.mkdir(parents=True)
     env = {k: v for k, v in test_env().items() if k in ("PYTHONPATH", "SERVERLESS_SECRET")}
-    env["SERVERLESS_LOCAL_PROCESSES"] = "2"
     (spec / "kernel.json").write_text(
         json.dumps(
             {
