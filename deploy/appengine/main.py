@@ -2,7 +2,7 @@
 
 The secret comes from Secret Manager (SERVERLESS_SECRET_RESOURCE in app.yaml), unless
 SERVERLESS_SECRET is already set (local runs). If your App Engine app is a Flask or Django app,
-mount the route in it instead (README, "Mounting the worker route") and keep the secret code.
+mount the route in it instead (README, "Scale out") and keep the secret code.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, TypedDict, cast
 
 from ._exceptions import ConfigurationError
-from ._wire import MAX_BODY, Keyring
+from ._wire import DEFAULT_ROUTE, MAX_BODY, Keyring
 
 # rate=: items per second, or "auto" (found from the downstream's throttles)
 Rate = float | Literal["auto"]
@@ -40,7 +40,7 @@ class Options:
         502/503/504, timeout), with exponential backoff and jitter, on another worker URL
         where there are several; a user exception is never retried. 0: each item runs at
         most once (nothing is resent once it may have reached a worker).
-    url: send chunks here instead of the process-wide target.
+    url: send chunks here instead of the process-wide target ("local": the local pool).
     deadline: seconds the whole call may take (None: no limit beyond the chunk timeouts).
     idempotent: the function may safely run twice on the same items (no side effects that
         matter): turns hedging on.
@@ -115,35 +115,44 @@ class Options:
         return self.changed(cast(OptionChanges, changes))
 
     def changed(self, changes: OptionChanges) -> Options:
-        """These options with `changes` (None clears an option whose default is None); an
-        unknown name is refused with the valid ones listed."""
+        """These options with `changes`; an unknown name is refused with the valid ones
+        listed. None clears an option: one that None sets (no deadline, no bound, no url...)
+        is unset, the others (workers, timeout, retries, idempotent, errors) go back to their
+        defaults."""
         unknown = sorted(set(changes) - OPTION_NAMES)
         if unknown:
             raise ConfigurationError(
                 f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: the "
                 f"options are {', '.join(sorted(OPTION_NAMES))}"
             )
-        return replace(self, **changes)
+        values: dict[str, Any] = {
+            k: _DEFAULTS[k] if v is None and k in _DEFAULTS else v for k, v in changes.items()
+        }
+        return replace(self, **values)
 
 
 class OptionChanges(TypedDict, total=False):
-    """`with_options(**changes)`, typed: the fields of Options."""
+    """`with_options(**changes)`, typed: the fields of Options, each of which None clears."""
 
-    workers: int
+    workers: int | None
     chunk_size: int | None
-    timeout: float
-    retries: int
+    timeout: float | None
+    retries: int | None
     url: str | None
     deadline: float | None
-    idempotent: bool
+    idempotent: bool | None
     hedge: bool | None
-    errors: ErrorMode
+    errors: ErrorMode | None
     rate: float | str | None
     patience: float | None
     buffer: int | None
 
 
 OPTION_NAMES = frozenset(f.name for f in fields(Options))
+# the options that None does not set: None puts their default back
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in fields(Options) if "None" not in str(f.type)
+}
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -155,7 +164,7 @@ def _positive_int(name: str, value: object) -> None:
 class Settings:
     """Process-wide settings, set by serverless.init() or the environment."""
 
-    route: str = "/serverless"
+    route: str = DEFAULT_ROUTE
     keyring: Keyring | None = None
     url: str | None = None
     max_body: int = MAX_BODY

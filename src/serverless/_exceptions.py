@@ -66,7 +66,8 @@ class RemoteError(ServerlessError):
 
     `type_name`, `message` and `traceback` describe the remote exception; `index` is the
     position in the call's input of the item being processed when it raised (None when the
-    function was not iterating its input at that moment), `item` a short repr of that item.
+    function was not iterating its input at that moment), `item` a short repr of that item;
+    `status` the HTTP status the exception carried (an HTTP client's error), if any.
     """
 
     def __init__(
@@ -79,9 +80,13 @@ class RemoteError(ServerlessError):
         index: int | None = None,
         item: str | None = None,
         worker: str = "",
+        status: int | None = None,
     ) -> None:
         where = f" at item {index} ({item})" if index is not None else ""
-        super().__init__(f"{function} raised {type_name}: {message}{where} on worker {worker}")
+        hint = _THROTTLE_HINT if status == 429 else ""
+        super().__init__(
+            f"{function} raised {type_name}: {message}{where} on worker {worker}{hint}"
+        )
         self.function = function
         self.type_name = type_name
         self.message = message
@@ -89,7 +94,17 @@ class RemoteError(ServerlessError):
         self.index = index
         self.item = item
         self.worker = worker
+        self.status = status
         self.__cause__ = RemoteTraceback(traceback)
+
+
+_THROTTLE_HINT = (
+    ". It carries HTTP 429 (Too Many Requests): the service the function calls is "
+    "throttling it. Raise serverless.Throttled(retry_after=...) in the function when the "
+    "service says so, and the call slows down and resends the refused items instead of "
+    'failing; or set rate= (e.g. rate="50/s", or "auto") to stay under its quota '
+    '(docs/reliability.md, "Rate limits")'
+)
 
 
 class DeadlineExceeded(ServerlessError, TimeoutError):

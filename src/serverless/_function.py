@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import functools
 import importlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
@@ -38,7 +39,7 @@ from ._caller.fanout import Tally, close_batches, next_batch
 from ._caller.plan import CallPlan, make_plan
 from ._caller.sharing import run_shared
 from ._caller.transport import Target
-from ._config import DEFAULT_PATIENCE, ErrorMode, OptionChanges, Options
+from ._config import DEFAULT_BUFFER, DEFAULT_PATIENCE, ErrorMode, OptionChanges, Options
 from ._exceptions import ConfigurationError, SerializationError
 from ._pool import byvalue as _byvalue
 from ._registry import BIND_CLASS, BIND_INSTANCE, BIND_NONE, BIND_STATE, Bind
@@ -235,7 +236,8 @@ class ParallelFunction(_Step[P, R]):
 
     def with_options(self, **options: Unpack[OptionChanges]) -> ParallelFunction[P, R]:
         """The same registered function with other options, e.g. `f.with_options(workers=8)`;
-        `deadline=None` (or `url=None`, ...) clears what the decorator set."""
+        None clears what the decorator set: `deadline=None` (or url, chunk_size, rate...)
+        unsets it, `workers=None` (or timeout, retries...) puts the default back."""
         clone = self._clone()
         clone.options = self.options.changed(options)
         clone._last = _LastStats()
@@ -311,6 +313,7 @@ class ParallelFunction(_Step[P, R]):
     ) -> Invocation:
         """The call, prepared once; `then`: further steps fused into the same requests."""
         bind, receiver, args = self._split(args)
+        args, kwargs = _items_by_keyword(self.__name__, self._func, bind, args, kwargs)
         items = _items_argument(self.__name__, args)
         steps = [self, *then]
         # only the first stage's input and the last stage's results cross the wire
@@ -535,6 +538,7 @@ class SequentialFunction(_Step[P, R]):
         return self._get(instance, owner)
 
     def with_stats(self, *args: Any, **kwargs: Any) -> tuple[R, StepStats]:
+        args, kwargs = _items_by_keyword(self.__name__, self._func, self._bind, args, kwargs)
         items = _items_argument(self.__name__, args)
         fn: Callable[..., R] = self._func
         if self._bind != BIND_NONE:
@@ -635,6 +639,63 @@ def _check_chunk(shape: Shape, chunk: Chunk) -> None:
     check_items(shape, chunk.items, chunk.offset)
 
 
+ITEMS = "items"  # the keyword that passes a step's items whatever its parameter's name
+
+
+def _items_by_keyword(
+    name: str, func: Callable[..., Any], bind: Bind, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The items passed by keyword (`f(items=[...])`, or by the parameter's own name, as in
+    `f(zipcodes=[...])`) moved to the front of the positional arguments, as the chunks take
+    them; anything else as it was. `bind`: the function's receiver is bound, not in `args`."""
+    if args and not kwargs:  # the usual call: nothing to look up
+        return args, kwargs
+    param = _items_parameter(func, bind != BIND_NONE)
+    keys = [key for key in (param, ITEMS) if key is not None and key in kwargs]
+    if ITEMS in keys and param != ITEMS and _takes_keyword(func, ITEMS):
+        keys.remove(ITEMS)  # the function's own parameter named `items`: not an alias
+    if not keys and not args:
+        ways = "as first argument, as items=" + (f" or as {param}=" if param else "")
+        got = f"; got only {', '.join(f'{key}=' for key in kwargs)}" if kwargs else ""
+        raise TypeError(f"{name}() needs the list of items to process, {ways}{got}")
+    if not keys:
+        return args, kwargs
+    if len(keys) > 1 or args:
+        given = " and ".join(f"{key}=" for key in keys)
+        first = f"as first argument and as {given}" if args else f"as {given}"
+        method = (
+            " (a method called on its class with the instance passed explicitly takes its "
+            "items positionally: Cls.method(obj, items))"
+            if args and bind == BIND_NONE and "." in func.__qualname__
+            else ""
+        )
+        raise TypeError(f"{name}() got its items twice, {first}: pass them once{method}")
+    rest = dict(kwargs)
+    return (rest.pop(keys[0]),), rest
+
+
+@functools.lru_cache(maxsize=1024)
+def _items_parameter(func: Callable[..., Any], bound: bool) -> str | None:
+    """The name of the parameter that takes a step's items (after a `bound` receiver), if it
+    can be passed by keyword."""
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):  # no signature (a builtin): only items= then
+        return None
+    params = params[1:] if bound else params
+    if not params or params[0].kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+        return None
+    return params[0].name
+
+
+def _takes_keyword(func: Callable[..., Any], keyword: str) -> bool:
+    try:
+        param = inspect.signature(func).parameters.get(keyword)
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.kind is not inspect.Parameter.POSITIONAL_ONLY
+
+
 def _items_argument(name: str, args: tuple[Any, ...]) -> Iterable[Any]:
     if not args:
         raise TypeError(f"{name}() needs the list of items to process as first argument")
@@ -678,7 +739,7 @@ def parallel(
     errors: ErrorMode | None = None,
     rate: float | str | None = None,
     patience: float | None = DEFAULT_PATIENCE,
-    buffer: int | None = None,
+    buffer: int | None = DEFAULT_BUFFER,
     name: str | None = None,
 ) -> _ParallelDecorator: ...
 def parallel(
@@ -696,7 +757,7 @@ def parallel(
     errors: ErrorMode | None = None,
     rate: float | str | None = None,
     patience: float | None = DEFAULT_PATIENCE,
-    buffer: int | None = None,
+    buffer: int | None = DEFAULT_BUFFER,
     name: str | None = None,
 ) -> Any:
     """Run the function on chunks of its first argument, in parallel, on HTTP workers.
@@ -704,7 +765,8 @@ def parallel(
     Use bare (`@serverless.parallel`) or with options (see `serverless.Options`). `name`
     registers the function under that name in its module instead of its own (a lambda's is
     `<lambda>`); workers find it by that name, as their import of the module runs this too.
-    `patience=None` waits for a refusing downstream for as long as it takes.
+    `patience=None` waits for a refusing downstream for as long as it takes, `buffer=None`
+    bounds no stream, as with_options(patience=None, buffer=None) do.
     """
     options = (
         Options()
@@ -719,9 +781,8 @@ def parallel(
             hedge=hedge,
             errors=errors,
             rate=rate,
-            buffer=buffer,
         )
-        .changed({"patience": patience})
+        .changed({"patience": patience, "buffer": buffer})
     )
     if func is not None:
         return ParallelFunction(func, options, name)

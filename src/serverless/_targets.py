@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
@@ -16,10 +15,12 @@ from ._config import settings
 from ._exceptions import ConfigurationError
 from ._pool import byvalue as _byvalue
 from ._pool import pool as _pool
-from ._worker.context import current_origin
+from ._worker.context import Origin, current_origin
 from ._worker.origin import is_loopback
 
-logger = logging.getLogger("serverless")
+# url="local": the local pool, even while serving a request (an explicit choice: a pool of
+# processes inside a web server's process is never started unasked)
+LOCAL = "local"
 
 
 def _loop_running() -> bool:
@@ -54,6 +55,7 @@ def resolve(
     retries: int = 0,
 ) -> Target:
     """In order: `url` / init(url=) / SERVERLESS_URL; the app serving this request; local.
+    `url` LOCAL ("local") is the local pool, even while serving a request.
 
     blocking: the caller will block this thread until the call is done.
     functions: the call's functions; those of `__main__` go only to the local pool, by value.
@@ -64,7 +66,7 @@ def resolve(
     by_value = next((entry for entry in functions if _byvalue.is_main(entry)), None)
     config = settings()
     url = url or config.target_url()
-    if url:
+    if url and url != LOCAL:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigurationError(f"worker URL must be http(s)://host[:port]/route: {url!r}")
@@ -77,7 +79,7 @@ def resolve(
         if by_value is not None:  # before any request: no code goes to a remote worker
             raise _byvalue.remote_refusal(by_value, f"the worker at {url}")
         return Target((url,), parts.path or "/", keyring, "url", config.max_body)
-    origin = current_origin.get()
+    origin = current_origin.get() if url != LOCAL else None
     if origin is not None and origin.concurrent and not (blocking and _loop_running()):
         url = origin.checked_url()
         # a local pool's worker calls back to itself with its caller's functions by value;
@@ -109,13 +111,8 @@ def resolve(
             id_prefixes={url: prefix, INLINE: prefix} if prefix else None,
             shelf=shelf,
         )
-    if origin is not None:
-        logger.warning(
-            "not calling back into %s: the server could not answer while this request waits "
-            "(a single-threaded WSGI server, or a blocking call on the event loop: use "
-            "`await f.aio(items)` there); using the local pool instead",
-            origin.url,
-        )
+    if origin is not None:  # never a pool hidden in a web server's process, unasked
+        raise ConfigurationError(_cannot_call_back(origin, functions))
     if by_value is not None:
         _byvalue.require(by_value.qualname)  # before a pool starts
     pool = _pool.get_pool(
@@ -125,3 +122,30 @@ def resolve(
         _registry.redefinitions(),
     )
     return pool.target(config.max_body)
+
+
+def _cannot_call_back(origin: Origin, functions: Sequence[_registry.Entry]) -> str:
+    """Why a call made while serving a request cannot send its chunks back to the app serving
+    it, and the ways out."""
+    name = functions[0].name if functions else "the parallel function"
+    if origin.concurrent:  # a blocking call on the event loop that serves the requests
+        return (
+            f"{name} was called with a blocking call (f(items), f.stream(items), ...) on the "
+            "event loop that serves this app's requests: its chunks could not be served "
+            "while the loop waits. In `async def` code use `await f.aio(items)` (or `async "
+            "for r in f.astream(items)`), or make the view a plain `def` (the server runs it "
+            f"in a thread); or send the chunks to separate workers: {_ELSEWHERE}"
+        )
+    return (
+        f"{name} was called while serving a request on a server that runs one request at a "
+        "time per process (gunicorn's default sync worker, or another single-threaded WSGI "
+        "server): calling back into this app would wait on itself. Give the server threads "
+        f"(gunicorn -k gthread --threads 8), or send the chunks to separate workers: {_ELSEWHERE}"
+    )
+
+
+_ELSEWHERE = (
+    "serverless.init(url=...) or $SERVERLESS_URL naming their worker route, or "
+    f'url="{LOCAL}" (init(url="{LOCAL}"), $SERVERLESS_URL={LOCAL}) to run them on a local pool '
+    "of processes started inside this server process"
+)

@@ -1,5 +1,10 @@
-"""The deploy/ recipes: their YAML parses, their numbers agree with each other, and each
-recipe's own server command, extracted from the file, serves a signed call here."""
+"""The deploy/ recipes: their YAML parses, their numbers agree with each other, each recipe's
+own server command, extracted from the file, serves a signed call here, and each recipe's
+install step installs the library the way a user's app would, in a fresh virtual environment.
+
+Docker is not available here: the Cloud Run image (also Kubernetes' and Knative's) is built by
+running its Dockerfile's steps, parsed from the file (ENV, WORKDIR, COPY, RUN), in a fresh
+virtual environment standing for the image's Python; its CMD then runs from that environment."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import yaml
@@ -168,8 +173,11 @@ def test_knative() -> None:
 
 
 @contextlib.contextmanager
-def running(argv: list[str], cwd: Path) -> Iterator[str]:
-    """Run a recipe's server command on a free port of 127.0.0.1; yields the base URL."""
+def running(
+    argv: list[str], cwd: Path, venv: Path | None = None, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """Run a recipe's server command on a free port of 127.0.0.1; yields the base URL. With
+    `venv`, its programs run from that environment, which alone provides the library."""
     port = free_port()
     argv = [a.replace("$PORT", str(port)) for a in argv]
     if argv[0] == "gunicorn":
@@ -181,11 +189,20 @@ def running(argv: list[str], cwd: Path) -> Iterator[str]:
         argv[argv.index("--port") + 1] = str(port)
         argv[argv.index("--host") + 1] = "127.0.0.1"
         cmd = [sys.executable, "-m", "serverless._cli", *argv[1:]]
-    env = test_env(SERVERLESS_MODULES="tests.sample_functions")
-    env["PYTHONPATH"] = f"{cwd}:{env['PYTHONPATH']}"
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    with serving(proc, port, grace=20):
-        yield f"http://127.0.0.1:{port}"
+    if venv is None:
+        env = test_env(SERVERLESS_MODULES="tests.sample_functions")
+        env["PYTHONPATH"] = f"{cwd}:{env['PYTHONPATH']}"
+        log: int | IO[bytes] = subprocess.PIPE
+    else:
+        cmd = [str(venv / "bin" / argv[0]), *argv[1:]]
+        log = (cwd / "server.log").open("wb")
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with serving(proc, port, grace=20):
+            yield f"http://127.0.0.1:{port}"
+    finally:
+        if not isinstance(log, int):
+            log.close()
 
 
 @pytest.mark.parametrize(
@@ -206,6 +223,197 @@ def test_recipe_command_serves_a_signed_call(reset_settings: None, command: Any,
         assert square(list(range(50)), 2) == [n * n + 2 for n in range(50)]
         with urllib.request.urlopen(base + DEFAULT_HEALTH, timeout=10) as response:
             assert response.read() == b"ok"
+
+
+# -- each recipe's install step, in a fresh virtual environment -------------------------------
+
+ROOT = DEPLOY.parent
+DEMO_MODULE = "serverless.demo.pipeline"  # stands for the recipes' `geolocate`: in the wheel
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The library's wheel, built once as the recipes say (`pip wheel --no-deps -w DIR .`),
+    from a copy of the checkout's sources, since a build writes into the tree it builds."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "simple-serverless"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(ROOT / "src", source / "src", ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist")]
+    subprocess.run([*pip, "."], cwd=source, check=True, timeout=120)
+    (built,) = (tmp / "dist").glob("*.whl")
+    return built
+
+
+def fresh_venv(path: Path) -> dict[str, str]:
+    """A virtual environment with nothing but pip (no system site-packages, no PYTHONPATH:
+    the checkout is out of reach); returns the environment its commands run with."""
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{path / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env["VIRTUAL_ENV"] = str(path)
+    return env
+
+
+def stage(recipe: str, wheel: Path, into: Path) -> Path:
+    """The recipe's directory as a user's app directory: its files, and the library's wheel
+    where its requirements.txt names it (built from this checkout, as the file says)."""
+    app = into / recipe
+    shutil.copytree(DEPLOY / recipe, app, ignore=shutil.ignore_patterns("wheels", "__pycache__"))
+    lines = (app / "requirements.txt").read_text().splitlines()
+    wheels = [line for line in lines if line.startswith("./") and line.endswith(".whl")]
+    assert len(wheels) == 1, f"{recipe}/requirements.txt names no wheel of the library"
+    named = wheels[0]
+    assert Path(named).name == wheel.name, (
+        f"{recipe}/requirements.txt names {named}: the checkout builds {wheel.name} "
+        "(update the file with the version)"
+    )
+    (app / named).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(wheel, app / named)
+    return app
+
+
+def assert_installed(venv: Path, env: dict[str, str], cwd: Path) -> None:
+    """`import serverless` in the environment finds the installed library, not the checkout."""
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import serverless; print(serverless.__file__)"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+    assert Path(where).is_relative_to(venv), where
+
+
+def assert_serves(base: str, log: Path) -> None:
+    """The recipe's server, run from the fresh environment, answers its health route and a
+    signed call to a function of the module it imported."""
+    from serverless.demo.pipeline import cleanup
+
+    with urllib.request.urlopen(base + DEFAULT_HEALTH, timeout=10) as response:
+        assert response.read() == b"ok", log.read_text()
+    entries = [(1, 0.1, "a"), (2, 0.2, None), (3, 0.3, "c")]
+    result = cleanup.with_options(url=base + DEFAULT_ROUTE, workers=2)(entries)
+    assert [tuple(e) for e in result] == [(1, 0.1, "a"), (3, 0.3, "c")]
+
+
+def test_appengine_installs_the_library_from_its_requirements(
+    reset_settings: None, wheel: Path, tmp_path: Path
+) -> None:
+    """App Engine's build runs `pip install -r requirements.txt` in the app's directory; then
+    app.yaml's entrypoint serves main:app."""
+    app = stage("appengine", wheel, tmp_path)
+    venv = tmp_path / "venv"
+    env = fresh_venv(venv)
+    subprocess.run(
+        ["pip", "install", "-q", "-r", "requirements.txt"],
+        cwd=app,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    assert_installed(venv, env, app)
+    serverless.init(DEFAULT_ROUTE, SECRET)
+    env.update(SERVERLESS_SECRET=SECRET, SERVERLESS_MODULES=DEMO_MODULE)
+    with running(appengine_command(), app, venv, env) as base:
+        assert_serves(base, app / "server.log")
+
+
+def dockerfile_steps() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions and their arguments, continued lines joined."""
+    text = re.sub(r"\\\n\s*", " ", (DEPLOY / "cloudrun/Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        (line.split(None, 1)[0], line.split(None, 1)[1])
+        for line in lines
+        if line and not line.startswith("#")
+    ]
+
+
+def build_like_docker(context: Path, root: Path, env: dict[str, str]) -> Path:
+    """Run the Dockerfile's steps against `context` as `docker build` would, with `root`
+    standing for the image's file system and `env` for its Python (the fresh environment's
+    python and pip on the PATH); the ENV lines join `env`. Returns the final WORKDIR."""
+    workdir = root
+    for instruction, args in dockerfile_steps():
+        if instruction == "FROM":
+            assert args.startswith("python:3"), args  # the image's python: the venv's
+        elif instruction == "ENV":
+            env.update(item.partition("=")[::2] for item in shlex.split(args))
+        elif instruction == "WORKDIR":
+            workdir = root / args.lstrip("/")
+            workdir.mkdir(parents=True, exist_ok=True)
+        elif instruction == "COPY":
+            *sources, dest = shlex.split(args)
+            for source in sources:
+                target = workdir / dest
+                if (context / source).is_dir():
+                    shutil.copytree(context / source, target, dirs_exist_ok=True)
+                else:
+                    if dest.endswith(("/", ".")):
+                        target = target / Path(source).name
+                    shutil.copy2(context / source, target)
+        elif instruction == "RUN":
+            subprocess.run(["sh", "-c", args], cwd=workdir, env=env, check=True, timeout=300)
+        else:
+            assert instruction in ("USER", "CMD", "EXPOSE"), f"{instruction}: not emulated here"
+    return workdir
+
+
+def test_cloudrun_image_installs_the_library_from_its_requirements(
+    reset_settings: None, wheel: Path, tmp_path: Path
+) -> None:
+    """The Dockerfile's RUN steps install the library from the app's requirements; its CMD
+    (also the Kubernetes and Knative recipes' command, on the same image) then serves."""
+    context = stage("cloudrun", wheel, tmp_path)
+    venv = tmp_path / "venv"
+    env = fresh_venv(venv)
+    workdir = build_like_docker(context, tmp_path / "image", env)
+    assert_installed(venv, env, workdir)
+    serverless.init(DEFAULT_ROUTE, SECRET)
+    env.update(SERVERLESS_SECRET=SECRET, SERVERLESS_MODULES=DEMO_MODULE)
+    with running(dockerfile_command(), workdir, venv, env) as base:
+        assert_serves(base, workdir / "server.log")
+
+
+def test_the_readmes_git_url_installs_the_library(tmp_path: Path) -> None:
+    """The README's first way to add the library to an app, a tag of the repository by VCS
+    URL, with this checkout's history cloned and tagged standing for GitHub's."""
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("needs git and a git checkout")
+    (line,) = re.findall(r"pip install '(simple-serverless\S* @ git\+https://\S+)'", README())
+    url = re.search(r"git\+(https://\S+?)@([\w.]+)$", line)
+    assert url is not None, line
+    repo = tmp_path / "simple-serverless"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True, timeout=120)
+    subprocess.run(["git", "-C", str(repo), "tag", url.group(2)], check=True, timeout=60)
+    venv = tmp_path / "venv"
+    env = fresh_venv(venv)
+    # a PEP 508 URL needs a host: file://localhost/...
+    requirement = line.replace(url.group(1), f"file://localhost{repo}")
+    subprocess.run(
+        ["pip", "install", "-q", requirement], cwd=tmp_path, env=env, check=True, timeout=300
+    )
+    assert_installed(venv, env, tmp_path)
+
+
+def README() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+def test_kubernetes_and_knative_run_the_cloudrun_image() -> None:
+    """They have no install step of their own: they run the image the Dockerfile builds."""
+    image = load("cloudrun/service.yaml")[0]["spec"]["template"]["spec"]["containers"][0]
+    pod = by_kind(load("kubernetes/worker.yaml"))["Deployment"]["spec"]["template"]["spec"]
+    (knative,) = load("kubernetes/knative-service.yaml")
+    assert pod["containers"][0]["image"] == image["image"]
+    assert knative["spec"]["template"]["spec"]["containers"][0]["image"] == image["image"]
+    for recipe in ("kubernetes/worker.yaml", "kubernetes/knative-service.yaml"):
+        assert "deploy/cloudrun/Dockerfile" in (DEPLOY / recipe).read_text()
 
 
 # -- the local load balancer recipes of docs/deploy.md ----------------------------------------

@@ -210,7 +210,8 @@ def test_single_threaded_wsgi_server_does_not_call_back_into_itself(
     route: serverless.WorkerRoute, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A sync WSGI server with one worker could not answer its own chunks: deadlock. The call
-    # is served by the local pool instead (a stand-in here: unit tests start no process).
+    # raises, naming the fix; with url="local", the local pool serves it (a stand-in here:
+    # unit tests start no process).
     pool = SimpleNamespace(urls=["http://127.0.0.1:1/serverless"], route="/serverless")
     pool.keyring = p.Keyring(SECRET)
     pool.target = lambda max_body: Target(
@@ -221,11 +222,17 @@ def test_single_threaded_wsgi_server_does_not_call_back_into_itself(
     seen: list[Any] = []
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        seen.append(_targets.resolve(blocking=True))
+        try:
+            seen.append(_targets.resolve(blocking=True))
+        except serverless.ConfigurationError as exc:
+            seen.append(exc)
+        seen.append(_targets.resolve("local", blocking=True))
         start_response("200 OK", [])
         return [b""]
 
     wsgi_post(
         route.wsgi(app), {}, b"", "/view"
     )  # the test environ is neither threaded nor multiprocess
-    assert seen[0].kind == "local" and seen[0].urls == tuple(pool.urls)
+    assert isinstance(seen[0], serverless.ConfigurationError)
+    assert "gunicorn -k gthread --threads" in str(seen[0]) and "SERVERLESS_URL" in str(seen[0])
+    assert seen[1].kind == "local" and seen[1].urls == tuple(pool.urls)

@@ -177,8 +177,35 @@ def test_with_options_none_clears_what_the_decorator_set() -> None:
     cleared = step.with_options(deadline=None, url=None)
     assert step.options.deadline == 5.0 and cleared.options.deadline is None
     assert cleared.options.url is None and cleared.options.workers == step.options.workers
-    with pytest.raises(serverless.ConfigurationError, match="workers must be a positive int"):
-        step.with_options(workers=None)  # type: ignore[arg-type]
+
+
+def test_with_options_none_clears_every_option() -> None:
+    # None unsets the options it can unset, and puts the default back for the others; in the
+    # decorator, buffer=None and patience=None also unbound the call, as with_options does
+    set_all = serverless.parallel(
+        workers=3,
+        chunk_size=2,
+        timeout=5.0,
+        retries=0,
+        url="http://127.0.0.1:9/r",
+        deadline=5.0,
+        idempotent=True,
+        hedge=True,
+        errors="return",
+        rate="50/s",
+        patience=9.0,
+        buffer=1 << 20,
+    )(_double)
+    cleared = set_all.with_options(**dict.fromkeys(serverless.Options.__dataclass_fields__))
+    defaults = serverless.Options()
+    assert cleared.options == serverless.Options(
+        chunk_size=None, url=None, deadline=None, hedge=None, rate=None, patience=None, buffer=None
+    )
+    for name in ("workers", "timeout", "retries", "idempotent", "errors"):
+        assert getattr(cleared.options, name) == getattr(defaults, name)
+    unbounded = serverless.parallel(buffer=None, patience=None)(_double)
+    assert unbounded.options.buffer is None and unbounded.options.patience is None
+    assert serverless.parallel(_double).options.buffer == defaults.buffer
 
 
 def _double(items: list[int]) -> list[int]:

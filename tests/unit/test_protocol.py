@@ -169,9 +169,20 @@ def test_a_signed_answer_changed_in_transit_or_signed_with_another_key_is_refuse
 def test_an_unsigned_refusal_is_a_rejection_that_reads_nothing() -> None:
     call = envelope(sf.square.entry.name, [1])
     refusal = p.encode(p.Reply(v=p.VERSION, error=p.ErrorInfo("rejected", "HTTP401", "bad")))
-    with pytest.raises(serverless.RequestRejected, match="unsigned answer") as info:
+    with pytest.raises(serverless.RequestRejected, match="unverified, says 'bad'") as info:
         p.read_reply(401, p.MSGPACK, refusal, {}, call, 0, URL, KEYS)
-    assert info.value.status == 401
+    assert info.value.status == 401 and "SERVERLESS_SECRET" in str(info.value)
+
+
+def test_an_unsigned_answers_claim_is_shown_bounded_and_printable() -> None:
+    call = envelope(sf.square.entry.name, [1])
+    claim = "timestamp \x1b[31m" + "x" * 5000
+    refusal = p.encode(p.Reply(v=p.VERSION, error=p.ErrorInfo("rejected", "HTTP401", claim)))
+    with pytest.raises(serverless.RequestRejected) as info:
+        p.read_reply(401, p.MSGPACK, refusal, {}, call, 0, URL, KEYS)
+    message = str(info.value)
+    assert "clock skew" in message and "\x1b" not in message and "x" * 300 not in message
+    assert "SERVERLESS_SECRET" in message  # the claim is unverified: the other cause too
 
 
 def test_an_old_worker_is_named_with_both_versions() -> None:

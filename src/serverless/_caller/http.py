@@ -13,6 +13,7 @@ import asyncio
 import collections
 import errno
 import os
+import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -84,7 +85,12 @@ class _OutOfFiles(TransportError):
 def _connect_error(what: str, exc: OSError) -> TransportError:
     if exc.errno in (errno.EMFILE, errno.ENFILE):
         return _OutOfFiles(f"cannot connect to {what}: {exc}")
-    return TransportError(f"cannot connect to {what}: {exc}")
+    hint = ""
+    if isinstance(exc, ConnectionRefusedError):
+        hint = ": nothing listens there (is the worker running? check the URL's host and port)"
+    elif isinstance(exc, socket.gaierror):
+        hint = ": the host name does not resolve (check the URL's host)"
+    return TransportError(f"cannot connect to {what}: {exc}{hint}")
 
 
 class StaleConnection(TransportError):

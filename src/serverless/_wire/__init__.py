@@ -40,6 +40,7 @@ from .envelope import (
     typed_call,
 )
 from .exchange import (
+    DEFAULT_ROUTE,
     build_request,
     read_reply,
 )
@@ -53,6 +54,7 @@ from .signing import (
 )
 
 __all__ = [
+    "DEFAULT_ROUTE",
     "H_FUNCTION",
     "H_REPLY_SIGNATURE",
     "H_REQUEST_ID",

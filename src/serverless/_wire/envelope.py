@@ -161,6 +161,7 @@ class ErrorInfo(msgspec.Struct, forbid_unknown_fields=False):
     item: str | None = None
     retryable: bool = False
     stage: int = 0  # of a fused call: the stage that failed (`index` is into its input)
+    status: int | None = None  # a user's exception's HTTP status (a client's 429), if any
 
 
 class ItemError(msgspec.Struct, forbid_unknown_fields=False):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -26,6 +27,7 @@ from .envelope import (
     MAX_BODY,
     MSGPACK,
     STAGE_SEPARATOR,
+    TOLERANCE,
     VERSION,
     Call,
     Reply,
@@ -35,6 +37,10 @@ from .envelope import (
     reply_decoder,
 )
 from .signing import Keyring, reply_signing_message, signed_headers
+
+DEFAULT_ROUTE = "/serverless"  # the worker route's path unless init(route=) / --route say
+MAX_CLAIM = 200  # characters of an unsigned answer's text shown in an error
+MAX_CLAIM_BODY = 4096  # bytes of an unsigned answer decoded for its text, at most
 
 
 def build_request(
@@ -146,6 +152,7 @@ def read_reply(
             index=index,
             item=error.item,
             worker=worker,
+            status=error.status,
         )
     if error is not None and error.kind == "result":
         if error.index is not None:  # a result that would not arrive as returned
@@ -200,6 +207,7 @@ def _in_place(reply: Reply, call: Call, offset: int, url: str) -> list[Any]:
                 index=offset + failed.index,
                 item=error.item,
                 worker=reply.worker,
+                status=error.status,
             )
         )
     out += results[taken:]
@@ -207,23 +215,105 @@ def _in_place(reply: Reply, call: Call, offset: int, url: str) -> list[Any]:
 
 
 def _unsigned(status: int, content_type: str | None, raw: bytes, what: str, url: str) -> None:
-    """Raise for an answer that no worker holding the secret signed. Its text only helps a
-    person diagnose (a wrong secret, an old worker, a proxy's page): nothing in it is used."""
+    """Raise for an answer that no worker holding the secret signed, saying what most likely
+    went wrong and how to fix it. Nothing in it is trusted: its text (a worker's refusal, a
+    proxy's page) is shown, bounded, as the answer's claim, and only picks the likelier hint."""
     version: int | None = None
-    with contextlib.suppress(Exception):  # best effort, on bytes anyone may have sent
-        version = decode_reply(raw, media_type(content_type) or MSGPACK).v
+    claim = ""
+    if len(raw) <= MAX_CLAIM_BODY:  # a refusal is small: a large body is not read at all
+        with contextlib.suppress(Exception):  # best effort, on bytes anyone may have sent
+            reply = decode_reply(raw, media_type(content_type) or MSGPACK)
+            version = reply.v
+            claim = reply.error.message if reply.error is not None else ""
     if version is not None and version != VERSION:
         raise ProtocolError(_versions(what, version), url=url, status=status)
-    text = raw[:200].decode("utf-8", "replace")
-    excerpt = text if text.isprintable() else f"{len(raw)} bytes"
+    worded = bool(claim)  # a worker's refusal, as far as its unsigned bytes tell
+    if not claim:
+        text = raw[: 4 * MAX_CLAIM].decode("utf-8", "replace")
+        claim = "" if "\ufffd" in text else text
+    says = ""
+    if claim:
+        says = f"; the answer, unsigned and so unverified, says {_bounded(claim)!r}"
+    elif raw:
+        says = f"; the answer is {len(raw)} unsigned bytes that are not text"
+    if status == 401:
+        if not worded and raw:
+            says += (
+                ": if that is not a worker's refusal, something in front of the worker (a "
+                "proxy, the platform) asks for credentials of its own"
+            )
+        raise RequestRejected(
+            f"{what} was refused: {_unauthenticated(claim)}{says}", url=url, status=status
+        )
+    if status in (404, 405):
+        raise RequestRejected(
+            f"{what} was refused: {_no_route(url, status)}{says}", url=url, status=status
+        )
     if 400 <= status < 500:
-        message = f"{what} was refused (an unsigned answer: {excerpt!r})"
+        message = (
+            f"{what} was refused with an unsigned {status}: not an answer from a worker route "
+            f"holding this caller's secret{says}"
+        )
         raise RequestRejected(message, url=url, status=status)
     raise ProtocolError(
         f"{what}: the answer is not signed by a worker holding the secret, so it was not "
-        f"read (not a worker route, or a forged answer): {excerpt!r}",
+        f"read (not a worker route, or a forged answer){says}",
         url=url,
         status=status,
+    )
+
+
+def _bounded(text: str) -> str:
+    """An untrusted text as one line of at most MAX_CLAIM printable characters."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text if len(text) <= MAX_CLAIM else text[: MAX_CLAIM - 3] + "..."
+
+
+_SET_SECRET = (
+    "set the same secret on both sides: serverless.init(secret=...) or $SERVERLESS_SECRET "
+    "in the caller, and in the worker ($SERVERLESS_SECRET for `serverless worker`; several, "
+    "comma-separated, during a rotation)"
+)
+
+
+def _unauthenticated(claim: str) -> str:
+    """A 401's likely cause and fix. The worker's (unverified) words pick the likelier cause;
+    either way, both are named."""
+    if "timestamp" in claim:
+        return (
+            "its timestamp is outside the worker's tolerance window (the worker says so): the "
+            f"clocks of this machine and the worker differ by more than {TOLERANCE:g}s (clock "
+            "skew): synchronise them (NTP). Otherwise the worker does not hold this caller's "
+            f"secret: {_SET_SECRET}"
+        )
+    if "bad signature" in claim:
+        return (
+            "the worker holds a key with this caller's key id but the signature does not check "
+            "out: the path the worker sees differs from the URL's (a proxy rewriting it), or "
+            f"the request was changed in transit; otherwise a wrong secret: {_SET_SECRET}"
+        )
+    return (
+        "not authenticated (401): a wrong or missing secret, the worker holding none of the "
+        f"caller's keys: {_SET_SECRET}. Or clock skew: the clocks of this machine and the "
+        f"worker differ by more than its tolerance ({TOLERANCE:g}s)"
+    )
+
+
+def _no_route(url: str, status: int) -> str:
+    """An unsigned 404/405: nothing serves the worker route at the URL's path."""
+    parts = urlsplit(url)
+    path = parts.path or "/"
+    base = f"{parts.scheme}://{parts.netloc}"
+    if path == "/":
+        return (
+            f"the URL {url} has no route (its path is {path!r}): the worker route is mounted "
+            f"at a path, {DEFAULT_ROUTE} unless serverless.init(route=...) or `serverless "
+            f"worker --route` says otherwise: use {base}{DEFAULT_ROUTE}"
+        )
+    return (
+        f"nothing serves the worker route at {path!r} on {base} ({status}, unsigned: not a "
+        "worker route): the URL's path must be the worker's route, as given to "
+        f"serverless.init(route=...) or `serverless worker --route` (default {DEFAULT_ROUTE})"
     )
 
 

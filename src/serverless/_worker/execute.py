@@ -505,7 +505,23 @@ def _error_info(
         traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         index=index,
         item=None if item is _NONE else _short_repr(item),
+        status=_http_status(exc),
     )
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status that an exception of a common HTTP client carries, found by its
+    attributes without importing the client: urllib's `code`, aiohttp's `status`, requests'
+    and httpx's `response.status_code`. The caller names the fix for a 429 (RemoteError)."""
+    for owner in (exc, getattr(exc, "response", None)):
+        for name in ("status_code", "status", "code"):
+            try:
+                value = getattr(owner, name, None)
+            except Exception:  # a user's property that raises
+                continue
+            if isinstance(value, int) and not isinstance(value, bool) and 100 <= value < 600:
+                return value
+    return None
 
 
 class _ResultError(Exception):

@@ -7,7 +7,7 @@ from typing import Any
 
 from .._config import configure, secrets_from_env
 from .._exceptions import ConfigurationError
-from .._wire import MAX_BODY, TOLERANCE, Keyring
+from .._wire import DEFAULT_ROUTE, MAX_BODY, TOLERANCE, Keyring
 from .asgi import ASGIApp, ASGIEndpoint
 from .endpoint import Endpoint
 from .origin import OriginPolicy
@@ -40,7 +40,7 @@ class WorkerRoute:
 
 
 def init(
-    route: str = "/serverless",
+    route: str = DEFAULT_ROUTE,
     secret: str | Sequence[str] | None = None,
     url: str | None = None,
     *,
@@ -59,6 +59,8 @@ def init(
         defaults to $SERVERLESS_SECRET (several separated by commas).
     url: send chunks to this URL (a load balancer in front of workers) instead of calling
         back into the current request's app or using the local pool; or $SERVERLESS_URL.
+        "local": the local pool, also for calls made while serving a request where the
+        server cannot take its own chunks (a sync worker, a blocking call on the event loop).
     threads: threads of the ASGI adapter for sync functions (WSGI uses the server's).
     self_url, trusted_hosts: where call-back-to-self may go ($SERVERLESS_SELF_URL,
         $SERVERLESS_TRUSTED_HOSTS); never taken from a request's headers (docs/security.md).

@@ -29,13 +29,13 @@ from typing import Any
 
 from .._config import secrets_from_env
 from .._exceptions import ConfigurationError
+from .._wire import DEFAULT_ROUTE
 from .asgi import ASGIEndpoint, Receive, Scope, Send
 from .route import WorkerRoute, init
 from .wsgi import StartResponse, WSGIEndpoint
 
 logger = logging.getLogger("serverless.serve")
 
-DEFAULT_ROUTE = "/serverless"
 DEFAULT_HEALTH = "/healthz"
 DEFAULT_THREADS = 64
 WARMUP = "/_ah/warmup"  # App Engine's warmup request; answered like the health route
