@@ -146,6 +146,8 @@ NOTEBOOK_CELLS = [
     first = shifted([1, 2])
     OFFSET = 2000  # a changed global: the next call sees it
     second = shifted([1, 2])
+    from serverless._pool import pool as _pool
+    workers = _pool._pool.pids
     """,
     # a cell defining add and Calc, run again changed: the next call runs the new code
     """
@@ -173,6 +175,7 @@ NOTEBOOK_CELLS = [
         "klass": Calc.klass([1]),
         "lambda": serverless.parallel(name="times")(lambda xs: [x * OFFSET for x in xs])([1]),
         "await": await Calc().method.aio([0]),  # top-level await, on the kernel's loop
+        "same workers": _pool._pool.pids == workers,  # a redefined cell restarts nothing
     }))
     """,
 ]
@@ -230,6 +233,7 @@ def test_the_contract_suite_runs_in_a_jupyter_kernel_and_a_changed_cell_takes_ef
         "klass": [-9],
         "lambda": [2000],
         "await": [8],
+        "same workers": True,
     }
 
 
