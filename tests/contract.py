@@ -9,7 +9,8 @@ The functions live in tests/contract_functions.py, a module the workers import.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import concurrent.futures
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,16 @@ def _args(binding: Binding, *args: Any) -> tuple[Any, ...]:
     return args if binding.receiver is None else (binding.receiver, *args)
 
 
+def _run(coro: Coroutine[Any, Any, list[Any]]) -> list[Any]:
+    """asyncio.run, in a thread of its own where this thread runs a loop (a Jupyter kernel)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, coro).result()
+
+
 async def _astream(step: Any, *args: Any) -> list[Any]:
     return [result async for result in step.astream(*args)]
 
@@ -65,14 +76,14 @@ FORMS: dict[str, tuple[Form, Callable[[int, Callable[[int, int], int]], int]]] =
     "f(items) default": (lambda b: b.step()(*_args(b, ITEMS)), lambda x, e: e(x, 1)),
     "with_stats": (lambda b: b.step().with_stats(*_args(b, ITEMS, 5))[0], lambda x, e: e(x, 5)),
     "submit": (lambda b: b.step().submit(*_args(b, ITEMS, 5)).result(30), lambda x, e: e(x, 5)),
-    "aio": (lambda b: asyncio.run(b.step().aio(*_args(b, ITEMS, 5))), lambda x, e: e(x, 5)),
+    "aio": (lambda b: _run(b.step().aio(*_args(b, ITEMS, 5))), lambda x, e: e(x, 5)),
     "stream": (lambda b: list(b.step().stream(*_args(b, ITEMS, 5))), lambda x, e: e(x, 5)),
     "stream of a generator": (
         lambda b: list(b.step().stream(*_args(b, iter(ITEMS), 5))),
         lambda x, e: e(x, 5),
     ),
     "astream": (
-        lambda b: asyncio.run(_astream(b.step(), *_args(b, ITEMS, 5))),
+        lambda b: _run(_astream(b.step(), *_args(b, ITEMS, 5))),
         lambda x, e: e(x, 5),
     ),
     "with_options": (

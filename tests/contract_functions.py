@@ -46,7 +46,7 @@ def _main_add(numbers: list[int], n: int = 1) -> list[int]:
 
 
 # A function registered under __main__, as one defined in the script being run would be.
-# In process, the registry finds it by that name; on the local pool a worker imports the
-# caller's main script instead, so tests/scripts/contract_main.py covers that case for real.
+# In process, the registry finds it by that name; on the local pool it goes by value, as
+# tests/scripts/contract_main.py's functions do for real.
 _main_add.__module__ = "__main__"
 main_add = serverless.parallel(_main_add)

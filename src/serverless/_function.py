@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import importlib
 import inspect
 import logging
 import time
@@ -40,7 +41,7 @@ from ._caller.sharing import run_shared
 from ._caller.transport import Target
 from ._config import DEFAULT_BUFFER, DEFAULT_PATIENCE, ErrorMode, OptionChanges, Options
 from ._exceptions import ConfigurationError, SerializationError
-from ._pool import mainscript as _mainscript
+from ._pool import byvalue as _byvalue
 from ._registry import BIND_CLASS, BIND_INSTANCE, BIND_NONE, BIND_STATE, Bind
 from ._stats import StepKind, StepStats, TargetKind
 from ._targets import resolve
@@ -81,6 +82,49 @@ class _Step(Generic[P, R]):
         self._bind: Bind = BIND_NONE
         self._receiver: Any = None
         self._last = _LastStats()
+        self._owner: type | None = None  # the class whose body defined the step
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._owner = owner
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """How a step travels inside a function sent by value (a global it calls, an attribute
+        of its class): one of `__main__` with its code, any other by its module's name (the
+        worker imports it); its binding, bound arguments and options with it."""
+        state = {
+            "_bind": self._bind,
+            "_receiver": self._receiver,
+            **{k: v for k, v in vars(self).items() if k in _SENT_STATE},
+        }
+        if _byvalue.is_main_name(self._func):
+            return (_revive, (type(self), self._sent(), state))
+        return (_revive_named, (type(self), self._func.__module__, self._key(), state))
+
+    def _key(self) -> str:
+        return self._func.__qualname__
+
+    def _sent(self) -> _byvalue.Sent:
+        """What the function of `__main__` travels as (_pool/byvalue.py)."""
+        return (None, self._func, self._declared, self._owner_class())
+
+    def _owner_class(self) -> type | None:
+        """The class the method was defined in (None: a function)."""
+        if self._owner is not None or "." not in self._func.__qualname__:
+            return self._owner
+        path = self._func.__qualname__.rsplit(".", 1)[0]
+        if self._bind == BIND_CLASS and isinstance(self._receiver, type):
+            mro = self._receiver.__mro__
+        elif self._bind == BIND_INSTANCE:
+            mro = type(self._receiver).__mro__
+        else:
+            mro = ()
+        for cls in mro:
+            if cls.__qualname__ == path:
+                return cls
+        target: Any = _registry.module_object("__main__")
+        for part in path.split("."):
+            target = vars(target).get(part) if hasattr(target, "__dict__") else None
+        return target if isinstance(target, type) else None
 
     # The seed's main.py reads these from the step after pipeline.run(); they describe the
     # last run in any thread. PipelineRun.steps holds per-run statistics.
@@ -165,14 +209,30 @@ class ParallelFunction(_Step[P, R]):
 
     kind: StepKind = "parallel"
 
-    def __init__(self, func: Callable[P, R], options: Options, name: str | None = None) -> None:
+    def __init__(
+        self,
+        func: Callable[P, R],
+        options: Options,
+        name: str | None = None,
+        entry: _registry.Entry | None = None,  # received by value: registered nowhere
+    ) -> None:
         super().__init__(func)
         self.options = options
-        self.entry = _registry.register(self._func, name, self._declared)
+        self._name = name
+        if entry is not None:
+            self.entry, self._declared = entry, cast(Declared, entry.declared)
+        else:
+            self.entry = _registry.register(self._func, name, self._declared)
         if name is not None:  # statistics and reports call the step by this name
             self.__name__ = name.rpartition(".")[2]
         self._bound_args: tuple[Any, ...] = ()
         self._bound_kwargs: dict[str, Any] = {}
+
+    def _key(self) -> str:
+        return self.entry.name
+
+    def _sent(self) -> _byvalue.Sent:
+        return (self._name, self._func, self._declared, self._owner_class())
 
     def with_options(self, **options: Unpack[OptionChanges]) -> ParallelFunction[P, R]:
         """The same registered function with other options, e.g. `f.with_options(workers=8)`;
@@ -252,7 +312,6 @@ class ParallelFunction(_Step[P, R]):
         then: Sequence[ParallelFunction[Any, Any]] = (),
     ) -> Invocation:
         """The call, prepared once; `then`: further steps fused into the same requests."""
-        _on_call()
         bind, receiver, args = self._split(args)
         args, kwargs = _items_by_keyword(self.__name__, self._func, bind, args, kwargs)
         items = _items_argument(self.__name__, args)
@@ -289,6 +348,7 @@ class ParallelFunction(_Step[P, R]):
             last,
             count,
             locate,
+            _by_value(steps),
         )
         # each chunk's untyped items converted as it is cut (a generator's: checked then too),
         # before it is weighed
@@ -482,7 +542,6 @@ class SequentialFunction(_Step[P, R]):
         return self._get(instance, owner)
 
     def with_stats(self, *args: Any, **kwargs: Any) -> tuple[R, StepStats]:
-        _on_call()
         args, kwargs = _items_by_keyword(self.__name__, self._func, self._bind, args, kwargs)
         items = _items_argument(self.__name__, args)
         fn: Callable[..., R] = self._func
@@ -506,12 +565,66 @@ class SequentialFunction(_Step[P, R]):
         return result, stats
 
 
-def _on_call() -> None:
-    """Every step call starts here. In a local worker importing the caller's main script, a
-    call ends that import; in the caller, the first call from the script's unguarded top level
-    marks where such an import stops."""
-    _mainscript.check_not_importing_main()
-    _mainscript.note_call()
+def _by_value(steps: Sequence[ParallelFunction[Any, Any]]) -> Callable[[Target], str] | None:
+    """For a call of functions of `__main__`: how they go to a target that takes code by value
+    (the local pool): pickled now (a redefined cell, a changed global: the next call sends
+    the new one) into its private directory; the digest every request carries, signed."""
+    sent = [(step.entry.name, step._sent) for step in steps if _byvalue.is_main(step.entry)]
+    if not sent:
+        return None
+
+    def stow(target: Target) -> str:
+        if target.shelf is None:  # an in-process endpoint (tests): it has them registered
+            return ""
+        return target.shelf.put(_byvalue.dumps([(name, of()) for name, of in sent]))
+
+    return stow
+
+
+# what a step sent by value keeps of its state besides its binding (see _Step.__reduce__)
+_SENT_STATE = frozenset({"options", "_bound_args", "_bound_kwargs", "__name__"})
+
+
+def _revive(cls: type[_Step[Any, Any]], sent: _byvalue.Sent, state: dict[str, Any]) -> Any:
+    """A step of `__main__` received by value, registered nowhere (see _Step.__reduce__)."""
+    name, func, declared, owner = sent
+    wrapped = _declared_as(func, declared)
+    if issubclass(cls, ParallelFunction):
+        entry = _registry.detached(func, name, declared, owner)
+        step: _Step[Any, Any] = cls(wrapped, state.get("options", Options()), name, entry)
+    else:
+        step = cls(wrapped)
+    step._owner = owner
+    vars(step).update(state)
+    return step
+
+
+def _declared_as(func: Callable[..., Any], declared: str) -> Any:
+    if declared == "static":
+        return staticmethod(func)
+    if declared == "class":
+        return classmethod(func)
+    return func
+
+
+def _revive_named(cls: type[_Step[Any, Any]], module: str, key: str, state: dict[str, Any]) -> Any:
+    """A step of a module, found in the worker's import of it (see _Step.__reduce__)."""
+    importlib.import_module(module)
+    if issubclass(cls, ParallelFunction):
+        entry = _registry.lookup(key)
+        if entry is None:
+            raise ConfigurationError(f"{key} is not registered where it was unpickled")
+        wrapped = _declared_as(entry.func, entry.declared)
+        step: _Step[Any, Any] = cls(wrapped, state.get("options", Options()), None, entry)
+    else:
+        target: Any = _registry.module_object(module)
+        for part in key.split("."):
+            target = vars(target)[part]
+        if not isinstance(target, _Step):
+            raise ConfigurationError(f"{module}.{key} is not a step where it was unpickled")
+        step = target._clone()
+    vars(step).update(state)
+    return step
 
 
 def _unwrap(func: Any) -> tuple[Callable[..., Any], Declared]:

@@ -7,6 +7,10 @@ A name therefore identifies one function. Two different functions that would sha
 (two lambdas in one module, two functions bound under other names) are refused when the second
 is decorated: the workers would run whichever registered last. A redefinition of the same
 function replaces it silently: a module reloaded or re-executed, a notebook cell run again.
+
+A function of `__main__` (a script, a notebook, the REPL) is the exception: no worker imports
+it. The local pool's workers get it by value (_pool/byvalue.py) as a detached Entry that names
+its class itself (`cls`), found through the call's signed digest, never through this registry.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 from ._exceptions import ConfigurationError
 from ._wire import receiver as _receiver
@@ -55,10 +59,10 @@ class Entry:
     qualname: str
     func: Callable[..., Any]  # the undecorated function
     is_async: bool
-    # registration order in this process; an identical redefinition keeps its predecessor's
-    # (see _mainscript: a worker's import of the main script registers a prefix of this order)
-    seq: int = 0
     declared: str = "plain"  # "static" or "class": decorated as a staticmethod, a classmethod
+    # a function sent by value: the class it was defined in, sent with it (None: a module
+    # function, or a method whose class is found through its module)
+    cls: type | None = None
 
     @property
     def owner_path(self) -> list[str]:
@@ -66,7 +70,10 @@ class Entry:
         return self.qualname.split(".")[:-1]
 
     def owner(self) -> type:
-        """The class the function was defined in, found through its own module."""
+        """The class the function was defined in: the one sent with it by value, or the one
+        found through its own module."""
+        if self.cls is not None:
+            return self.cls
         target: Any = module_object(self.module)
         for part in self.owner_path:
             target = getattr(target, part)
@@ -160,7 +167,6 @@ class Entry:
 
 _lock = threading.Lock()
 _entries: dict[str, Entry] = {}
-_sequence = 0
 _redefined = 0  # replacements by a function with other code (see redefinitions())
 
 
@@ -168,24 +174,26 @@ def module_name(module: str) -> str:
     return _MAIN_ALIASES.get(module, module)
 
 
-_main_module: Any = None  # the caller's script, when a local worker imported it
-
-
-def set_main_module(module: Any) -> None:
-    global _main_module
-    _main_module = module
-
-
 def module_object(module: str) -> Any:
-    if module == "__main__":
-        return _main_module or sys.modules["__main__"]
     return sys.modules.get(module) or importlib.import_module(module)
 
 
-def register(func: Callable[..., Any], name: str | None = None, declared: str = "plain") -> Entry:
-    """Register `func` under its module and qualified name (or `name`, for a lambda); the
-    worker finds it by that."""
-    global _sequence, _redefined
+class CodeShelf(Protocol):
+    """Where functions of `__main__` travel by value: the local pool's private directory
+    (_pool/byvalue.py). The caller puts a pickle there, a pool worker loads it back by the
+    digest its signed request names."""
+
+    def put(self, data: bytes) -> str:
+        """Store the pickle; its SHA-256, hex."""
+        ...
+
+    def load(self, digest: str) -> Mapping[str, Entry] | str:
+        """The functions of the pickle of that digest, by name; or why they cannot be had."""
+        ...
+
+
+def _key(func: Callable[..., Any], name: str | None) -> tuple[str, str, str]:
+    """The module, qualified name and registered key of `func`, checked."""
     qualname = getattr(func, "__qualname__", "")
     module = module_name(getattr(func, "__module__", "") or "")
     if not qualname or not module:
@@ -199,7 +207,29 @@ def register(func: Callable[..., Any], name: str | None = None, declared: str = 
         isinstance(name, str) and all(part.isidentifier() for part in name.split("."))
     ):
         raise ConfigurationError(f"name must be a Python identifier such as 'add_one': {name!r}")
-    key = name or qualname
+    return module, qualname, name or qualname
+
+
+def detached(func: Callable[..., Any], name: str | None, declared: str, cls: type | None) -> Entry:
+    """An Entry for a function of `__main__` received by value, registered nowhere: each
+    call's pickle brings its own (a notebook cell run again sends its new code)."""
+    module, qualname, key = _key(func, name)
+    return Entry(
+        name=f"{module}:{key}",
+        module=module,
+        qualname=qualname,
+        func=func,
+        is_async=inspect.iscoroutinefunction(func),
+        declared=declared,
+        cls=cls,
+    )
+
+
+def register(func: Callable[..., Any], name: str | None = None, declared: str = "plain") -> Entry:
+    """Register `func` under its module and qualified name (or `name`, for a lambda); the
+    worker finds it by that."""
+    global _redefined
+    module, qualname, key = _key(func, name)
     full = f"{module}:{key}"
     with _lock:
         old = _entries.get(full)
@@ -208,9 +238,7 @@ def register(func: Callable[..., Any], name: str | None = None, declared: str = 
         same = old is not None and _same_code(old.func, func)
         if old is not None and not same and not _rebinds(old.func, func, key):
             raise ConfigurationError(_ambiguous(full, old.func, func))
-        if old is None or not same:
-            _sequence += 1
-        if old is not None and not same:
+        if old is not None and not same and module != "__main__":  # __main__'s go by value
             _redefined += 1
         entry = Entry(
             name=full,
@@ -218,7 +246,6 @@ def register(func: Callable[..., Any], name: str | None = None, declared: str = 
             qualname=qualname,
             func=func,
             is_async=inspect.iscoroutinefunction(func),
-            seq=old.seq if old is not None and same else _sequence,
             declared=declared,
         )
         _entries[full] = entry
@@ -279,11 +306,6 @@ def _where(func: Callable[..., Any]) -> str:
 
 def lookup(name: str) -> Entry | None:
     return _entries.get(name)
-
-
-def sequence() -> int:
-    """The number of registrations so far (an Entry's `seq` is at most this)."""
-    return _sequence
 
 
 def redefinitions() -> int:

@@ -13,7 +13,7 @@ from ._caller.sharing import INLINE, SharedCall
 from ._caller.transport import Target
 from ._config import settings
 from ._exceptions import ConfigurationError
-from ._pool import mainscript as _mainscript
+from ._pool import byvalue as _byvalue
 from ._pool import pool as _pool
 from ._worker.context import Origin, current_origin
 from ._worker.origin import is_loopback
@@ -58,11 +58,12 @@ def resolve(
     `url` LOCAL ("local") is the local pool, even while serving a request.
 
     blocking: the caller will block this thread until the call is done.
-    functions: the call's functions; the local pool's workers must be able to register them.
+    functions: the call's functions; those of `__main__` go only to the local pool, by value.
     retries: the call's; with none, a chunk sent elsewhere is never also run here.
     """
     if _override is not None:
         return _override
+    by_value = next((entry for entry in functions if _byvalue.is_main(entry)), None)
     config = settings()
     url = url or config.target_url()
     if url and url != LOCAL:
@@ -75,10 +76,17 @@ def resolve(
                 f"a secret is needed to call {url}: pass secret= to serverless.init() "
                 "or set SERVERLESS_SECRET"
             )
+        if by_value is not None:  # before any request: no code goes to a remote worker
+            raise _byvalue.remote_refusal(by_value, f"the worker at {url}")
         return Target((url,), parts.path or "/", keyring, "url", config.max_body)
     origin = current_origin.get() if url != LOCAL else None
     if origin is not None and origin.concurrent and not (blocking and _loop_running()):
         url = origin.checked_url()
+        # a local pool's worker calls back to itself with its caller's functions by value;
+        # any other app would be sent code
+        shelf = origin.endpoint.by_value if origin.endpoint is not None else None
+        if by_value is not None and shelf is None:
+            raise _byvalue.remote_refusal(by_value, f"the app serving this request ({url})")
         shared = None
         if blocking and origin.endpoint is not None and origin.threads is not None:
             # one host shares the replay store that makes a reclaim run at most once
@@ -101,10 +109,12 @@ def resolve(
             config.max_body,
             shared=shared,
             id_prefixes={url: prefix, INLINE: prefix} if prefix else None,
+            shelf=shelf,
         )
     if origin is not None:  # never a pool hidden in a web server's process, unasked
         raise ConfigurationError(_cannot_call_back(origin, functions))
-    _mainscript.check(functions)  # before a pool starts or a request is sent
+    if by_value is not None:
+        _byvalue.require(by_value.qualname)  # before a pool starts
     pool = _pool.get_pool(
         config.local_processes,
         config.local_threads,

@@ -1,5 +1,6 @@
 """The contract suite on the embedded local pool: every calling form times every binding,
-through real worker processes; functions in `__main__` through a script run as a user would."""
+through real worker processes; functions in `__main__` (which go by value) through a script
+run as a user would, and in test_by_value.py through `python -c`, stdin and a notebook."""
 
 from __future__ import annotations
 
@@ -12,13 +13,9 @@ import pytest
 from tests.conftest import TESTS, test_env
 from tests.contract import BINDINGS, FORMS, check
 
-# in process, a function can pose as __main__'s; a worker process imports the real main script
-# instead, which tests/scripts/contract_main.py is (test below)
-POOL_BINDINGS = [name for name in BINDINGS if name != "function in __main__"]
-
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("binding", POOL_BINDINGS)
+@pytest.mark.parametrize("binding", BINDINGS)
 def test_every_form_on_every_binding(binding: str, form: str) -> None:
     check(binding, form)
 
@@ -34,4 +31,4 @@ def test_every_form_on_functions_defined_in_the_main_script() -> None:
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     outcome = json.loads(done.stdout.decode().strip().splitlines()[-1])
-    assert outcome["failures"] == [] and outcome["cells"] == 5 * len(FORMS)
+    assert outcome["failures"] == [] and outcome["cells"] == 6 * len(FORMS)

@@ -68,7 +68,7 @@ def test_named_lambdas_run_apart_on_the_workers(tmp_path: Path) -> None:
     assert done.stdout.split("\n")[0] == "[1, 1, 1] [2, 2, 2] add_one", done.stderr
 
 
-# Prints what a call of a __main__ function raised, and whether a local pool was started.
+# Prints what a call of a __main__ function returned or raised, and whether a pool started.
 INTERACTIVE = """import serverless
 from serverless._pool import pool as _pool
 
@@ -77,54 +77,68 @@ def inc(xs):
     return [x + 1 for x in xs]
 
 try:
-    inc([1, 2])
+    print("RESULT", inc([1, 2]))
 except serverless.ConfigurationError as exc:
     print("REFUSED", exc)
 
 print("POOL", _pool._pool)
 
 """
+NO_CLOUDPICKLE = "import sys; sys.modules['cloudpickle'] = None  # as if not installed\n"
 
 
-@pytest.mark.parametrize(
-    ("mode", "cause"),
-    [
-        ("-c", "in a `python -c` command"),
-        ("stdin", "in a script read from standard input"),
-        ("repl", "in an interactive session"),
-        ("notebook", "in a notebook or IPython session"),
-    ],
-)
-def test_an_interactive_main_is_refused_before_any_request(
+def _interactive(tmp_path: Path, mode: str, source: str) -> subprocess.CompletedProcess[str]:
+    if mode == "-c":
+        return python(tmp_path, ["-c", source])
+    if mode == "stdin":
+        return python(tmp_path, ["-"], stdin=source)
+    if mode == "repl":  # python -i reads its commands from the pipe as it would from a tty
+        return python(tmp_path, ["-i"], stdin=source)
+    runner = script(  # IPython's user namespace is a __main__ without __file__
+        tmp_path,
+        f"""
+        import builtins, sys, types
+        builtins.__IPYTHON__ = True
+        sys.modules["__main__"] = main = types.ModuleType("__main__")
+        exec(compile({source!r}, "/tmp/ipykernel_1/2.py", "exec"), vars(main))
+        """,
+        "notebook.py",
+    )
+    return python(tmp_path, [runner])
+
+
+MODES = [
+    ("-c", "in a `python -c` command"),
+    ("stdin", "in a script read from standard input"),
+    ("repl", "in an interactive session"),
+    ("notebook", "in a notebook or IPython session"),
+]
+
+
+@pytest.mark.parametrize(("mode", "cause"), MODES)
+def test_an_interactive_main_runs_on_the_local_pool_by_value(
     tmp_path: Path, mode: str, cause: str
 ) -> None:
-    if mode == "-c":
-        done = python(tmp_path, ["-c", INTERACTIVE])
-    elif mode == "stdin":
-        done = python(tmp_path, ["-"], stdin=INTERACTIVE)
-    elif mode == "repl":  # python -i reads its commands from the pipe as it would from a tty
-        done = python(tmp_path, ["-i"], stdin=INTERACTIVE)
-    else:  # IPython's user namespace is a __main__ without __file__
-        runner = script(
-            tmp_path,
-            f"""
-            import builtins, sys, types
-            builtins.__IPYTHON__ = True
-            sys.modules["__main__"] = main = types.ModuleType("__main__")
-            exec(compile({INTERACTIVE!r}, "/tmp/ipykernel_1/2.py", "exec"), vars(main))
-            """,
-            "notebook.py",
-        )
-        done = python(tmp_path, [runner])
+    """Before, each was refused: the workers found a function by importing its module."""
+    done = _interactive(tmp_path, mode, INTERACTIVE)
+    assert "RESULT [2, 3]" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("mode", "cause"), MODES)
+def test_without_cloudpickle_a_main_function_is_refused_before_a_pool_starts(
+    tmp_path: Path, mode: str, cause: str
+) -> None:
+    done = _interactive(tmp_path, mode, NO_CLOUDPICKLE + INTERACTIVE)
     out = done.stdout
-    assert f"REFUSED inc is defined {cause}" in out, done.stderr
-    assert "Put the function in a .py file" in out
+    assert f"REFUSED inc is defined {cause}" in out, out + done.stderr
+    assert "pip install 'simple-serverless[local]'" in out
+    assert "put the function in a module" in out
     assert "POOL None" in out  # no worker started, so no request sent
 
 
-def test_a_function_below_the_first_call_of_an_unguarded_script_is_refused(
-    tmp_path: Path,
-) -> None:
+def test_functions_below_the_first_call_and_under_the_main_guard_run(tmp_path: Path) -> None:
+    """Before, the workers imported the script and stopped at its first call: a function
+    defined below it, or under the main guard, was refused."""
     path = script(
         tmp_path,
         """
@@ -141,59 +155,18 @@ def test_a_function_below_the_first_call_of_an_unguarded_script_is_refused(
         def below(xs):
             return [x * 2 for x in xs]
 
-        try:
-            print(below([1, 2]))
-        except serverless.ConfigurationError as exc:
-            print("REFUSED", exc)
-        print(above([3]))
-        """,
-    )
-    done = python(tmp_path, [path])
-    lines = done.stdout.splitlines()
-    assert lines[0] == "[2, 3]" and lines[-1] == "[4]", done.stderr
-    assert lines[1].startswith(
-        f"REFUSED below is defined below the first parallel call ({path}:9) in a script "
-        "without a main guard"
-    )
-    assert "Move the definition above that call" in lines[1]
-    assert 'if __name__ == "__main__":' in lines[1]
-
-
-def test_a_function_under_the_main_guard_is_refused_and_one_between_guards_works(
-    tmp_path: Path,
-) -> None:
-    path = script(
-        tmp_path,
-        """
-        import serverless
-        serverless.init(local_processes=1)
+        print(below([1, 2]))
 
         if __name__ == "__main__":
-            print(serverless.sequential(lambda xs: xs)([0]))
-
-        @serverless.parallel
-        def between(xs):
-            return [x + 1 for x in xs]
-
-        if __name__ == "__main__":
-            print(between([1]))
-
             @serverless.parallel
             def inside(xs):
-                return xs
+                return [above([x])[0] * 10 for x in xs]
 
-            try:
-                inside([1])
-            except serverless.ConfigurationError as exc:
-                print("REFUSED", exc)
+            print(inside([1]))
         """,
     )
     done = python(tmp_path, [path])
-    lines = done.stdout.splitlines()
-    assert lines[:2] == ["[0]", "[2]"], done.stderr
-    assert lines[2].startswith(
-        f'REFUSED inside is defined inside `if __name__ == "__main__":` ({path}:15)'
-    )
+    assert done.stdout.splitlines() == ["[2, 3]", "[2, 4]", "[20]"], done.stderr
 
 
 STEPS = """

@@ -208,8 +208,8 @@ def _alive(pid: int) -> bool:
 
 
 def test_script_without_main_guard_works_and_its_top_level_runs_once(tmp_path: Path) -> None:
-    # Workers import the script to find its functions; that import stops at the first call,
-    # so the script's own work (the print, the call) never runs in a worker.
+    # Workers never import the script (its functions reach them by value), so its own work
+    # (the print, the call) never runs in a worker. tests/integration/test_by_value.py counts.
     source = """
         import serverless
         print("top level")
@@ -237,7 +237,7 @@ def test_a_script_that_fails_at_import_still_gets_its_functions(tmp_path: Path) 
             return [x * 3 for x in xs]
 
         if sys.argv[1:] != ["go"]:
-            raise SystemExit("usage: script.py go")  # runs in workers too: must not kill them
+            raise SystemExit("usage: script.py go")  # never runs in a worker
         print(f([1, 2]))
     """
     out, err = run_script(tmp_path, source, "go").communicate(timeout=90)

@@ -1,6 +1,7 @@
 """The contract suite's functions defined in the script being run (`__main__`), run on the
-local pool as a user's script would: every form times every binding. Prints one JSON line:
-{"cells": N, "failures": [...]}. Run by tests/integration/test_contract_pool.py."""
+local pool as a user's script would (by value): every form times every binding. Prints one
+JSON line: {"cells": N, "failures": [...]}. Run by tests/integration/test_contract_pool.py,
+and as `python -c`, from stdin, unguarded and in a Jupyter kernel by test_by_value.py."""
 
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ def add(numbers: list[int], n: int = 1) -> list[int]:
 class Calc:
     offset = 100
 
+    def __init__(self, extra: int = 0) -> None:
+        self.extra = extra  # an instance's state: it travels with the receiver
+
     @serverless.parallel
     def method(self, numbers: list[int], n: int = 1) -> list[int]:
-        return [x + n + self.offset for x in numbers]
+        return [x + n + self.offset + self.extra for x in numbers]
 
     @serverless.parallel
     @staticmethod
@@ -45,6 +49,9 @@ def main() -> None:
             "__main__ instance method": plus(lambda: Calc().method, None, lambda x, n: x + n + 100),
             "__main__ explicit receiver": plus(
                 lambda: Calc.method, Calc(), lambda x, n: x + n + 100, False
+            ),
+            "__main__ instance with state": plus(
+                lambda: Calc(7).method, None, lambda x, n: x + n + 107
             ),
         }
     )

@@ -132,7 +132,7 @@ def test_a_404_for_an_unregistered_function_says_how_to_register_it() -> None:
     reply must name the fix (old code: no hint for a module, a vaguer one for __main__)."""
     endpoint = Endpoint("/r", p.Keyring(SECRET))
     for name, fix in [
-        ("__main__:inc", "runs that same script"),
+        ("__main__:inc", "runs only on the local pool"),
         ("pkg.geo:geolocate", "import pkg.geo in the worker app"),
     ]:
         rid = p.new_request_id()

@@ -69,6 +69,9 @@ class CallPlan:
     patience: float | None = None  # seconds of refusals with no item completing, at most
     buffer: int | None = None  # bytes of results a stream may hold (None: no bound)
     group: str = field(default_factory=p.new_request_id)  # the call's id on its paced chunks
+    # the SHA-256 of the pickle of the call's functions of `__main__`, in the local pool's
+    # private directory (_pool/byvalue.py); "": every function is found by its name
+    code: str = ""
 
     @property
     def fused(self) -> bool:
@@ -139,6 +142,7 @@ class CallPlan:
             pace=pace,
             group=self.group if pace is not None else "",
             slot=slot if pace else None,
+            code=self.code,
         )
 
     def chunks(
@@ -182,18 +186,22 @@ def make_plan(
     results: Shape,
     count: int | None,
     locate: Callable[[int], tuple[Target, int | None]] | None = None,
+    by_value: Callable[[Target], str] | None = None,
 ) -> CallPlan:
     """The plan of a call of `steps` (registered name, binding, receiver's encoded state,
     options; more than one: fused into the same requests, the first step's options cut the
     input) on `count` items (None: an iterator). `locate(retries)`: where a call with that
     many retries sends its chunks, and how many its workers said they run at once (None:
-    unknown); not asked for an empty input, which goes nowhere."""
+    unknown); not asked for an empty input, which goes nowhere. `by_value(target)`: the
+    digest of the call's functions of `__main__`, stored where that target's workers read
+    them (the local pool's)."""
     (_, bind, state, first), later = steps[0], steps[1:]
     every = [options for *_, options in steps]
     fused = bool(later)
     timeout = max(options.timeout for options in every)
     retries = min(options.retries for options in every)
     target, capacity = locate(retries) if locate is not None and count != 0 else (None, None)
+    code = by_value(target) if by_value is not None and target is not None else ""
     # an item that failed in one stage has no input for the next; a fused call is never paced
     rate = None if fused else first.items_per_s
     parts = first.workers
@@ -227,6 +235,7 @@ def make_plan(
         rate=rate,
         patience=_strictest(options.patience for options in every),
         buffer=first.buffer,
+        code=code,
     )
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .. import _wire as p
+from .._registry import CodeShelf
 from .._stats import TargetKind
 from .._wire import Response
 from .http import Body
@@ -56,3 +57,6 @@ class Target:
     # the first hex digits of the request ids sent to each URL: a local pool's worker runs
     # only the ids signed for its slot, so a request cannot be replayed on another worker
     id_prefixes: Mapping[str, str] | None = None
+    # a local pool (or one of its workers calling back to itself): where a call's functions
+    # of `__main__` go by value; None: no code is ever sent (_pool/byvalue.py)
+    shelf: CodeShelf | None = None

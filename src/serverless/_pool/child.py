@@ -1,10 +1,10 @@
-"""A local pool's worker process: it imports the caller's modules and main script, then
-serves the worker route under uvicorn on the Unix domain socket the pool names, in its private
-directory (or, where there is none, on a loopback port); see pool.py for the caller's side.
+"""A local pool's worker process: it imports the caller's modules, then serves the worker
+route under uvicorn on the Unix domain socket the pool names, in its private directory (or,
+where there is none, on a loopback port); see pool.py for the caller's side.
 
-Importing the main script stops at its first parallel call (mainscript.StopMainImport), so a
-script without an `if __name__ == "__main__":` guard still works and its top-level work never
-runs in a worker. A worker dies with its parent (PR_SET_PDEATHSIG plus a watchdog).
+It never imports the caller's main script, so a script's top-level work never runs here: the
+functions of `__main__` come by value, checked before unpickling (byvalue.py). A worker dies
+with its parent (PR_SET_PDEATHSIG plus a watchdog).
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ import asyncio
 import contextlib
 import ctypes
 import importlib
-import importlib.abc
-import importlib.util
-import io
 import json
 import logging
 import os
@@ -24,14 +21,13 @@ import socket
 import sys
 import threading
 import time
-import types
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .. import _registry
 from .._caller import http as _http
 from .._wire import Keyring
-from . import mainscript
+from .byvalue import Shelf
 
 logger = logging.getLogger("serverless.pool")
 
@@ -47,16 +43,13 @@ def child() -> None:
                 importlib.import_module(name)
             except Exception:
                 logger.exception("local worker cannot import %s", name)
-    import uvicorn  # before the main script: importing it rebinds sys.modules["__mp_main__"]
+    import uvicorn
 
     from .._worker.asgi import ASGIEndpoint
     from .._worker.endpoint import Endpoint
     from .._worker.origin import OriginPolicy
     from .._worker.uvserver import raise_open_files_limit, uvicorn_settings
     from .modules import announced
-
-    if config["main"]:
-        _import_main(config["main"])
 
     importable = announced(config["modules_file"])
     # A request runs on at most one of the pool's workers: each runs only the request ids
@@ -76,6 +69,7 @@ def child() -> None:
         shared_replay=False,
         id_prefix=config["id_prefix"],
         not_before=started,
+        by_value=Shelf(Path(config["code_dir"])),
     )
     app = ASGIEndpoint(endpoint, threads=config["threads"])
     raise_open_files_limit()  # a call 10,000 wide holds 10,000 connections to the pool
@@ -138,43 +132,6 @@ def unix_listening_socket(path: str) -> socket.socket:
     sock.bind(path)
     sock.listen(4096)
     return sock
-
-
-def _import_main(reference: dict[str, str]) -> None:
-    """Run the caller's main script as `__mp_main__`, as multiprocessing's spawn does."""
-    module = types.ModuleType("__mp_main__")
-    try:
-        if "module" in reference:
-            spec = importlib.util.find_spec(reference["module"])
-            if spec is None or spec.loader is None:
-                raise ImportError(f"cannot find module {reference['module']}")
-            module.__spec__ = spec
-            module.__file__ = spec.origin
-            loader = spec.loader
-            if not isinstance(loader, importlib.abc.InspectLoader):
-                raise ImportError(f"cannot read the code of {reference['module']}")
-            code = loader.get_code(reference["module"])
-            if code is None:
-                raise ImportError(f"no code for {reference['module']}")
-        else:
-            module.__file__ = reference["path"]
-            with open(reference["path"], "rb") as f:
-                code = compile(f.read(), reference["path"], "exec")
-    except Exception:
-        logger.exception("local worker cannot load the main script %s", reference)
-        return
-    sys.modules["__mp_main__"] = module
-    _registry.set_main_module(module)
-    mainscript.importing_main = True
-    try:  # the script's own output at import time would repeat once per worker: hide it
-        with contextlib.redirect_stdout(io.StringIO()):
-            exec(code, module.__dict__)
-    except mainscript.StopMainImport:
-        pass
-    except BaseException:
-        logger.exception("the main script raised while a local worker imported it")
-    finally:
-        mainscript.importing_main = False
 
 
 def _die_with_parent(parent: int) -> None:

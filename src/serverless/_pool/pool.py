@@ -1,18 +1,18 @@
 """The embedded local pool: worker processes speaking the same protocol on a private channel.
 
 Each worker is a fresh interpreter (never a fork: the caller has threads) that imports the
-modules with registered functions and the caller's main script as `__mp_main__`, then serves
-the ASGI endpoint under uvicorn on a Unix domain socket in the pool's private (0700) directory
-(private.py), and on no TCP port: no other local user can reach it, nor take its address once
-it died. Each slot of the pool has a URL that never changes, a name in `.invalid` that this
-process's HTTP client maps to the slot's current worker (_caller/http.py), so a call's retries
-reach the worker that replaced a dead one. Each worker runs only the request ids signed for its
-slot (child.py): a request is run by at most one of them. Where there are no Unix sockets
-(Windows, a temp path over 100 bytes) the workers listen on loopback TCP instead, as before.
+modules with registered functions (never the caller's main script: functions of `__main__`
+reach it by value, byvalue.py), then serves the ASGI endpoint under uvicorn on a Unix domain
+socket in the pool's private (0700) directory (private.py), and on no TCP port: no other local
+user can reach it, nor take its address once it died. Each slot of the pool has a URL that
+never changes, a name in `.invalid` that this process's HTTP client maps to the slot's current
+worker (_caller/http.py), so a call's retries reach the worker that replaced a dead one. Each
+worker runs only the request ids signed for its slot (child.py): a request is run by at most
+one of them. Where there are no Unix sockets (Windows, a temp path over 100 bytes) the workers
+listen on loopback TCP instead, as before.
 
-Importing the main script stops at its first parallel call, so a script without an
-`if __name__ == "__main__":` guard still works and its top-level work never runs in a worker.
-Workers die with their parent (PR_SET_PDEATHSIG plus a watchdog), so none is ever left behind.
+A script's top-level work runs once, in the caller, guarded or not. Workers die with their
+parent (PR_SET_PDEATHSIG plus a watchdog), so none is ever left behind.
 
 One thread per pool, living as long as the pool, starts every worker, probes them and replaces
 the dead and the frozen: PR_SET_PDEATHSIG fires when the *thread* that spawned a child exits,
@@ -44,7 +44,7 @@ from .._caller import http as _http
 from .._caller.transport import Target
 from .._exceptions import ConfigurationError
 from .._wire import Keyring
-from . import mainscript as _mainscript
+from .byvalue import Shelf
 from .modules import Announcer
 from .private import PrivateDirectory
 
@@ -80,8 +80,9 @@ class LocalPool:
         self._secret = secrets.token_hex(32)
         self.keyring = Keyring(self._secret)
         self._modules = modules
-        self._dir = PrivateDirectory()  # sockets, module list, replay store: mode 0700
+        self._dir = PrivateDirectory()  # sockets, module list, pickles: mode 0700
         self.announcer = Announcer(modules, self._dir.path)  # the modules workers may import
+        self.shelf = Shelf(self._dir.path)  # functions of __main__, by value
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._wake = threading.Event()  # a caller wants dead workers replaced now
@@ -330,6 +331,7 @@ class LocalPool:
             "local",
             max_body,
             id_prefixes=self.id_prefixes,
+            shelf=self.shelf,
         )
 
     def _spawn(self, slot: int) -> tuple[subprocess.Popen[bytes], int, str | None]:
@@ -343,7 +345,7 @@ class LocalPool:
             "modules": self._modules,
             "modules_file": str(self.announcer.path),
             "id_prefix": self.id_prefixes[self.urls[slot]],
-            "main": _mainscript.reference(),
+            "code_dir": str(self._dir.path),
             "sys_path": sys.path,
             "parent": os.getpid(),
             "port_fd": write_fd,

@@ -1,5 +1,6 @@
-"""The local pool's private directory: its workers' Unix sockets and the module list; mode
-0700, so no other local user reaches or plants anything there.
+"""The local pool's private directory: its workers' Unix sockets, the module list and the
+pickles of functions sent by value; mode 0700, so no other local user reaches, reads or plants
+anything there.
 
 A pool removes its directory when it closes, but a caller killed with SIGKILL cannot: each such
 caller left a `serverless-pool-*` directory behind, forever (issue 22). So a live pool holds a

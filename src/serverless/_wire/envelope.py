@@ -125,6 +125,9 @@ class Call(msgspec.Struct, forbid_unknown_fields=False):
     # slot + i * pace). A worker that gets it late (in transit, queued, stopped) moves its
     # items to the turns still ahead and returns the rest unstarted (§6.3), never a burst
     slot: float | None = None
+    # the local pool only: the SHA-256 (hex) of the pickle of the call's functions of
+    # `__main__`, in the pool's private directory (§5.3); any other worker refuses it
+    code: str = ""
 
 
 class WireCall(msgspec.Struct, forbid_unknown_fields=False):
@@ -147,6 +150,7 @@ class WireCall(msgspec.Struct, forbid_unknown_fields=False):
     pace: float | None = None
     group: str = ""
     slot: float | None = None
+    code: str = ""
 
 
 class ErrorInfo(msgspec.Struct, forbid_unknown_fields=False):
@@ -313,6 +317,7 @@ def typed_call(
         pace=wire.pace,
         group=wire.group,
         slot=wire.slot,
+        code=wire.code,
     )
 
 

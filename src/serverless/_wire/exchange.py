@@ -331,10 +331,9 @@ def _unregistered_hint(fn: str, detail: str) -> str:
     module = name.partition(":")[0]
     if module == "__main__":
         return (
-            ". A function of the script being run (__main__) is registered on a worker only "
-            "if the worker runs that same script as its main program; move it into a module "
-            "that both the script and the worker app import (with `serverless worker`, name "
-            "that module)"
+            ". A function of __main__ (the script being run, a notebook, the REPL) runs only "
+            "on the local pool, which gets it by value; move it into a module that both the "
+            "caller and the worker app import (with `serverless worker`, name that module)"
         )
     return (
         f". The worker has not imported {module} or runs other code: import {module} in the "

@@ -89,6 +89,7 @@ class Endpoint:
         max_containers: int = MAX_CONTAINERS,
         budget: Budget | None = None,
         timer: Callable[[], float] = time.perf_counter,
+        by_value: _registry.CodeShelf | None = None,  # a local pool worker's (byvalue.py)
     ) -> None:
         self.route = route
         self.keyring = keyring
@@ -97,6 +98,9 @@ class Endpoint:
         # Only the local pool: modules its parent announced on a private channel, never
         # whatever a request names (docs/protocol.md section 5).
         self.importable = importable
+        # Only the local pool too: functions of its caller's `__main__`, by value, from its
+        # private directory (docs/security.md); every other worker refuses a request for one.
+        self.by_value = by_value
         self.origins = origins if origins is not None else OriginPolicy.configured()
         self.max_containers = max_containers
         self.budget = budget if budget is not None else process_budget()
@@ -261,12 +265,11 @@ class Endpoint:
         """Decode an authenticated body into a Job."""
         fmt, function, request_id = head.fmt, head.function, head.request_id
         names = function.split(p.STAGE_SEPARATOR)
-        entries = [self._lookup(name) for name in names]
-        for name, found in zip(names, entries, strict=True):
-            if found is None:
-                return self.reject(
-                    404, f"function {name!r} is not registered on this worker", fmt, head=head
-                )
+        # a pool worker finds its caller's functions of __main__ in the call's signed pickle
+        later = self.by_value is not None and any(n.startswith("__main__:") for n in names)
+        entries = [None if later else self._lookup(name) for name in names]
+        if not later and (missing := self._missing(names, entries, fmt, head)) is not None:
+            return missing
         content_fmt = p.media_type(head.content_type)
         if content_fmt is None:
             return self.reject(415, f"content type must be {p.MSGPACK} or {p.JSON}", fmt, head=head)
@@ -293,6 +296,19 @@ class Endpoint:
             return self.reject(400, f"pace must be in [0, {p.MAX_PACE}]s", fmt, head=head)
         if wire.slot is not None and not math.isfinite(wire.slot):
             return self.reject(400, "slot must be a finite time", fmt, head=head)
+        if wire.code and self.by_value is None:
+            why = (
+                "this worker runs only functions it imports, never code sent by value (only "
+                "a local pool's workers do): put the function in a module that it imports"
+            )
+            return self.reject(400, why, fmt, head=head)
+        if later:  # every check that needs no unpickling has passed
+            loaded = self._by_value(wire.code, names)
+            if isinstance(loaded, str):
+                return self.reject(400, loaded, fmt, head=head)
+            entries = loaded
+            if (missing := self._missing(names, entries, fmt, head)) is not None:
+                return missing
         binds = [(wire.bind, wire.state)] + [(stage.bind, stage.state) for stage in wire.then]
         stages: list[tuple[_registry.Entry, _registry.Bind]] = []
         for name, found, (wire_bind, state) in zip(names, entries, binds, strict=True):
@@ -324,6 +340,28 @@ class Endpoint:
             return self._reply(422, reply, fmt, (head.kid, head.request_id))
         received = self._timer()
         return Job(call, entry, bind, fmt, received=received, kid=head.kid, then=then)
+
+    def _by_value(self, code: str, names: list[str]) -> list[_registry.Entry | None] | str:
+        """The call's functions: those of __main__ from the pickle its signed `code` names
+        (byvalue.py checks the file before unpickling it), the others from the registry."""
+        if not code:
+            return [self._lookup(name) for name in names]
+        assert self.by_value is not None
+        loaded = self.by_value.load(code)
+        if isinstance(loaded, str):
+            return loaded
+        return [loaded.get(n) if n.startswith("__main__:") else self._lookup(n) for n in names]
+
+    def _missing(
+        self, names: list[str], entries: list[_registry.Entry | None], fmt: str, head: Head
+    ) -> Response | None:
+        """The 404 for the first function not found, if any."""
+        for name, found in zip(names, entries, strict=True):
+            if found is None:
+                return self.reject(
+                    404, f"function {name!r} is not registered on this worker", fmt, head=head
+                )
+        return None
 
     def _lookup(self, function: str) -> _registry.Entry | None:
         entry = _registry.lookup(function)
