@@ -32,6 +32,7 @@ def declaring_worker() -> Iterator[str]:
         yield f"http://127.0.0.1:{port}/serverless"
 
 
+@pytest.mark.serial  # a ratio or bound of wall times: run alone
 @pytest.mark.usefixtures("reset_settings")
 def test_more_workers_than_the_target_has_threads_costs_no_time(declaring_worker: str) -> None:
     serverless.init(secret=SECRET)
@@ -50,6 +51,7 @@ def test_more_workers_than_the_target_has_threads_costs_no_time(declaring_worker
     assert wider < 1.1 * fitted, (wider, fitted)
 
 
+@pytest.mark.serial  # a ratio or bound of wall times: run alone
 @pytest.mark.usefixtures("reset_settings")
 def test_a_first_call_with_more_workers_than_threads_costs_little(declaring_worker: str) -> None:
     """Nothing learned yet (a fresh caller): 100 chunks on 16 threads. The worker refuses at
@@ -67,6 +69,7 @@ def test_a_first_call_with_more_workers_than_threads_costs_little(declaring_work
     assert min(walls[100]) < 1.25 * min(walls[THREADS]), walls
 
 
+@pytest.mark.serial  # a ratio or bound of wall times: run alone
 def test_one_slow_item_among_400_costs_no_more_than_itself() -> None:
     items = [0.01] * 400
     items[0] = 4.0  # the head of the line: the others must not wait behind it
@@ -80,6 +83,7 @@ def test_one_slow_item_among_400_costs_no_more_than_itself() -> None:
     assert wall < 1.1 * longest, (wall, longest)
 
 
+@pytest.mark.serial  # a ratio or bound of wall times: run alone
 def test_a_frozen_local_worker_is_hedged_around() -> None:
     assert square([1]) == [1]  # the pool is up
     pool = _pool._pool

@@ -310,6 +310,7 @@ def _gunicorn(
     proc.stdout.close()
 
 
+@pytest.mark.serial  # a bound on wall time: run alone
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("worker", ["gthread", "serverless._worker.gthread.Worker"])
 def test_concurrent_parents_share_a_threaded_apps_free_threads(tmp_path: Any, worker: str) -> None:

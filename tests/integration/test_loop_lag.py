@@ -22,7 +22,8 @@ from serverless import _wire as p
 from tests import sample_functions as sf
 from tests.conftest import SECRET, free_port, server
 
-pytestmark = pytest.mark.timeout(120)
+# a bound on the probe's wait: run alone (pyproject.toml, marker "serial")
+pytestmark = [pytest.mark.timeout(120), pytest.mark.serial]
 
 ROUTE = "/serverless"
 LAG_BOUND = 0.4  # seconds: the old code held the loop 1.7-1.9 s on these bodies

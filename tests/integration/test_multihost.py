@@ -52,6 +52,7 @@ def io_bound(workers: int) -> Any:
     return multihost.io_bound.with_options(workers=workers, chunk_size=CHUNK)  # default retries
 
 
+@pytest.mark.serial  # a ratio of wall times: run alone
 def test_io_bound_run_scales_with_hosts(cluster: Cluster) -> None:
     fn = io_bound(workers=4 * THREADS * 2)
     data = list(range(4 * THREADS * CHUNK * 3))  # three rounds on 4 hosts, twelve on one

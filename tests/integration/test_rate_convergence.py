@@ -13,7 +13,8 @@ import pytest
 from tests import sample_functions as sf
 from tests.quota import DOWNSTREAM
 
-pytestmark = pytest.mark.usefixtures("in_process_worker")
+# rates measured over seconds: run alone (pyproject.toml, marker "serial")
+pytestmark = [pytest.mark.usefixtures("in_process_worker"), pytest.mark.serial]
 
 QUOTA = 200.0
 

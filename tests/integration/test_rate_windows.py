@@ -22,6 +22,9 @@ from serverless._pool import pool as _pool
 from tests import sample_functions as sf
 from tests.quota import DOWNSTREAM
 
+# starts per window measured in seconds: run alone (pyproject.toml, marker "serial")
+pytestmark = pytest.mark.serial
+
 
 def most_in(times: list[float], window: float) -> int:
     """The most starts in any sliding window of `window` seconds."""
