@@ -240,8 +240,8 @@ def where_defined() -> str:
 def remote_refusal(entry: _registry.Entry, target: str) -> ConfigurationError:
     """The error for a function of `__main__` called with a remote target: no code is ever
     sent to a remote worker (docs/security.md)."""
-    name = entry.qualname
-    short = name.rpartition(".")[2] if "." not in name else name.partition(".")[0]
+    name = entry.name.partition(":")[2] or entry.qualname  # a named lambda's name, not <lambda>
+    short = name.partition(".")[0]  # what to import: the function, or its class
     return ConfigurationError(
         f"{name} is defined {where_defined()}, and {target} cannot run it: a remote worker "
         "runs only functions it imports itself, never code sent to it (only the local pool "
