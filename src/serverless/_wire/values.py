@@ -304,6 +304,7 @@ class _Refused(Exception):
 
     def __init__(self, value: Any, path: str = "", reason: str = "") -> None:
         self.value, self.path, self.reason = value, path, reason
+        self.index = 0  # in a top-level list (_wire_all(top=True)): the value refused
 
     def within(self, step: str) -> _Refused:
         self.path = step + self.path
@@ -355,8 +356,10 @@ def wire_value(value: Any, where: str, fix: str) -> Any:
         raise SerializationError(f"{where} nests too deeply (or contains itself)") from None
 
 
-def _wire_all(values: list[Any]) -> list[Any]:
-    """`values` converted (the same list where nothing needs it); _Refused(path "[i]...")."""
+def _wire_all(values: list[Any], top: bool = False) -> list[Any]:
+    """`values` converted (the same list where nothing needs it); _Refused(path "[i]..."),
+    or for a `top` list (a chunk's items, its results) _Refused.index = i and the path inside
+    that value."""
     if EXACT_SCALARS.issuperset(map(type, values)):
         return values
     out: list[Any] | None = None
@@ -364,7 +367,10 @@ def _wire_all(values: list[Any]) -> list[Any]:
         try:
             sent = item if type(item) in EXACT_SCALARS else _wire(item)
         except _Refused as refused:
-            raise refused.within(f"[{i}]") from None
+            if not top:
+                raise refused.within(f"[{i}]") from None
+            refused.index = i
+            raise
         if out is None:
             if sent is item:
                 continue
@@ -613,22 +619,15 @@ def wire_items(shape: Shape, items: list[Any], offset: int = 0) -> list[Any]:
     """A chunk's items as the wire carries them: as they are where the items parameter is
     typed (the worker decodes them into its type), else by `to_wire` (the same list where
     nothing needs converting). SerializationError as `check_items`."""
-    if shape.items is not None or EXACT_SCALARS.issuperset(map(type, items)):
+    if shape.items is not None:
         return items
-    out: list[Any] | None = None
-    for index, item in enumerate(items):
-        try:
-            sent = _wire(item)
-        except _Refused as refused:
-            raise _items_error(shape, offset + index, item, refused) from None
-        except RecursionError:
-            raise SerializationError("a value nests too deeply (or contains itself)") from None
-        if out is None:
-            if sent is item:
-                continue
-            out = items[:index]
-        out.append(sent)
-    return items if out is None else out
+    try:
+        return _wire_all(items, top=True)
+    except _Refused as refused:
+        item = items[refused.index]
+        raise _items_error(shape, offset + refused.index, item, refused) from None
+    except RecursionError:
+        raise SerializationError("a value nests too deeply (or contains itself)") from None
 
 
 def wire_args(
@@ -675,23 +674,14 @@ def wire_results(shape: Shape, results: list[Any], fmt: str) -> list[Any] | Mism
     if fmt == JSON:
         inexact = _inexact_result(results)
         return results if inexact is None else inexact
-    if EXACT_SCALARS.issuperset(map(type, results)):
-        return results
-    out: list[Any] | None = None
-    for index, result in enumerate(results):
-        try:
-            sent = _wire(result)
-        except _Refused as refused:
-            fix = "" if refused.reason else _RESULT_FIX.format(_hint(result))
-            return Mismatch(index, f"{_describe_refused(refused, result)}.{fix}")
-        except RecursionError:
-            raise SerializationError("a value nests too deeply (or contains itself)") from None
-        if out is None:
-            if sent is result:
-                continue
-            out = results[:index]
-        out.append(sent)
-    return results if out is None else out
+    try:
+        return _wire_all(results, top=True)
+    except _Refused as refused:
+        result = results[refused.index]
+        fix = "" if refused.reason else _RESULT_FIX.format(_hint(result))
+        return Mismatch(refused.index, f"{_describe_refused(refused, result)}.{fix}")
+    except RecursionError:
+        raise SerializationError("a value nests too deeply (or contains itself)") from None
 
 
 def _items_error(shape: Shape, index: int, item: Any, refused: _Refused) -> SerializationError:
