@@ -9,6 +9,8 @@
     │   │                                      "too many"; the caller slows down and resends
     │   └── StillThrottled                     raised by the call: refused for `patience`
     │                                          seconds with no item completing
+    ├── TooManyFailures                        more items failed than `max_failures=` allows
+    ├── StoreError                             a result store (cache=) cannot be opened or read
     └── WorkerError                            no usable answer from a worker (has .url, .status)
         ├── RequestRejected                    the worker refused the request (4xx): not retried
         ├── WorkerUnavailable                  connection lost, 429/502/503/504: retried
@@ -31,7 +33,9 @@ __all__ = [
     "SerializationError",
     "ServerlessError",
     "StillThrottled",
+    "StoreError",
     "Throttled",
+    "TooManyFailures",
     "WorkerError",
     "WorkerTimeout",
     "WorkerUnavailable",
@@ -140,6 +144,28 @@ class StillThrottled(Throttled):
         self.last = last
         self.completed = completed
         self.throttles = throttles
+
+
+class TooManyFailures(ServerlessError):
+    """The call stopped: more of its items failed than `max_failures=` allows (errors="return").
+    Nothing more was sent and what was in flight was cancelled. `failures` holds every failure
+    so far (each a RemoteError with its item's index in the input, the remote type, message
+    and traceback), in input order; `succeeded` how many items had succeeded (and, with
+    `cache=`, were stored: a new call sends only the rest)."""
+
+    def __init__(self, message: str, *, failures: list[RemoteError], succeeded: int) -> None:
+        super().__init__(message)
+        self.failures = failures
+        self.succeeded = succeeded
+
+
+class StoreError(ServerlessError):
+    """A result store (`cache=`) that cannot be opened, read or written: unreachable, not a
+    store of ours, or damaged. `store` names it (a path or a URL, without its password)."""
+
+    def __init__(self, message: str, *, store: str) -> None:
+        super().__init__(message)
+        self.store = store
 
 
 def _seconds(value: float | str | None) -> float | None:
