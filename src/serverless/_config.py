@@ -60,6 +60,16 @@ class Options:
         waiting behind a slower chunk to keep the input order, and those expected from the
         chunks in flight. When it is full, no chunk is sent until the consumer takes results.
         Each chunk carries at most 1/32 of it each way. None: no bound.
+    cache: a result store: each item's result is stored as its chunk's answer arrives, and
+        a call sends only the items whose results are not stored yet (a rerun after a crash
+        resumes; a failed item is never stored). A path ("results.db", "sqlite:///path"), a
+        Redis URL ("redis://host:6379/0"), with "?ttl=SECONDS" to expire results, or a store
+        object (serverless.open_store). docs/reliability.md.
+    version: part of every cache key: bump it when what the function computes changes in a
+        way its own code does not show (a helper in another module, a model file).
+    max_failures: with errors="return", the most items that may fail (a count, or a fraction
+        of the input such as 0.05); one more and the call stops sending work, cancels what
+        is in flight and raises TooManyFailures with every failure so far.
     """
 
     workers: int = DEFAULT_WORKERS
@@ -74,6 +84,9 @@ class Options:
     rate: Rate | str | None = None
     patience: float | None = DEFAULT_PATIENCE
     buffer: int | None = DEFAULT_BUFFER
+    cache: Any = None  # str | os.PathLike[str] | serverless.ResultStore | None
+    version: str | int | None = None
+    max_failures: int | float | None = None
 
     def __post_init__(self) -> None:
         # a string such as "3000/min" is kept as items per second
@@ -99,6 +112,13 @@ class Options:
             _positive_int("buffer", self.buffer)
         if self.errors not in ("raise", "return"):
             raise ConfigurationError(f'errors must be "raise" or "return", not {self.errors!r}')
+        if not _store_like(self.cache):
+            raise ConfigurationError(
+                f"cache must be a path, a redis:// URL or a result store, not {self.cache!r}"
+            )
+        if self.version is not None and not isinstance(self.version, str | int):
+            raise ConfigurationError(f"version must be a str or an int, not {self.version!r}")
+        _check_failures(self.max_failures, self.errors)
 
     @property
     def items_per_s(self) -> Rate | None:
@@ -146,6 +166,9 @@ class OptionChanges(TypedDict, total=False):
     rate: float | str | None
     patience: float | None
     buffer: int | None
+    cache: Any
+    version: str | int | None
+    max_failures: int | float | None
 
 
 OPTION_NAMES = frozenset(f.name for f in fields(Options))
@@ -153,6 +176,30 @@ OPTION_NAMES = frozenset(f.name for f in fields(Options))
 _DEFAULTS: dict[str, Any] = {
     f.name: f.default for f in fields(Options) if "None" not in str(f.type)
 }
+
+
+def _store_like(value: object) -> bool:
+    if value is None or isinstance(value, str | os.PathLike):
+        return True
+    return all(hasattr(value, name) for name in ("get_many", "put_many", "location"))
+
+
+def _check_failures(value: object, errors: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"max_failures must be a count or a fraction, not {value!r}")
+    if isinstance(value, int) and value < 0:
+        raise ConfigurationError(f"max_failures must be a count >= 0, not {value!r}")
+    if isinstance(value, float) and not 0 <= value < 1:
+        raise ConfigurationError(
+            f"max_failures as a fraction must be >= 0 and < 1 (a count is an int): {value!r}"
+        )
+    if errors != "return":
+        raise ConfigurationError(
+            'max_failures= counts the failures that errors="return" puts in the results: '
+            'with errors="raise" the first failure ends the call. Pass errors="return" too'
+        )
 
 
 def _positive_int(name: str, value: object) -> None:

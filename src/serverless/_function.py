@@ -9,12 +9,14 @@ is the same step carrying its binding, so every calling form keeps it.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import functools
 import importlib
 import inspect
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,11 +35,14 @@ from typing import (
 
 from . import _registry
 from . import _wire as p
+from ._caller.cache import CallCache
+from ._caller.cachekey import call_prefix, code_digest
 from ._caller.chunking import AdaptiveChunks, Chunk, ChunkBytes
 from ._caller.dispatch import dispatcher
 from ._caller.fanout import Tally, close_batches, next_batch
 from ._caller.plan import CallPlan, make_plan
 from ._caller.sharing import run_shared
+from ._caller.store import shared_store
 from ._caller.transport import Target
 from ._config import DEFAULT_BUFFER, DEFAULT_PATIENCE, ErrorMode, OptionChanges, Options
 from ._exceptions import ConfigurationError, SerializationError
@@ -96,6 +101,10 @@ class _Step(Generic[P, R]):
             "_receiver": self._receiver,
             **{k: v for k, v in vars(self).items() if k in _SENT_STATE},
         }
+        options = state.get("options")
+        if isinstance(options, Options) and options.cache is not None:
+            # a worker never stores results: its copy needs no store (an open one won't pickle)
+            state["options"] = options.changed({"cache": None})
         if _byvalue.is_main_name(self._func):
             return (_revive, (type(self), self._sent(), state))
         return (_revive_named, (type(self), self._func.__module__, self._key(), state))
@@ -355,8 +364,12 @@ class ParallelFunction(_Step[P, R]):
         wire = None
         if convert and shape.items is None:
             wire = functools.partial(_wire_chunk, shape)
-        chunks, sizer, weights = plan.chunks(items, wire)
-        return Invocation(steps, plan, chunks, count, sizer, weights)
+        cache = None
+        if self.options.cache is not None and count != 0:
+            raw_args = [*args[1:], *self._bound_args], {**self._bound_kwargs, **kwargs}
+            cache = _call_cache(steps, binds, raw_args, last)
+        chunks, sizer, weights = plan.chunks(items, wire, cache)
+        return Invocation(steps, plan, chunks, count, sizer, weights, cache)
 
     def _wire_binding(self, bind: Bind, receiver: Any) -> tuple[Bind, dict[str, Any]]:
         """The binding the workers get, and the receiver's state: an instance travels as
@@ -395,9 +408,11 @@ class Invocation:
         count: int | None,  # None: an iterator, read off the loop thread
         sizer: AdaptiveChunks | None = None,
         weights: ChunkBytes | None = None,
+        cache: CallCache | None = None,
     ) -> None:
         self.steps, self.plan, self.chunks, self.count = steps, plan, chunks, count
         self.target, self.sizer, self.weights = plan.target, sizer, weights
+        self.cache = cache
         self.started = time.perf_counter()
         self.stats: list[StepStats] = []  # one per step, once the call is done
 
@@ -416,12 +431,18 @@ class Invocation:
                 sizer=self.sizer,
                 weights=self.weights,
                 hold=self.plan.buffer if bounded else None,
+                cache=self.cache,
+                count=self.count,
             )
-            async with contextlib.aclosing(fanout):  # cancels what is in flight if closed
-                async for batch in fanout:
-                    produced += len(batch)
-                    yield batch
-                    batch = []  # the consumer has it: not kept while the next one comes
+            try:
+                async with contextlib.aclosing(fanout):  # cancels what is in flight if closed
+                    async for batch in fanout:
+                        produced += len(batch)
+                        yield batch
+                        batch = []  # the consumer has it: not kept while the next one comes
+            finally:
+                if self.cache is not None:  # what came back is stored before the call ends
+                    await asyncio.get_running_loop().run_in_executor(None, self.cache.close)
         self._finish(produced, tally)
 
     async def collect(self) -> list[Any]:
@@ -468,7 +489,8 @@ class Invocation:
         to their compute, so the steps' durations add up to the call's."""
         duration = time.perf_counter() - self.started
         fused = len(self.steps) > 1
-        counts = [self.count if self.count is not None else tally.count]
+        hits = self.cache.hits if self.cache is not None else 0
+        counts = [self.count if self.count is not None else tally.count + hits]
         counts += tally.stage_counts if fused else [produced]
         computes = tally.stage_compute_s if fused else [tally.compute_s]
         if fused and not tally.done:
@@ -508,6 +530,10 @@ class Invocation:
                 window=tally.window,
                 buffered=tally.buffered,
                 inline=inline,
+                failed=tally.failed,
+                cache_hits=hits,
+                items_sent=tally.count,
+                cache_error=self.cache.error if self.cache is not None else None,
             )
             step._last.stats = stats
             self.stats.append(stats)
@@ -563,6 +589,25 @@ class SequentialFunction(_Step[P, R]):
         )
         self._last.stats = stats
         return result, stats
+
+
+def _call_cache(
+    steps: Sequence[ParallelFunction[Any, Any]],
+    binds: Sequence[tuple[Bind, dict[str, Any]]],
+    arguments: tuple[list[Any], dict[str, Any]],
+    results: Shape,
+) -> CallCache:
+    """The call's use of its result store: keys made of every stage's name, code and
+    version, the call's arguments and receivers, and the type its results decode into."""
+    spec = steps[0].options.cache
+    store = spec if not isinstance(spec, str | os.PathLike) else shared_store(os.fspath(spec))
+    stages = [
+        (step.entry.name, code_digest(step._func), str(step.options.version or ""))
+        for step in steps
+    ]
+    stages.append(("results", b"", repr(results.result)))
+    prefix = call_prefix(stages, [*arguments, [state for _, state in binds]], {})
+    return CallCache(store, prefix, results)
 
 
 def _by_value(steps: Sequence[ParallelFunction[Any, Any]]) -> Callable[[Target], str] | None:
@@ -745,6 +790,9 @@ def parallel(
     rate: float | str | None = None,
     patience: float | None = DEFAULT_PATIENCE,
     buffer: int | None = DEFAULT_BUFFER,
+    cache: Any = None,
+    version: str | int | None = None,
+    max_failures: int | float | None = None,
     name: str | None = None,
 ) -> _ParallelDecorator: ...
 def parallel(
@@ -763,6 +811,9 @@ def parallel(
     rate: float | str | None = None,
     patience: float | None = DEFAULT_PATIENCE,
     buffer: int | None = DEFAULT_BUFFER,
+    cache: Any = None,
+    version: str | int | None = None,
+    max_failures: int | float | None = None,
     name: str | None = None,
 ) -> Any:
     """Run the function on chunks of its first argument, in parallel, on HTTP workers.
@@ -786,6 +837,9 @@ def parallel(
             hedge=hedge,
             errors=errors,
             rate=rate,
+            cache=cache,
+            version=version,
+            max_failures=max_failures,
         )
         .changed({"patience": patience, "buffer": buffer})
     )

@@ -51,6 +51,10 @@ class StepStats:
     `buffer=`).
     inline: chunks that ran in the caller's own thread (a call made while serving a request,
     on the app it calls back into), where the app had no free thread to send them to.
+    failed: errors="return": the input indices of the items that failed, in order.
+    cache_hits: items whose results came from the result store (cache=); items_sent: items
+    that workers answered (the misses); cache_error: why the store stopped being used during
+    the call, if it did (the call went on uncached).
     """
 
     name: str
@@ -70,6 +74,10 @@ class StepStats:
     window: int = 0
     buffered: int = 0
     inline: int = 0
+    failed: list[int] = field(default_factory=list)
+    cache_hits: int = 0
+    items_sent: int = 0
+    cache_error: str | None = None
 
     @property
     def items_per_s(self) -> float:

@@ -27,6 +27,7 @@ from .._exceptions import (
     WorkerUnavailable,
 )
 from . import http as _http
+from .cache import CallCache
 from .chunking import AdaptiveChunks, Chunk, ChunkBytes
 from .fanout import Answer, Fanout, Tally
 from .flow import Capacities
@@ -120,6 +121,8 @@ class Dispatcher:
         sizer: AdaptiveChunks | None = None,
         weights: ChunkBytes | None = None,
         hold: int | None = None,
+        cache: CallCache | None = None,
+        count: int | None = None,
     ) -> AsyncGenerator[list[Any], None]:
         """One call's results in order, in batches (see fanout.py); iterate on the loop."""
         target = plan.target
@@ -152,6 +155,8 @@ class Dispatcher:
             sizer=sizer,
             weights=weights,
             hold=hold,
+            cache=cache,
+            count=count,
         )
         return fanout.results()
 

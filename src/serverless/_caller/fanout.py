@@ -26,9 +26,17 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._exceptions import DeadlineExceeded, StillThrottled, WorkerError, WorkerUnavailable
+from .._exceptions import (
+    DeadlineExceeded,
+    RemoteError,
+    StillThrottled,
+    TooManyFailures,
+    WorkerError,
+    WorkerUnavailable,
+)
 from .._stats import ChunkStats
 from .._wire import StageFigures, Throttle
+from .cache import CallCache
 from .chunking import AdaptiveChunks, Chunk, ChunkBytes
 from .flow import Capacities, Window
 from .plan import CallPlan
@@ -64,6 +72,7 @@ class Tally:
     stage_counts: list[int] = field(default_factory=list)  # a fused call's, per stage: items out
     stage_compute_s: list[float] = field(default_factory=list)
     buffered: int = 0  # the most bytes of results held at once, waiting for an earlier chunk
+    failed: list[int] = field(default_factory=list)  # errors="return": failed items' indices
 
     def add(self, stats: ChunkStats) -> None:
         self.done += 1
@@ -220,6 +229,8 @@ class Fanout:
         sizer: AdaptiveChunks | None = None,  # fed each answer's size and compute time
         weights: ChunkBytes | None = None,  # fed each answer's bytes
         hold: int | None = None,  # bytes of results the call may hold (None: no bound)
+        cache: CallCache | None = None,  # the call's result store: chunks carry only misses
+        count: int | None = None,  # items in the input (None: a stream)
     ) -> None:
         self.plan = plan
         self.function = plan.function
@@ -231,6 +242,10 @@ class Fanout:
         self.sizer = sizer
         self.weights = weights
         self.hold = hold
+        self.cache = cache
+        self.count = count
+        self.failures: list[RemoteError] = []  # errors="return": every failed item so far
+        self.succeeded = 0  # items with a result so far (errors="return")
         self.held = 0  # bytes of results: waiting in `ready`, and expected from those running
         self.waiting = 0  # bytes of results in `ready`
         self.load = dict.fromkeys(urls, 0)
@@ -295,6 +310,7 @@ class Fanout:
         finally:
             self.tally.rate, self.tally.window = self.pacer.rate, self._room()
             self.tally.throttles = self.pacer.throttles
+            self.tally.failed = sorted(e.index for e in self.failures if e.index is not None)
             await self._cancel_all()
 
     def _may_hold(self, next_out: int) -> bool:
@@ -318,8 +334,9 @@ class Fanout:
         return min(self.plan.workers, known or self.plan.workers)
 
     async def _read(self) -> Chunk | None:
-        """The next chunk; a generator runs in a thread so a slow one never blocks the loop."""
-        if not self.lazy_input:
+        """The next chunk; a generator runs in a thread so a slow one never blocks the loop,
+        and so do a cached call's lookups."""
+        if not self.lazy_input and self.cache is None:
             return next(self.chunks, None)
         read = asyncio.get_running_loop().run_in_executor(None, next, self.chunks, None)
         chunk: Chunk | None = await self._within_deadline(read, "reading the input")
@@ -422,7 +439,8 @@ class Fanout:
         if exc is None:
             owner.settled = True
             nbytes = owner.answered
-            self.ready[owner.index] = (task.result(), nbytes)
+            results = task.result()
+            self.ready[owner.index] = (results, nbytes)
             self.held += nbytes - owner.expected  # now as answered, no longer as expected
             self.waiting += nbytes
             self.tally.buffered = max(self.tally.buffered, self.waiting)
@@ -431,11 +449,32 @@ class Fanout:
             for other in owner.tasks:
                 if other is not task:
                     other.cancel()  # the hedge lost: its answer will be ignored
+            if self.plan.isolate:
+                self._count_failures(results)
             return
         owner.tasks.remove(task)
         if owner.tasks and isinstance(exc, WorkerError):
             return  # its sibling may still succeed
         raise exc
+
+    def _count_failures(self, results: list[Any]) -> None:
+        """errors="return": the failures so far, and the end of the call once they are more
+        than max_failures allows (what is in flight is cancelled as the driver unwinds)."""
+        failures = [result for result in results if isinstance(result, RemoteError)]
+        self.failures += failures
+        self.succeeded += len(results) - len(failures)
+        failed, answered = len(self.failures), self.succeeded + len(self.failures)
+        if not failures or not self.plan.too_many_failures(failed, answered, self.count):
+            return
+        ordered = sorted(self.failures, key=lambda e: -1 if e.index is None else e.index)
+        first = ordered[0]
+        raise TooManyFailures(
+            f"{self.function}: {failed} items failed, more than max_failures="
+            f"{self.plan.max_failures} allows; the call stopped with {self.succeeded} "
+            f"succeeded. The first: {first}",
+            failures=ordered,
+            succeeded=self.succeeded,
+        )
 
     def _launch(self, chunk: _Chunk, hedge: bool = False) -> None:
         if not hedge:
@@ -447,7 +486,11 @@ class Fanout:
             if self.plan.hedge:
                 heapq.heappush(self._by_start, (chunk.started, chunk.index, chunk))
         avoid = set(chunk.urls) if hedge else set()
-        task = asyncio.create_task(self._attempts(chunk, chunk.chunk, avoid, len(chunk.tasks)))
+        lane = len(chunk.tasks)
+        if self.cache is None:
+            task = asyncio.create_task(self._attempts(chunk, chunk.chunk, avoid, lane))
+        else:
+            task = asyncio.create_task(self._cached(self.cache, chunk, avoid, lane))
         task.add_done_callback(functools.partial(self._finish, chunk))
         chunk.tasks.append(task)
         self.busy += 1
@@ -491,6 +534,20 @@ class Fanout:
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+    async def _cached(
+        self, cache: CallCache, owner: _Chunk, avoid: set[str], lane: int
+    ) -> list[Any]:
+        """A cached call's piece: its results found in the store with those of its items
+        (misses) in their places; a piece with no items sends nothing."""
+        chunk = owner.chunk
+        if not chunk.items:
+            return cache.merge(chunk, [])
+        try:
+            results = await self._attempts(owner, chunk, avoid, lane)
+        except RemoteError as exc:  # counted among the misses: renumbered in the input
+            raise cache.placed(chunk, exc) from exc.__cause__
+        return cache.merge(chunk, results)
 
     # -- one chunk: retries ----------------------------------------------------------------
     # errors="return" needs nothing here: the worker runs such a chunk item by item and its

@@ -20,6 +20,7 @@ from .. import _wire as p
 from .._config import Options, Rate
 from .._registry import BIND_NONE, Bind
 from .._wire.values import UNTYPED, Shape
+from .cache import CallCache, KnownRuns
 from .chunking import (
     AdaptiveChunks,
     Chunk,
@@ -43,6 +44,7 @@ PACED_CHUNK_S = 0.05  # seconds of its rate= one chunk of a paced list holds
 # 2 MiB, in 33 s with chunks of 8 MiB (bench/streams.py, the default 64 MiB buffer).
 BODY_SHARE = 4
 BUFFER_SHARE = 32
+MIN_ANSWERED = 100  # items a stream answers before a max_failures= fraction applies
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,20 @@ class CallPlan:
     # the SHA-256 of the pickle of the call's functions of `__main__`, in the local pool's
     # private directory (_pool/byvalue.py); "": every function is found by its name
     code: str = ""
+    max_failures: int | float | None = None  # errors="return": failures the call may have
+
+    def too_many_failures(self, failed: int, answered: int, count: int | None) -> bool:
+        """Whether `failed` items (of `answered`, of `count` in all; None: a stream) are more
+        than max_failures allows: a count, or a fraction of the input (of a stream: of the
+        items answered so far, once there are MIN_ANSWERED, so a first failure is no 100%)."""
+        budget = self.max_failures
+        if budget is None or not self.isolate:
+            return False
+        if isinstance(budget, int):
+            return failed > budget
+        if count is not None:
+            return failed > budget * count
+        return answered >= MIN_ANSWERED and failed > budget * answered
 
     @property
     def fused(self) -> bool:
@@ -146,13 +162,17 @@ class CallPlan:
         )
 
     def chunks(
-        self, items: Iterable[Any], wire: Callable[[Chunk], Chunk] | None = None
+        self,
+        items: Iterable[Any],
+        wire: Callable[[Chunk], Chunk] | None = None,
+        cache: CallCache | None = None,
     ) -> tuple[Iterator[Chunk], AdaptiveChunks | None, ChunkBytes]:
         """The input cut as planned, read lazily unless it is a list, each chunk made what
         the wire carries by `wire` as it is cut (values.py: its untyped items converted, or a
         SerializationError), then re-cut where it weighs too much (chunking.py); for an
         input of unknown length with no chunk_size, the sizer the replies feed; and the
-        weights of items and results, which the replies feed too."""
+        weights of items and results, which the replies feed too. With a `cache`, each chunk
+        is looked up as it is cut and only its misses go on (cache.py)."""
         max_body = self.target.max_body if self.target is not None else p.MAX_BODY
         limit = min(max_body, p.MAX_REPLY) // BODY_SHARE
         if self.buffer is not None:
@@ -160,18 +180,23 @@ class CallPlan:
         # what every request carries besides its items (arguments, names): not theirs
         bare = len(p.encode(self.envelope(Chunk(0, 0, []), self.timeout, 0.0, None)))
         weights = ChunkBytes(max(1, limit - bare))
-        sizer = None
+        sizer = runs = None
         if isinstance(items, Sequence):
             cut = chunk_sequence(items, self.parts, self.chunk_size)
         elif self.chunk_size is not None:
             cut = chunk_iterable(items, self.chunk_size)
         else:
             sizer = AdaptiveChunks(weights=weights)
-            cut = chunk_adaptive(items, sizer)
+            runs = KnownRuns(sizer) if cache is not None else None
+            cut = chunk_adaptive(items, runs or sizer)
+        if cache is not None:
+            cut = cache.lookups(cut, runs)
         if wire is not None:
             cut = map(wire, cut)
         room = max(1, max_body - bare - 16)  # 16: the items' array header, with margin
-        pieces = within_bytes(cut, weights, _encoded_size, room, self.function)
+        pieces: Iterator[Chunk] = within_bytes(cut, weights, _encoded_size, room, self.function)
+        if cache is not None:
+            pieces = cache.attach(pieces)
         return pieces, sizer, weights
 
 
@@ -236,6 +261,7 @@ def make_plan(
         patience=_strictest(options.patience for options in every),
         buffer=first.buffer,
         code=code,
+        max_failures=first.max_failures,
     )
 
 

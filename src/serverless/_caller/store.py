@@ -53,3 +53,8 @@ class ResultStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def shared_store(spec: str) -> ResultStore:
+    """The store a string spec names, opened once per process (stub until the stores land)."""
+    raise NotImplementedError(f"no store for {spec!r} yet")

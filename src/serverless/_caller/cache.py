@@ -1,0 +1,271 @@
+"""One call's use of a result store (`cache=`): look items up, send only the misses, store
+what comes back.
+
+Where it sits in the chunk pipeline (plan.py `CallPlan.chunks`):
+
+    cut -> lookups -> (wire, re-cut by bytes) -> attach -> the fan-out
+
+`lookups` takes each chunk as cut from the input, computes its items' keys (cachekey.py),
+asks the store for them in one `get_many`, and passes on only the items it did not find, in
+"miss coordinates" (their offset among the call's misses), splitting a long run of misses
+into parts the size the call would send. A chunk whose items were all found passes on
+empty, so the pipeline stays lazy: a stream of any length is looked up as it is read, never
+whole. `attach` pairs each piece that comes out of the re-cut with the results found for the
+items around it, so each piece the fan-out settles yields its part of the output in input
+order: the found results with the workers' in their places (`merge`). A piece with no items
+is settled without a request.
+
+Results are stored as each piece's answer arrives, on a writer thread (one `put_many`, one
+transaction, per answer); an item that failed (errors="return") is never stored, so calling
+again reruns exactly the failures. A store that fails during the call (unreachable, damaged)
+is not used for the rest of it: the call goes on uncached, logs a warning, and its
+statistics say why (`StepStats.cache_error`): a store can cost work, never a wrong result.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+
+from .. import _wire as p
+from .._exceptions import RemoteError, StoreError
+from .._wire.values import Shape, decoder, to_wire
+from .cachekey import item_keys
+from .chunking import AdaptiveChunks, Chunk
+from .store import ResultStore
+
+logger = logging.getLogger("serverless.cache")
+
+MISSING: Final = object()  # an item whose result the store did not have
+CLOSE_WITHIN = 60.0  # seconds a call waits, at its end, for its results to be stored
+
+
+@dataclass(frozen=True, slots=True)
+class Piece(Chunk):
+    """A chunk of a cached call as the fan-out gets it: its items are misses (offsets in miss
+    coordinates); `span` is its part of the output, the found results with MISSING where its
+    items' results go; `positions` and `keys` are its items' places in the input and keys."""
+
+    span: list[Any] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)
+
+
+class _Lookup:
+    """One cut chunk, looked up: its results as found, and where its misses are."""
+
+    __slots__ = ("base", "found", "keys", "misses", "offset", "start")
+
+    def __init__(self, offset: int, found: list[Any], keys: list[bytes], base: int) -> None:
+        self.offset, self.found, self.keys, self.base = offset, found, keys, base
+        self.misses = [i for i, result in enumerate(found) if result is MISSING]
+        self.start = 0  # where the next piece's part of the output begins
+
+
+class KnownRuns:
+    """An input of unknown length, cut adaptively: while every item is found, chunks grow
+    (x4 up to the sizer's largest) so a cached stream is looked up in large batches; the
+    misses still go out in chunks of the size the replies call for (`lookups` splits them)."""
+
+    def __init__(self, sizer: AdaptiveChunks) -> None:
+        self.sizer = sizer
+        self.run = 0
+
+    def next_size(self) -> int:
+        return max(self.sizer.next_size(), self.run)
+
+    def found(self, all_found: bool) -> None:
+        self.run = min(self.sizer.max_size, max(self.sizer.start, self.run * 4)) if all_found else 0
+
+
+class CallCache:
+    """The store, as one call uses it; `close()` once the call is over."""
+
+    def __init__(self, store: ResultStore, prefix: bytes, shape: Shape) -> None:
+        self.store, self.prefix, self.shape = store, prefix, shape
+        self.typed = shape.result is not None
+        self.decoder: Any = decoder(shape.result if self.typed else Any, p.MSGPACK)
+        self.hits = 0
+        self.stored = 0
+        self.error: str | None = None  # why the store stopped being used, if it did
+        self._pending: deque[_Lookup] = deque()
+        self._writes: queue.SimpleQueue[list[tuple[bytes, Any]] | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+
+    # -- reading: on the thread that reads the input -------------------------------------
+
+    def lookups(
+        self, cut: Iterator[Chunk], runs: KnownRuns | None = None, most: int | None = None
+    ) -> Iterator[Chunk]:
+        """Each chunk's misses (`most` at a time at most, or as many as `runs`' sizer says),
+        in miss coordinates; an empty chunk where every item was found."""
+        base = 0
+        index = 0
+        for chunk in cut:
+            keys = item_keys(self.prefix, chunk.items)
+            found = self._found(keys)
+            lookup = _Lookup(chunk.offset, found, keys, base)
+            self._pending.append(lookup)
+            misses = [chunk.items[i] for i in lookup.misses]
+            self.hits += len(found) - len(misses)
+            if runs is not None:
+                runs.found(not misses)
+            step = most or (runs.sizer.next_size() if runs is not None else len(misses))
+            for first in range(0, len(misses), max(1, step)) if misses else (0,):
+                part = misses[first : first + step] if step < len(misses) else misses
+                yield Chunk(index, base + first, part)
+                index += 1
+            base += len(misses)
+
+    def _found(self, keys: list[bytes]) -> list[Any]:
+        if self.error is None:
+            try:
+                payloads = self.store.get_many(keys)
+            except StoreError as exc:
+                self._failed(exc)
+            else:
+                return [MISSING if raw is None else self._decoded(raw) for raw in payloads]
+        return [MISSING] * len(keys)
+
+    def _decoded(self, raw: bytes) -> Any:
+        try:
+            return self.decoder.decode(raw)
+        except (msgspec.DecodeError, ValueError):  # not what this function returns: recompute
+            return MISSING
+
+    def attach(self, pieces: Iterator[Chunk]) -> Iterator[Piece]:
+        """Each piece with its part of the output (see the module's docstring)."""
+        for piece in pieces:
+            lookup = self._pending[0]
+            first = piece.offset - lookup.base
+            stop = first + len(piece.items)
+            misses = lookup.misses
+            last = stop == len(misses)
+            end = len(lookup.found) if last else misses[stop - 1] + 1
+            mine = misses[first:stop]
+            yield Piece(
+                piece.index,
+                piece.offset,
+                piece.items,
+                piece.nbytes,
+                span=lookup.found[lookup.start : end],
+                positions=[lookup.offset + i for i in mine],
+                keys=[lookup.keys[i] for i in mine],
+            )
+            lookup.start = end
+            if last:
+                self._pending.popleft()
+
+    # -- answers: on the dispatcher's loop ------------------------------------------------
+
+    def merge(self, chunk: Chunk, results: list[Any]) -> list[Any]:
+        """A piece's part of the output: its found results with `results` (its items') in
+        their places, each failed item's RemoteError renumbered to its place in the input;
+        the successes queued for the store."""
+        assert isinstance(chunk, Piece)
+        out = list(chunk.span)
+        fresh = iter(results)
+        saved: list[tuple[bytes, Any]] = []
+        item = 0
+        for i, result in enumerate(out):
+            if result is MISSING:
+                result = next(fresh)
+                if isinstance(result, RemoteError):
+                    result = self.placed(chunk, result)
+                else:
+                    saved.append((chunk.keys[item], result))
+                out[i] = result
+                item += 1
+        if saved and self.error is None:
+            self._write(saved)
+        return out
+
+    def placed(self, chunk: Chunk, error: RemoteError) -> RemoteError:
+        """`error` (its index counted in miss coordinates) with its item's index in the input."""
+        assert isinstance(chunk, Piece)
+        at = None if error.index is None else error.index - chunk.offset
+        if at is None or not 0 <= at < len(chunk.positions):
+            return error
+        placed = RemoteError(
+            error.function,
+            error.type_name,
+            error.message,
+            error.traceback,
+            index=chunk.positions[at],
+            item=error.item,
+            worker=error.worker,
+            status=error.status,
+        )
+        return placed
+
+    # -- writing: on the call's writer thread ---------------------------------------------
+
+    def _write(self, records: list[tuple[bytes, Any]]) -> None:
+        if self._writer is None:
+            writer = threading.Thread(target=self._drain, name="serverless-cache", daemon=True)
+            self._writer = writer
+            writer.start()
+        self._writes.put(records)
+
+    def _drain(self) -> None:
+        """Store each answer's results, one transaction each (several, if they queued up
+        while the last was written: all or none of each answer still holds)."""
+        while True:
+            batch = self._writes.get()
+            done = batch is None
+            records = [] if batch is None else batch
+            while not done:  # whatever else is waiting goes in the same transaction
+                try:
+                    more = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    done = True
+                else:
+                    records += more
+            if records and self.error is None:
+                self._put(records)
+            if done:
+                return
+
+    def _put(self, records: list[tuple[bytes, Any]]) -> None:
+        encode = p.encode
+        try:
+            if self.typed:
+                payloads = [(key, encode(result)) for key, result in records]
+            else:
+                payloads = [(key, encode(to_wire(result))) for key, result in records]
+            self.store.put_many(payloads)
+        except StoreError as exc:
+            self._failed(exc)
+        except Exception as exc:  # never fail the call over its cache
+            self._failed(exc)
+        else:
+            self.stored += len(records)
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = f"{type(exc).__name__}: {exc}"
+            logger.warning(
+                "the result store %s failed (%s): this call goes on without it, and results "
+                "from now on are not stored",
+                self.store.location,
+                self.error,
+            )
+
+    def close(self) -> None:
+        """Wait until every result queued is stored (or the store has failed)."""
+        writer = self._writer
+        if writer is None:
+            return
+        self._writes.put(None)
+        writer.join(CLOSE_WITHIN)
+        if writer.is_alive():  # pragma: no cover - a store that hangs past its own timeouts
+            self._failed(TimeoutError(f"results not stored within {CLOSE_WITHIN:g}s"))
