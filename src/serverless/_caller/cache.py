@@ -56,16 +56,20 @@ class Piece(Chunk):
     span: list[Any] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)
+    found_bytes: int = 0  # what its found results weighed, stored: a stream's buffer counts it
 
 
 class _Lookup:
     """One cut chunk, looked up: its results as found, and where its misses are."""
 
-    __slots__ = ("base", "found", "keys", "misses", "offset", "start")
+    __slots__ = ("base", "found", "keys", "misses", "nbytes", "offset", "start")
 
-    def __init__(self, offset: int, found: list[Any], keys: list[bytes], base: int) -> None:
+    def __init__(
+        self, offset: int, found: list[Any], keys: list[bytes], base: int, nbytes: int
+    ) -> None:
         self.offset, self.found, self.keys, self.base = offset, found, keys, base
         self.misses = [i for i, result in enumerate(found) if result is MISSING]
+        self.nbytes = nbytes  # of the found results, as stored
         self.start = 0  # where the next piece's part of the output begins
 
 
@@ -110,8 +114,8 @@ class CallCache:
         index = 0
         for chunk in cut:
             keys = item_keys(self.prefix, chunk.items)
-            found = self._found(keys)
-            lookup = _Lookup(chunk.offset, found, keys, base)
+            found, nbytes = self._found(keys)
+            lookup = _Lookup(chunk.offset, found, keys, base, nbytes)
             self._pending.append(lookup)
             misses = [chunk.items[i] for i in lookup.misses]
             self.hits += len(found) - len(misses)
@@ -124,15 +128,17 @@ class CallCache:
                 index += 1
             base += len(misses)
 
-    def _found(self, keys: list[bytes]) -> list[Any]:
+    def _found(self, keys: list[bytes]) -> tuple[list[Any], int]:
+        """The results stored under `keys` (MISSING where none), and their bytes."""
         if self.error is None:
             try:
                 payloads = self.store.get_many(keys)
             except StoreError as exc:
                 self._failed(exc)
             else:
-                return [MISSING if raw is None else self._decoded(raw) for raw in payloads]
-        return [MISSING] * len(keys)
+                found = [MISSING if raw is None else self._decoded(raw) for raw in payloads]
+                return found, sum(len(raw) for raw in payloads if raw is not None)
+        return [MISSING] * len(keys), 0
 
     def _decoded(self, raw: bytes) -> Any:
         try:
@@ -150,6 +156,7 @@ class CallCache:
             last = stop == len(misses)
             end = len(lookup.found) if last else misses[stop - 1] + 1
             mine = misses[first:stop]
+            share = lookup.nbytes * (end - lookup.start) // max(1, len(lookup.found))
             yield Piece(
                 piece.index,
                 piece.offset,
@@ -158,6 +165,7 @@ class CallCache:
                 span=lookup.found[lookup.start : end],
                 positions=[lookup.offset + i for i in mine],
                 keys=[lookup.keys[i] for i in mine],
+                found_bytes=share,
             )
             lookup.start = end
             if last:
