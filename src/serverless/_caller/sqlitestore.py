@@ -24,6 +24,7 @@ from .store import CHECK_BYTES, StoreStats, Unsealer, seal
 FORMAT = "serverless-results-1"
 MAGIC = b"SQLite format 3\x00"
 BUSY_MS = 10_000  # several processes write at once; each write holds the lock for ms
+_DAMAGED = "is damaged"  # in the messages that `serverless cache clear` resolves
 BATCH = 500  # keys per SELECT: under SQLite's variable limit (999 before 3.32)
 
 _SCHEMA = (
@@ -143,12 +144,6 @@ class SQLiteStore:
         )
         try:
             db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
-            if db.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
-                raise StoreError(
-                    f"the result store {self.path} cannot use SQLite's WAL journal (a network "
-                    "file system?): put it on a local disk",
-                    store=self.path,
-                )
             db.execute("PRAGMA synchronous = NORMAL")  # in WAL: a killed process loses nothing
         except BaseException:
             db.close()
@@ -167,6 +162,8 @@ class SQLiteStore:
         db.execute("COMMIT")
 
     def _init(self, db: sqlite3.Connection) -> None:
+        """Check that the file is one of ours (before writing anything to it), create the
+        tables in a new one, turn WAL on (it stays on in the file), sweep expired records."""
         tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
         if tables and "meta" not in tables:
             raise _foreign(self.path, "a SQLite database of something else")
@@ -177,7 +174,13 @@ class SQLiteStore:
         row = db.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
         if row is None or row[0] != FORMAT:
             raise _foreign(self.path, f"of format {row[0] if row else None!r}, not {FORMAT!r}")
-        with self._transaction(db):  # sweep what has expired; the index makes it cheap
+        if db.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+            raise StoreError(
+                f"the result store {self.path} cannot use SQLite's WAL journal (a network "
+                "file system?): put it on a local disk",
+                store=self.path,
+            )
+        with self._transaction(db):  # the index makes this cheap
             db.execute("DELETE FROM results WHERE expires <= ?", (time.time(),))
 
     def _forked(self) -> None:
@@ -195,6 +198,22 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
 
+def clear_file(path: str | os.PathLike[str]) -> int | None:
+    """`serverless cache clear` on a file: how many records it removed; None when the store
+    was damaged and its files were removed instead."""
+    try:
+        store = SQLiteStore(path)
+        try:
+            return store.clear()
+        finally:
+            store.close()
+    except StoreError as exc:
+        if _DAMAGED not in str(exc):
+            raise
+    reset(path)
+    return None
+
+
 def reset(path: str | os.PathLike[str]) -> None:
     """Remove a damaged store's file and its companions (`serverless cache clear` on a file
     that cannot be opened), after the same checks as opening it: never through a symlink,
@@ -210,36 +229,36 @@ def reset(path: str | os.PathLike[str]) -> None:
             os.unlink(name)
 
 
-def _check_file(path: str, *, create: bool = True) -> tuple[int, int]:
+def _check_file(path: str) -> tuple[int, int]:
     """Create the file 0600 if missing; refuse one that another local user could have
     planted. Returns its (device, inode) to check that SQLite opened the same file."""
     nofollow = getattr(os, "O_NOFOLLOW", 0)
-    if create:
-        parent = os.path.dirname(path)
-        try:
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | nofollow, 0o600)
-            os.close(fd)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise StoreError(
-                f"cannot create the result store {path}: {exc.strerror}", store=path
-            ) from exc
+    exclusive = os.O_RDWR | os.O_CREAT | os.O_EXCL | nofollow
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        os.close(os.open(path, exclusive, 0o600))
+        new = True
+    except FileExistsError:
+        new = False
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create the result store {path}: {exc.strerror}", store=path
+        ) from exc
     identity = _check_one(path)
+    _check_head(path)
     for companion in (path + "-wal", path + "-shm"):
-        if create:  # so that SQLite opens ours rather than one planted before it creates it
+        if new:  # ours, before SQLite creates them: a link planted meanwhile is not followed
             with contextlib.suppress(OSError):
-                os.close(os.open(companion, os.O_RDWR | os.O_CREAT | os.O_EXCL | nofollow, 0o600))
+                os.close(os.open(companion, exclusive, 0o600))
         with contextlib.suppress(FileNotFoundError):
             _check_one(companion)
-    _check_head(path)
     return identity
 
 
 def _check_head(path: str) -> None:
     """A file that is not SQLite is someone else's; one cut short inside the header, ours."""
-    with open(path, "rb") as file:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as file:
         head = file.read(len(MAGIC))
     if head and not head.startswith(MAGIC):
         if MAGIC.startswith(head):
@@ -292,7 +311,7 @@ def _foreign(path: str, what: str) -> StoreError:
 
 def _damaged(path: str, what: str) -> StoreError:
     return StoreError(
-        f"the result store {path} is damaged ({what}): delete it (and its -wal and -shm "
+        f"the result store {path} {_DAMAGED} ({what}): delete it (and its -wal and -shm "
         f"files), or run `serverless cache clear {path}`; its items then run again",
         store=path,
     )

@@ -118,23 +118,35 @@ def open_store(spec: str | ResultStore, ttl: float | None = None) -> ResultStore
             f"cache= takes a path, a sqlite:// or redis:// URL, or a ResultStore; got {spec!r}"
         )
     target, ttl = _split_ttl(spec, ttl)
-    scheme = target.partition("://")[0].lower() if "://" in target else ""
+    scheme = _scheme(target)
     if scheme in ("redis", "rediss"):
         from .redisstore import RedisStore
 
         return RedisStore(target, ttl=ttl)
-    if scheme == "sqlite":
-        target = target[len("sqlite://") :]
-    elif scheme:
+    if scheme not in ("", "sqlite"):
         raise ConfigurationError(
             f"cache={redact(spec)!r}: unknown scheme {scheme!r}; use a path, sqlite:///path, "
             "redis://host:port/db or rediss://..."
         )
-    if not target:
+    path = sqlite_path(target)
+    if not path:
         raise ConfigurationError(f"cache={spec!r} names no file")
     from .sqlitestore import SQLiteStore
 
-    return SQLiteStore(target, ttl=ttl)
+    return SQLiteStore(path, ttl=ttl)
+
+
+def sqlite_path(spec: str) -> str | None:
+    """The file a SQLite spec names (without its query); None for another scheme."""
+    target = spec.partition("?")[0]
+    scheme = _scheme(target)
+    if scheme == "sqlite":
+        return target[len("sqlite://") :]
+    return None if scheme else target
+
+
+def _scheme(spec: str) -> str:
+    return spec.partition("://")[0].lower() if "://" in spec else ""
 
 
 def _split_ttl(spec: str, ttl: float | None) -> tuple[str, float | None]:
