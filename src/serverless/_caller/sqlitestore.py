@@ -235,7 +235,7 @@ def _check_file(path: str) -> tuple[int, int]:
     nofollow = getattr(os, "O_NOFOLLOW", 0)
     exclusive = os.O_RDWR | os.O_CREAT | os.O_EXCL | nofollow
     try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        _make_parents(path)
         os.close(os.open(path, exclusive, 0o600))
         new = True
     except FileExistsError:
@@ -264,6 +264,19 @@ def _check_head(path: str) -> None:
         if MAGIC.startswith(head):
             raise _damaged(path, "truncated")
         raise _foreign(path, "not a SQLite file")
+
+
+def _make_parents(path: str) -> None:
+    """Create the missing folders above the file, each 0700 (os.makedirs gives the mode to
+    the last one only)."""
+    missing = []
+    parent = os.path.dirname(path)
+    while parent and not os.path.lexists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, 0o700)
 
 
 def _check_one(path: str) -> tuple[int, int]:
