@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -88,6 +89,7 @@ class Unsealer:
         self.location = location
         self.damaged = 0
         self._lock = threading.Lock()
+        _unsealers.add(self)
 
     def payloads(
         self, keys: Sequence[bytes], records: Sequence[bytes | None]
@@ -212,9 +214,14 @@ def shared_store(spec: str | ResultStore, ttl: float | None = None) -> ResultSto
         return store
 
 
+_unsealers: weakref.WeakSet[Unsealer] = weakref.WeakSet()
+
+
 def _after_fork() -> None:
     global _shared_lock
-    _shared_lock = threading.Lock()  # another thread may have held it at the fork
+    _shared_lock = threading.Lock()  # another thread may have held them at the fork
+    for unsealer in list(_unsealers):
+        unsealer._lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
