@@ -361,3 +361,9 @@ def test_the_piece_offsets_map_back_to_the_input() -> None:
     assert [p.positions for p in pieces] == [[0, 2], [4], []]
     merged = [cache.merge(p, [f"r{i}" for i in p.items]) for p in pieces]
     assert merged == [["r0", 10, "r2"], [30, "r4"], [10, 30]]
+
+
+def test_a_store_that_fails_at_the_first_lookup_raises_before_anything_is_sent() -> None:
+    with pytest.raises(StoreError, match="connection refused"):
+        double.with_options(cache=DictStore(fail_gets=0))(list(range(10)))
+    assert not RUNS

@@ -17,9 +17,10 @@ is settled without a request.
 
 Results are stored as each piece's answer arrives, on a writer thread (one `put_many`, one
 transaction, per answer); an item that failed (errors="return") is never stored, so calling
-again reruns exactly the failures. A store that fails during the call (unreachable, damaged)
-is not used for the rest of it: the call goes on uncached, logs a warning, and its
-statistics say why (`StepStats.cache_error`): a store can cost work, never a wrong result.
+again reruns exactly the failures. A store that fails at the call's first lookup raises
+StoreError: nothing was sent. One that fails later (unreachable, damaged) is not used for the
+rest of the call: it goes on uncached, logs a warning, and its statistics say why
+(`StepStats.cache_error`): a store can cost work, never a wrong result.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class CallCache:
         self.hits = 0
         self.stored = 0
         self.error: str | None = None  # why the store stopped being used, if it did
+        self._looked_up = False  # a lookup has worked: a failure now falls back
         self._pending: deque[_Lookup] = deque()
         self._writes: queue.SimpleQueue[list[tuple[bytes, Any]] | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -134,8 +136,11 @@ class CallCache:
             try:
                 payloads = self.store.get_many(keys)
             except StoreError as exc:
+                if not self._looked_up:  # nothing sent yet: say so rather than run uncached
+                    raise
                 self._failed(exc)
             else:
+                self._looked_up = True
                 found = [MISSING if raw is None else self._decoded(raw) for raw in payloads]
                 return found, sum(len(raw) for raw in payloads if raw is not None)
         return [MISSING] * len(keys), 0
