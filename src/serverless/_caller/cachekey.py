@@ -29,7 +29,9 @@ from typing import Any, Final
 
 import msgspec
 
+from .. import _wire as p
 from .._exceptions import SerializationError
+from .._wire.values import decoder
 
 FORMAT: Final = b"serverless-cache-1"
 _PYTHON: Final = f"{sys.implementation.name}-{sys.version_info[0]}.{sys.version_info[1]}"
@@ -38,7 +40,7 @@ _CO_HAS_DOCSTRING: Final = 0x4000000  # Python 3.14's flag; before it, a functio
 
 # type tags of the canonical encoding (MessagePack extension codes, ours alone)
 _TUPLE, _SET, _FROZENSET, _MAP, _DATETIME, _DATE, _TIME, _DELTA, _DECIMAL, _UUID = range(1, 11)
-_OBJECT, _ENUM, _CODE, _OTHER = 20, 21, 22, 23
+_OBJECT, _ENUM, _CODE, _OTHER, _RAW = 20, 21, 22, 23, 24
 _SCALARS: Final = frozenset({int, float, str, bytes, bool, type(None)})
 
 _Ext = msgspec.msgpack.Ext
@@ -114,6 +116,8 @@ def _tagged(value: Any) -> Any:
         return _Ext(_DECIMAL, str(value).encode())
     if kind is uuid.UUID:
         return _Ext(_UUID, value.bytes)
+    if kind is msgspec.Raw:  # a bound receiver's attribute, as the envelope carries it
+        return _Ext(_RAW, canonical(_raw_value(value)))
     if isinstance(value, enum.Enum):
         return _Ext(_ENUM, _pack([_type_name(kind), _canon(value.value)]))
     if isinstance(value, msgspec.Struct):
@@ -132,6 +136,15 @@ def _tagged(value: Any) -> Any:
         f"a {_type_name(kind)} has no stable key for cache=: use built-in values, "
         "dataclasses, msgspec Structs or enums as items and arguments of a cached function"
     )
+
+
+def _raw_value(raw: msgspec.Raw) -> Any:
+    """What an encoded value holds, decoded as the workers would without annotations (so a
+    set's order, which encoding keeps, does not change the key); its bytes if that fails."""
+    try:
+        return decoder(Any, p.MSGPACK).decode(raw)
+    except (msgspec.DecodeError, ValueError):
+        return bytes(raw)
 
 
 def _zone(tz: datetime.tzinfo | None) -> Any:
