@@ -119,19 +119,19 @@ def _tagged(value: Any) -> Any:
     if kind is msgspec.Raw:  # a bound receiver's attribute, as the envelope carries it
         return _Ext(_RAW, canonical(_raw_value(value)))
     if isinstance(value, enum.Enum):
-        return _Ext(_ENUM, _pack([_type_name(kind), _canon(value.value)]))
+        return _Ext(_ENUM, canonical([_type_name(kind), value.value]))
     if isinstance(value, msgspec.Struct):
         names: Iterable[str] = value.__struct_fields__
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         names = [f.name for f in dataclasses.fields(value)]
     elif isinstance(value, tuple | list | dict):  # a namedtuple, an OrderedDict...
         plain = dict(value) if isinstance(value, dict) else list(value)
-        return _Ext(_OBJECT, _pack([_type_name(kind), _canon(plain)]))
+        return _Ext(_OBJECT, canonical([_type_name(kind), plain]))
     else:
         names = ()
     if names:
         fields = {name: getattr(value, name) for name in names}
-        return _Ext(_OBJECT, _pack([_type_name(kind), _canon(fields)]))
+        return _Ext(_OBJECT, canonical([_type_name(kind), fields]))
     raise SerializationError(
         f"a {_type_name(kind)} has no stable key for cache=: use built-in values, "
         "dataclasses, msgspec Structs or enums as items and arguments of a cached function"
