@@ -5,8 +5,11 @@ its registered name, a digest of its code and its `version=`; then the call's ex
 arguments and receivers. The code digest covers the code object's bytecode, constants and
 names, nested code included, and the function's defaults, but not its docstrings, line
 numbers or file name: a docstring edit still hits, a changed line of code never does. It
-cannot see a helper in another module the function calls: that is what `version=` is for.
-The Python version is part of it (bytecode differs between versions).
+follows what the code reads from its own module and its closure: the functions of that
+module it names (their code, the same way) and the constants (numbers, strings, bytes, None,
+tuples and frozensets of them) by value. It cannot see a helper in another module, a
+mutable global (a dict, a list) or a file the function reads: that is what `version=` is
+for. The Python version is part of it (bytecode differs between versions).
 
 `canonical` encodes a value so that equal values give equal bytes in any process: dict keys
 and set elements sorted (by their own canonical bytes), and each built-in type tagged (a
@@ -160,17 +163,62 @@ def _type_name(kind: type) -> str:
 
 def code_digest(func: Callable[..., Any]) -> bytes:
     """A digest of what `func` runs: its code (nested code included) without docstrings or
-    line numbers, and its default arguments; for a callable with no code of its own (a
-    builtin, a C extension's function), its qualified name only."""
+    line numbers, and its default arguments; the constants and the functions of its own
+    module that it names, and its closure's (see the module's docstring); for a callable
+    with no code of its own (a builtin, a C extension's function), its qualified name only."""
     digest = hashlib.sha256(_PYTHON.encode())
+    _feed_function(digest, func, set())
+    return digest.digest()
+
+
+def _feed_function(digest: Any, func: Any, seen: set[int]) -> None:
+    seen.add(id(func))
     code = getattr(func, "__code__", None)
     if isinstance(code, types.CodeType):
         _feed_code(digest, code)
+        _feed_context(digest, func, code, seen)
     else:
         digest.update(_type_name(type(func)).encode() + getattr(func, "__qualname__", "").encode())
     for defaults in (getattr(func, "__defaults__", None), getattr(func, "__kwdefaults__", None)):
         digest.update(_default(defaults))
-    return digest.digest()
+
+
+def _feed_context(digest: Any, func: Any, code: types.CodeType, seen: set[int]) -> None:
+    """What the code reads besides its arguments: the module's globals it names and its
+    closure's cells, where they are constants or functions of the same module (a changed
+    helper or constant in the function's own file changes the key, as its own code does)."""
+    module = getattr(func, "__module__", None)
+    names: set[str] = set()
+    _names_of(code, names)
+    found = getattr(func, "__globals__", {})
+    context = [(name, found[name]) for name in sorted(names) if name in found]
+    for name, cell in zip(code.co_freevars, getattr(func, "__closure__", None) or (), strict=False):
+        try:
+            context.append((name, cell.cell_contents))
+        except ValueError:  # a cell not filled yet
+            continue
+    for name, value in context:
+        if isinstance(value, types.FunctionType):
+            if value.__module__ == module and id(value) not in seen:
+                digest.update(_pack(["function", name]))
+                _feed_function(digest, value, seen)
+        elif _constant(value):
+            digest.update(_pack(["constant", name]))
+            digest.update(canonical(value))
+
+
+def _names_of(code: types.CodeType, names: set[str]) -> None:
+    names.update(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _names_of(const, names)
+
+
+def _constant(value: Any) -> bool:
+    kind = type(value)
+    if kind in _SCALARS:
+        return True
+    return (kind is tuple or kind is frozenset) and all(_constant(v) for v in value)
 
 
 def _default(value: Any) -> bytes:
