@@ -36,7 +36,7 @@ from typing import Any, Final
 import msgspec
 
 from .. import _wire as p
-from .._exceptions import RemoteError, StoreError
+from .._exceptions import ConfigurationError, RemoteError, StoreError
 from .._wire.values import Shape, decoder, to_wire
 from .cachekey import item_keys
 from .chunking import AdaptiveChunks, Chunk
@@ -181,8 +181,16 @@ class CallCache:
     def merge(self, chunk: Chunk, results: list[Any]) -> list[Any]:
         """A piece's part of the output: its found results with `results` (its items') in
         their places, each failed item's RemoteError renumbered to its place in the input;
-        the successes queued for the store."""
+        the successes queued for the store. A function that did not return one result per
+        item (a filter) is refused: nothing is stored."""
         assert isinstance(chunk, Piece)
+        if len(results) != len(chunk.items):  # pairing them would store wrong results
+            raise ConfigurationError(
+                f"cache= needs one result per item: {self.shape.function or 'the function'} "
+                f"returned {len(results)} results for {len(chunk.items)} items. A function "
+                "that filters or expands its input cannot be cached item by item: cache "
+                "a step that maps each item to one result, or drop cache="
+            )
         out = list(chunk.span)
         fresh = iter(results)
         saved: list[tuple[bytes, Any]] = []
