@@ -4,6 +4,7 @@ another key) read as misses, and the call's own results then replace them."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -13,6 +14,7 @@ from serverless._caller.cachekey import item_keys
 from serverless._caller.chunking import Chunk
 from serverless._caller.store import open_store, seal
 from serverless._wire.values import Shape
+from tests import sample_functions as sf
 
 
 def test_redis_values_of_the_wrong_shape_are_misses_then_replaced(redis_url: str) -> None:
@@ -45,3 +47,23 @@ def test_redis_values_of_the_wrong_shape_are_misses_then_replaced(redis_url: str
     again.close()
     raw.close()
     store.close()
+
+
+def test_a_worker_killed_mid_chunk_on_the_local_pool_costs_a_retry_never_a_result(
+    tmp_path: Path,
+) -> None:
+    """die_once SIGKILLs the first worker process that runs it, mid-chunk; the evens are
+    stored first (under the same marker argument, which is part of the key): the retried
+    piece's results land in their places between the hits, and are all stored."""
+    spec = str(tmp_path / "results.db")
+    marker = str(tmp_path / "marker")
+    cached = sf.die_once.with_options(cache=spec, chunk_size=4, workers=3, retries=3)
+    Path(marker).touch()  # no death while the evens are stored
+    assert cached([n for n in range(40) if n % 2 == 0], marker) == list(range(0, 40, 2))
+    Path(marker).unlink()
+    out, stats = cached.with_stats(list(range(40)), marker)
+    assert out == list(range(40))
+    assert Path(marker).exists() and stats.retries >= 1
+    assert (stats.cache_hits, stats.items_sent) == (20, 20)
+    again, stats = cached.with_stats(list(range(40)), marker)
+    assert again == out and stats.items_sent == 0

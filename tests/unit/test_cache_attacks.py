@@ -643,3 +643,37 @@ def test_a_slow_store_never_makes_a_stream_hold_more_than_its_buffer() -> None:
         count += len(result) > 0
     assert count == 600
     assert store.most <= 4 * buffer, f"{store.most} bytes queued for one put, buffer {buffer}"
+
+
+# -- functions that do not return one result per item ----------------------------------------
+
+
+@serverless.parallel(workers=2)
+def twice(items: list[int]) -> list[int]:
+    """Two results per item (list-in/list-out allows it: count_out differs from count)."""
+    _count("twice", items)
+    return [x for i in items for x in (i, -i)]
+
+
+@serverless.parallel(workers=2)
+def odds(items: list[int]) -> list[int]:
+    """A filter: fewer results than items."""
+    _count("odds", items)
+    return [i for i in items if i % 2]
+
+
+def test_without_cache_a_function_may_return_more_or_fewer_results_than_items() -> None:
+    assert twice([1, 2]) == [1, -1, 2, -2]
+    assert odds([1, 2, 3]) == [1, 3]
+
+
+@pytest.mark.parametrize("step", [twice, odds])
+def test_cache_never_stores_results_paired_with_the_wrong_items(step: Any) -> None:
+    """Before, merge paired the i-th result with the i-th miss: twice([1, 2]) with cache=
+    returned [1, -1], dropped 2 and -2 and stored -1 as the result of 2; odds raised a bare
+    RuntimeError (StopIteration in a coroutine). A function whose answer does not hold one
+    result per item is refused with the reason, and nothing is stored."""
+    store = DictStore()
+    with pytest.raises(serverless.ConfigurationError, match="one result per item"):
+        step.with_options(cache=store, workers=1)([1, 2, 3])
+    assert not store.data
