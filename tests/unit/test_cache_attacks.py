@@ -677,3 +677,17 @@ def test_cache_never_stores_results_paired_with_the_wrong_items(step: Any) -> No
     with pytest.raises(serverless.ConfigurationError, match="one result per item"):
         step.with_options(cache=store, workers=1)([1, 2, 3])
     assert not store.data
+
+
+def test_a_fused_cached_group_counts_the_items_found_in_each_stage() -> None:
+    """Before, a fused group's per-stage counts were the workers' only: 8 of 10 items found
+    reported 2 elements out of each stage, and 10 of 10 reported 0."""
+    from tests.unit.test_cache import double, inc
+
+    store = DictStore()
+    fused = serverless.Pipeline(double, inc)
+    fused.run(list(range(8)), cache=store)
+    for _ in range(2):  # 8 of 10 found, then all 10
+        run = fused.execute(list(range(10)), cache=store)
+        assert run.result == [2 * n + 1 for n in range(10)]
+        assert [(s.count, s.count_out) for s in run.steps] == [(10, 10), (10, 10)]
