@@ -691,3 +691,28 @@ def test_a_fused_cached_group_counts_the_items_found_in_each_stage() -> None:
         run = fused.execute(list(range(10)), cache=store)
         assert run.result == [2 * n + 1 for n in range(10)]
         assert [(s.count, s.count_out) for s in run.steps] == [(10, 10), (10, 10)]
+
+
+class WidestStore(DictStore):
+    """Records the most keys one lookup asked for."""
+
+    widest = 0
+
+    def get_many(self, keys: Any) -> list[bytes | None]:
+        self.widest = max(self.widest, len(keys))
+        return super().get_many(keys)
+
+
+def test_a_fully_cached_stream_of_large_results_reads_within_its_buffer() -> None:
+    """Before, KnownRuns grew a found run's chunks x4 up to 20,000 items whatever they
+    weighed: here 812 results of 8 KiB (6.5 MiB) in one lookup for buffer=1 MiB, and up to
+    20,000 on a longer stream."""
+    store = WidestStore()
+    cached = heavy.with_options(cache=store, buffer=1 << 20)
+    cached(list(range(1500)))
+    store.widest = 0
+    results = 0
+    for result in cached.stream(iter(range(1500))):
+        results += len(result) > 0
+    assert results == 1500
+    assert store.widest * 8192 <= 4 << 20, f"{store.widest} items of 8 KiB in one lookup"
