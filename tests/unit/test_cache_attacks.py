@@ -581,18 +581,26 @@ def test_a_symlink_planted_at_the_rollback_journal_of_a_new_store_is_never_follo
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a folder to another user")
-@pytest.mark.xfail(
-    strict=True,
-    reason="_check_file checks the file and its companions, not the folder they are in: a "
-    "folder that another user owns (or may write, without the sticky bit) lets them swap "
-    "the store for one of theirs after it was checked (a connection opened later reads it)",
-)
 def test_a_store_in_a_folder_another_user_controls_is_refused(tmp_path: Path) -> None:
+    """Before, only the file and its companions were checked: a folder that another user
+    owns (or anyone may write, without the sticky bit), at any level, let them swap the
+    store for one of theirs after the checks (a connection opened later reads it)."""
     theirs = tmp_path / "theirs"
-    theirs.mkdir(mode=0o755)
+    (theirs / "mine").mkdir(parents=True)
     os.chown(theirs, 65534, 65534)
-    with pytest.raises(StoreError, match="another user"):
-        SQLiteStore(theirs / "c.db")
+    for path in (theirs / "c.db", theirs / "mine" / "c.db", theirs / "new" / "c.db"):
+        with pytest.raises(StoreError, match="belongs to another user"):
+            SQLiteStore(path)
+        assert not path.exists()
+    assert not (theirs / "new").exists()  # refused before any folder was made there
+    anyone = tmp_path / "anyone"
+    anyone.mkdir()
+    anyone.chmod(0o777)
+    with pytest.raises(StoreError, match="written by anyone"):
+        SQLiteStore(anyone / "c.db")
+    anyone.chmod(0o1777)  # sticky, as /tmp: nobody can rename another's file there
+    store = SQLiteStore(anyone / "c.db")
+    store.close()
 
 
 def test_a_record_planted_by_a_writer_of_the_store_is_returned_as_is() -> None:
