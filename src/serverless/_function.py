@@ -495,6 +495,8 @@ class Invocation:
         computes = tally.stage_compute_s if fused else [tally.compute_s]
         if fused and not tally.done:
             counts, computes = [counts[0]] + [0] * len(self.steps), [0.0] * len(self.steps)
+        if fused and hits:  # the workers counted the misses; each item found is one per stage
+            counts = [counts[0]] + [n + hits for n in counts[1:]]
         total = sum(computes)
         kind: TargetKind = self.target.kind if self.target is not None else "none"
         chunks = tally.in_order()

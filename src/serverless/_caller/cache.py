@@ -36,7 +36,7 @@ from typing import Any, Final
 import msgspec
 
 from .. import _wire as p
-from .._exceptions import RemoteError, StoreError
+from .._exceptions import ConfigurationError, RemoteError, StoreError
 from .._wire.values import Shape, decoder, to_wire
 from .cachekey import item_keys
 from .chunking import AdaptiveChunks, Chunk
@@ -76,7 +76,8 @@ class _Lookup:
 
 class KnownRuns:
     """An input of unknown length, cut adaptively: while every item is found, chunks grow
-    (x4 up to the sizer's largest) so a cached stream is looked up in large batches; the
+    (x4 up to the sizer's largest, and to what a chunk may weigh in found results: a
+    stream's buffer bounds them too) so a cached stream is looked up in large batches; the
     misses still go out in chunks of the size the replies call for (`lookups` splits them)."""
 
     def __init__(self, sizer: AdaptiveChunks) -> None:
@@ -86,8 +87,16 @@ class KnownRuns:
     def next_size(self) -> int:
         return max(self.sizer.next_size(), self.run)
 
-    def found(self, all_found: bool) -> None:
-        self.run = min(self.sizer.max_size, max(self.sizer.start, self.run * 4)) if all_found else 0
+    def found(self, all_found: bool, item_bytes: float = 0.0) -> None:
+        """A chunk looked up: whether all its items were found, and what each weighed."""
+        if not all_found:
+            self.run = 0
+            return
+        longest = self.sizer.max_size
+        weights = self.sizer.weights
+        if weights is not None and item_bytes > 0:
+            longest = min(longest, max(1, int(weights.limit / item_bytes)))
+        self.run = min(longest, max(self.sizer.start, self.run * 4))
 
 
 class CallCache:
@@ -122,7 +131,7 @@ class CallCache:
             misses = [chunk.items[i] for i in lookup.misses]
             self.hits += len(found) - len(misses)
             if runs is not None:
-                runs.found(not misses)
+                runs.found(not misses, nbytes / max(1, len(found)))
             step = most or (runs.sizer.next_size() if runs is not None else len(misses))
             for first in range(0, len(misses), max(1, step)) if misses else (0,):
                 part = misses[first : first + step] if step < len(misses) else misses
@@ -181,8 +190,16 @@ class CallCache:
     def merge(self, chunk: Chunk, results: list[Any]) -> list[Any]:
         """A piece's part of the output: its found results with `results` (its items') in
         their places, each failed item's RemoteError renumbered to its place in the input;
-        the successes queued for the store."""
+        the successes queued for the store. A function that did not return one result per
+        item (a filter) is refused: nothing is stored."""
         assert isinstance(chunk, Piece)
+        if len(results) != len(chunk.items):  # pairing them would store wrong results
+            raise ConfigurationError(
+                f"cache= needs one result per item: {self.shape.function or 'the function'} "
+                f"returned {len(results)} results for {len(chunk.items)} items. A function "
+                "that filters or expands its input cannot be cached item by item: cache "
+                "a step that maps each item to one result, or drop cache="
+            )
         out = list(chunk.span)
         fresh = iter(results)
         saved: list[tuple[bytes, Any]] = []

@@ -5,8 +5,11 @@ its registered name, a digest of its code and its `version=`; then the call's ex
 arguments and receivers. The code digest covers the code object's bytecode, constants and
 names, nested code included, and the function's defaults, but not its docstrings, line
 numbers or file name: a docstring edit still hits, a changed line of code never does. It
-cannot see a helper in another module the function calls: that is what `version=` is for.
-The Python version is part of it (bytecode differs between versions).
+follows what the code reads from its own module and its closure: the functions of that
+module it names (their code, the same way) and the constants (numbers, strings, bytes, None,
+tuples and frozensets of them) by value. It cannot see a helper in another module, a
+mutable global (a dict, a list) or a file the function reads: that is what `version=` is
+for. The Python version is part of it (bytecode differs between versions).
 
 `canonical` encodes a value so that equal values give equal bytes in any process: dict keys
 and set elements sorted (by their own canonical bytes), and each built-in type tagged (a
@@ -29,7 +32,9 @@ from typing import Any, Final
 
 import msgspec
 
+from .. import _wire as p
 from .._exceptions import SerializationError
+from .._wire.values import decoder
 
 FORMAT: Final = b"serverless-cache-1"
 _PYTHON: Final = f"{sys.implementation.name}-{sys.version_info[0]}.{sys.version_info[1]}"
@@ -38,7 +43,7 @@ _CO_HAS_DOCSTRING: Final = 0x4000000  # Python 3.14's flag; before it, a functio
 
 # type tags of the canonical encoding (MessagePack extension codes, ours alone)
 _TUPLE, _SET, _FROZENSET, _MAP, _DATETIME, _DATE, _TIME, _DELTA, _DECIMAL, _UUID = range(1, 11)
-_OBJECT, _ENUM, _CODE, _OTHER = 20, 21, 22, 23
+_OBJECT, _ENUM, _CODE, _OTHER, _RAW = 20, 21, 22, 23, 24
 _SCALARS: Final = frozenset({int, float, str, bytes, bool, type(None)})
 
 _Ext = msgspec.msgpack.Ext
@@ -114,24 +119,35 @@ def _tagged(value: Any) -> Any:
         return _Ext(_DECIMAL, str(value).encode())
     if kind is uuid.UUID:
         return _Ext(_UUID, value.bytes)
+    if kind is msgspec.Raw:  # a bound receiver's attribute, as the envelope carries it
+        return _Ext(_RAW, canonical(_raw_value(value)))
     if isinstance(value, enum.Enum):
-        return _Ext(_ENUM, _pack([_type_name(kind), _canon(value.value)]))
+        return _Ext(_ENUM, canonical([_type_name(kind), value.value]))
     if isinstance(value, msgspec.Struct):
         names: Iterable[str] = value.__struct_fields__
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         names = [f.name for f in dataclasses.fields(value)]
     elif isinstance(value, tuple | list | dict):  # a namedtuple, an OrderedDict...
         plain = dict(value) if isinstance(value, dict) else list(value)
-        return _Ext(_OBJECT, _pack([_type_name(kind), _canon(plain)]))
+        return _Ext(_OBJECT, canonical([_type_name(kind), plain]))
     else:
         names = ()
     if names:
         fields = {name: getattr(value, name) for name in names}
-        return _Ext(_OBJECT, _pack([_type_name(kind), _canon(fields)]))
+        return _Ext(_OBJECT, canonical([_type_name(kind), fields]))
     raise SerializationError(
         f"a {_type_name(kind)} has no stable key for cache=: use built-in values, "
         "dataclasses, msgspec Structs or enums as items and arguments of a cached function"
     )
+
+
+def _raw_value(raw: msgspec.Raw) -> Any:
+    """What an encoded value holds, decoded as the workers would without annotations (so a
+    set's order, which encoding keeps, does not change the key); its bytes if that fails."""
+    try:
+        return decoder(Any, p.MSGPACK).decode(raw)
+    except (msgspec.DecodeError, ValueError):
+        return bytes(raw)
 
 
 def _zone(tz: datetime.tzinfo | None) -> Any:
@@ -147,17 +163,62 @@ def _type_name(kind: type) -> str:
 
 def code_digest(func: Callable[..., Any]) -> bytes:
     """A digest of what `func` runs: its code (nested code included) without docstrings or
-    line numbers, and its default arguments; for a callable with no code of its own (a
-    builtin, a C extension's function), its qualified name only."""
+    line numbers, and its default arguments; the constants and the functions of its own
+    module that it names, and its closure's (see the module's docstring); for a callable
+    with no code of its own (a builtin, a C extension's function), its qualified name only."""
     digest = hashlib.sha256(_PYTHON.encode())
+    _feed_function(digest, func, set())
+    return digest.digest()
+
+
+def _feed_function(digest: Any, func: Any, seen: set[int]) -> None:
+    seen.add(id(func))
     code = getattr(func, "__code__", None)
     if isinstance(code, types.CodeType):
         _feed_code(digest, code)
+        _feed_context(digest, func, code, seen)
     else:
         digest.update(_type_name(type(func)).encode() + getattr(func, "__qualname__", "").encode())
     for defaults in (getattr(func, "__defaults__", None), getattr(func, "__kwdefaults__", None)):
         digest.update(_default(defaults))
-    return digest.digest()
+
+
+def _feed_context(digest: Any, func: Any, code: types.CodeType, seen: set[int]) -> None:
+    """What the code reads besides its arguments: the module's globals it names and its
+    closure's cells, where they are constants or functions of the same module (a changed
+    helper or constant in the function's own file changes the key, as its own code does)."""
+    module = getattr(func, "__module__", None)
+    names: set[str] = set()
+    _names_of(code, names)
+    found = getattr(func, "__globals__", {})
+    context = [(name, found[name]) for name in sorted(names) if name in found]
+    for name, cell in zip(code.co_freevars, getattr(func, "__closure__", None) or (), strict=False):
+        try:
+            context.append((name, cell.cell_contents))
+        except ValueError:  # a cell not filled yet
+            continue
+    for name, value in context:
+        if isinstance(value, types.FunctionType):
+            if value.__module__ == module and id(value) not in seen:
+                digest.update(_pack(["function", name]))
+                _feed_function(digest, value, seen)
+        elif _constant(value):
+            digest.update(_pack(["constant", name]))
+            digest.update(canonical(value))
+
+
+def _names_of(code: types.CodeType, names: set[str]) -> None:
+    names.update(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _names_of(const, names)
+
+
+def _constant(value: Any) -> bool:
+    kind = type(value)
+    if kind in _SCALARS:
+        return True
+    return (kind is tuple or kind is frozenset) and all(_constant(v) for v in value)
 
 
 def _default(value: Any) -> bytes:

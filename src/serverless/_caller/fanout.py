@@ -244,7 +244,10 @@ class Fanout:
         self.hold = hold
         self.cache = cache
         self.count = count
-        self.failures: list[RemoteError] = []  # errors="return": every failed item so far
+        # errors="return": every failed item so far, kept only for a max_failures= report
+        # (a stream that yielded them must not hold them all), and their places in the input
+        self.failures: list[RemoteError] = []
+        self.failed_at: list[int] = []
         self.succeeded = 0  # items with a result so far (errors="return")
         self.held = 0  # bytes of results: waiting in `ready`, and expected from those running
         self.waiting = 0  # bytes of results in `ready`
@@ -310,7 +313,7 @@ class Fanout:
         finally:
             self.tally.rate, self.tally.window = self.pacer.rate, self._room()
             self.tally.throttles = self.pacer.throttles
-            self.tally.failed = sorted(e.index for e in self.failures if e.index is not None)
+            self.tally.failed = sorted(self.failed_at)
             await self._cancel_all()
 
     def _may_hold(self, next_out: int) -> bool:
@@ -461,8 +464,11 @@ class Fanout:
         """errors="return": the failures so far, and the end of the call once they are more
         than max_failures allows (what is in flight is cancelled as the driver unwinds)."""
         failures = [result for result in results if isinstance(result, RemoteError)]
-        self.failures += failures
+        self.failed_at += [e.index for e in failures if e.index is not None]
         self.succeeded += len(results) - len(failures)
+        if self.plan.max_failures is None:
+            return
+        self.failures += failures
         failed, answered = len(self.failures), self.succeeded + len(self.failures)
         if not failures or not self.plan.too_many_failures(failed, answered, self.count):
             return

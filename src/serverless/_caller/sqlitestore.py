@@ -3,7 +3,8 @@
 WAL lets readers run beside the one writer; each put_many is one `BEGIN IMMEDIATE`
 transaction, so a process killed at any moment leaves every record whole or absent. The
 file is a private cache of the user's results: it is created 0600, and a path that another
-local user could have planted (a symlink, not a regular file, not ours) is refused rather
+local user could have planted (a symlink, not a regular file, not ours) or could swap later
+(in a folder of theirs, or one anyone may write without the sticky bit) is refused rather
 than followed.
 """
 
@@ -237,6 +238,7 @@ def _check_file(path: str) -> tuple[int, int]:
     nofollow = getattr(os, "O_NOFOLLOW", 0)
     exclusive = os.O_RDWR | os.O_CREAT | os.O_EXCL | nofollow
     try:
+        _check_folders(path)  # before a folder is made in one of them
         _make_parents(path)
         os.close(os.open(path, exclusive, 0o600))
         new = True
@@ -255,6 +257,33 @@ def _check_file(path: str) -> tuple[int, int]:
         with contextlib.suppress(FileNotFoundError):
             _check_one(companion)
     return identity
+
+
+def _check_folders(path: str) -> None:
+    """Refuse a file in a folder that another local user could swap it in (theirs, or one
+    anyone may write without the sticky bit, at any level above it): a connection opened
+    after the checks here would open their file (as OpenSSH's StrictModes does)."""
+    folder = os.path.dirname(path)
+    while folder and not os.path.lexists(folder):  # the folders _make_parents would make
+        folder = os.path.dirname(folder)
+    folder = os.path.realpath(folder or ".")
+    while True:
+        info = os.stat(folder)
+        why = ""
+        if hasattr(os, "geteuid") and info.st_uid not in (0, os.geteuid()):
+            why = f"belongs to another user (uid {info.st_uid})"
+        elif info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+            why = "may be written by anyone (and has no sticky bit)"
+        if why:
+            raise StoreError(
+                f"refusing the result store {path}: the folder {folder} {why}, so another "
+                "user could replace the store: choose another path",
+                store=path,
+            )
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
 
 
 def _check_head(path: str) -> None:
