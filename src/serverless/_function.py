@@ -210,7 +210,9 @@ class StageInfo:
     step: ParallelFunction[Any, Any]
     url: str | None
     first_only: bool
-    alone: bool = False  # paced (rate=): its chunks run item by item, with no other stage
+    # paced (rate=): its chunks run item by item; cached (cache=): its results are stored per
+    # item, which a later stage that filters or expands them would make unpairable
+    alone: bool = False
 
 
 class ParallelFunction(_Step[P, R]):
@@ -262,7 +264,8 @@ class ParallelFunction(_Step[P, R]):
 
     def stage(self) -> StageInfo:
         bound = bool(self._bound_args or self._bound_kwargs)
-        return StageInfo(self, self.options.url, bound, self.options.rate is not None)
+        alone = self.options.rate is not None or self.options.cache is not None
+        return StageInfo(self, self.options.url, bound, alone)
 
     # Typed as Python binds a method: looked up on an instance, it loses its first parameter.
     # mypy sees a @classmethod or @staticmethod under the decorator as a plain function, so

@@ -21,8 +21,10 @@ class Pipeline:
     steps shared requests. `fuse=False` opts out.
 
     `cache=` (a path, a redis:// URL or a store) stores the results of every parallel step
-    that has no cache of its own; `run(data, cache=...)` does so for one run. A fused group's
-    results are stored under keys made of all its steps (docs/reliability.md).
+    that has no cache of its own; `run(data, cache=...)` does so for one run. A cached step
+    runs in requests of its own (never fused): its results are stored item by item, so each
+    must return one result per item (a filtering step raises: cache the steps that map
+    instead, with `step.with_options(cache=...)`; docs/reliability.md).
     """
 
     def __init__(self, *steps: _Step[Any, Any], fuse: bool = True, cache: Any = None) -> None:
@@ -86,7 +88,8 @@ def _stage(step: _Step[Any, Any]) -> StageInfo:
 def _fusion_groups(steps: Sequence[_Step[Any, Any]]) -> list[list[_Step[Any, Any]]]:
     """Runs of consecutive parallel steps with the same target; anything else alone. A step
     with bound arguments (`partial`) may only open a group: a later stage carries none; a
-    paced step (rate=) runs item by item, alone."""
+    paced step (rate=) runs item by item, alone; a cached one (cache=) too: its results are
+    stored item by item, as it returned them."""
     groups: list[list[_Step[Any, Any]]] = []
     for step in steps:
         info = step.stage()

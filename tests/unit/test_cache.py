@@ -326,7 +326,13 @@ def test_a_stored_result_that_does_not_decode_is_computed_again() -> None:
     assert runs("double") == Counter({1: 2, 2: 2, 3: 2})
 
 
-def test_a_pipeline_caches_every_parallel_step_and_a_fused_group_as_one() -> None:
+@serverless.parallel(workers=4)
+def evens(numbers: list[int]) -> list[int]:
+    """A filter: fewer results than items."""
+    return [n for n in numbers if n % 2 == 0]
+
+
+def test_a_pipeline_caches_every_parallel_step_each_in_requests_of_its_own() -> None:
     @serverless.sequential
     def total(numbers: list[int]) -> int:
         return sum(numbers)
@@ -338,14 +344,19 @@ def test_a_pipeline_caches_every_parallel_step_and_a_fused_group_as_one() -> Non
     assert run.result == sum(2 * n + 1 for n in range(10))
     assert [s.cache_hits for s in run.steps[:2]] == [10, 10]
     assert sum(runs("double").values()) == sum(runs("add").values()) == 10
-    # run(cache=): this run only; a fused group (double, then inc) is one cached call
-    fused = serverless.Pipeline(double, inc)
-    assert fused.run([1, 2], cache=store) == [3, 5]
-    fused_run = fused.execute([1, 2, 3], cache=store)
-    assert fused_run.steps[1].fused_with == 1
-    assert fused_run.result == [3, 5, 7] and fused_run.steps[0].cache_hits == 2
-    assert runs("inc") == Counter({2: 1, 4: 1, 6: 1})
-    assert fused.execute([1, 2]).steps[0].cache_hits == 0  # no cache= this time
+    # run(cache=): this run only; steps that would fuse run apart, each stored item by item
+    fusable = serverless.Pipeline(double, inc)
+    assert fusable.execute([1, 2]).steps[1].fused_with == 1  # uncached: one request each
+    cached = fusable.execute([1, 2, 3], cache=store)
+    assert cached.result == [3, 5, 7] and cached.steps[1].fused_with is None
+    assert [(s.cache_hits, s.items_sent) for s in cached.steps] == [(3, 0), (0, 3)]
+    assert fusable.execute([1, 2, 3], cache=store).steps[1].cache_hits == 3
+    # a cached step fuses with nothing after it: a filter there is not paired with its items
+    mapped_then_filtered = serverless.Pipeline(double.with_options(cache=store), evens)
+    assert mapped_then_filtered.run([1, 2, 3]) == [2, 4, 6]
+    # a filter cached (here by the Pipeline) cannot be stored item by item: said, not guessed
+    with pytest.raises(serverless.ConfigurationError, match="set cache= on the steps that map"):
+        serverless.Pipeline(inc, evens, cache=store).run([1, 2, 3])
     with pytest.raises(serverless.ConfigurationError, match="cache must be"):
         serverless.Pipeline(double, cache=3.5)
 

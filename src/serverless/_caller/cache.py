@@ -25,6 +25,7 @@ rest of the call: it goes on uncached, logs a warning, and its statistics say wh
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -46,6 +47,8 @@ logger = logging.getLogger("serverless.cache")
 
 MISSING: Final = object()  # an item whose result the store did not have
 CLOSE_WITHIN = 60.0  # seconds a call waits, at its end, for its results to be stored
+WRITE_BACKLOG = 64 * 1024 * 1024  # bytes of results a call may queue for its store...
+BACKLOG_POLL = 0.01  # ...before its next answered chunk waits, looking again this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +114,12 @@ class CallCache:
         self.error: str | None = None  # why the store stopped being used, if it did
         self._looked_up = False  # a lookup has worked: a failure now falls back
         self._pending: deque[_Lookup] = deque()
-        self._writes: queue.SimpleQueue[list[tuple[bytes, Any]] | None] = queue.SimpleQueue()
+        # (records, the bytes of the replies that carried them), or None: the call is over
+        self._writes: queue.SimpleQueue[tuple[list[tuple[bytes, Any]], int] | None] = (
+            queue.SimpleQueue()
+        )
+        self._queued = 0  # bytes of results queued for the store
+        self._lock = threading.Lock()
         self._writer: threading.Thread | None = None
 
     # -- reading: on the thread that reads the input -------------------------------------
@@ -187,7 +195,7 @@ class CallCache:
 
     # -- answers: on the dispatcher's loop ------------------------------------------------
 
-    def merge(self, chunk: Chunk, results: list[Any]) -> list[Any]:
+    def merge(self, chunk: Chunk, results: list[Any], nbytes: int = 0) -> list[Any]:
         """A piece's part of the output: its found results with `results` (its items') in
         their places, each failed item's RemoteError renumbered to its place in the input;
         the successes queued for the store. A function that did not return one result per
@@ -198,7 +206,8 @@ class CallCache:
                 f"cache= needs one result per item: {self.shape.function or 'the function'} "
                 f"returned {len(results)} results for {len(chunk.items)} items. A function "
                 "that filters or expands its input cannot be cached item by item: cache "
-                "a step that maps each item to one result, or drop cache="
+                "a step that maps each item to one result, or drop cache= (in a "
+                "Pipeline(cache=...), set cache= on the steps that map instead)"
             )
         out = list(chunk.span)
         fresh = iter(results)
@@ -214,8 +223,16 @@ class CallCache:
                 out[i] = result
                 item += 1
         if saved and self.error is None:
-            self._write(saved)
+            self._write(saved, nbytes)
         return out
+
+    async def room(self, limit: int | None) -> None:
+        """Wait while the results queued for the store weigh more than `limit` (a stream's
+        buffer; else WRITE_BACKLOG): a store slower than the workers slows the call down to
+        its pace instead of holding their results without bound."""
+        bound = WRITE_BACKLOG if limit is None else limit
+        while self._queued > bound and self.error is None:
+            await asyncio.sleep(BACKLOG_POLL)
 
     def placed(self, chunk: Chunk, error: RemoteError) -> RemoteError:
         """`error` (its index counted in miss coordinates) with its item's index in the input."""
@@ -237,12 +254,14 @@ class CallCache:
 
     # -- writing: on the call's writer thread ---------------------------------------------
 
-    def _write(self, records: list[tuple[bytes, Any]]) -> None:
+    def _write(self, records: list[tuple[bytes, Any]], nbytes: int) -> None:
         if self._writer is None:
             writer = threading.Thread(target=self._drain, name="serverless-cache", daemon=True)
             self._writer = writer
             writer.start()
-        self._writes.put(records)
+        with self._lock:
+            self._queued += nbytes
+        self._writes.put((records, nbytes))
 
     def _drain(self) -> None:
         """Store each answer's results, one transaction each (several, if they queued up
@@ -250,7 +269,7 @@ class CallCache:
         while True:
             batch = self._writes.get()
             done = batch is None
-            records = [] if batch is None else batch
+            records, nbytes = ([], 0) if batch is None else batch
             while not done:  # whatever else is waiting goes in the same transaction
                 try:
                     more = self._writes.get_nowait()
@@ -259,9 +278,12 @@ class CallCache:
                 if more is None:
                     done = True
                 else:
-                    records += more
+                    records += more[0]
+                    nbytes += more[1]
             if records and self.error is None:
                 self._put(records)
+            with self._lock:
+                self._queued -= nbytes
             if done:
                 return
 

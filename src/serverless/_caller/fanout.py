@@ -556,8 +556,11 @@ class Fanout:
                 results = await self._attempts(owner, chunk, avoid, lane)
             except RemoteError as exc:  # counted among the misses: renumbered in the input
                 raise cache.placed(chunk, exc) from exc.__cause__
+        sent = owner.answered  # the reply's bytes: what its results queue for the store
         owner.answered += chunk.found_bytes if isinstance(chunk, Piece) else 0
-        return cache.merge(chunk, results)
+        merged = cache.merge(chunk, results, sent)
+        await cache.room(self.hold)  # a slower store holds the call back, not its memory
+        return merged
 
     # -- one chunk: retries ----------------------------------------------------------------
     # errors="return" needs nothing here: the worker runs such a chunk item by item and its
