@@ -241,14 +241,17 @@ def test_a_truncated_sqlite_store_is_a_clear_error_or_a_fall_back_never_a_wrong_
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "results.db"
-    cached = sf.slow_label.with_options(cache=str(path), chunk_size=10)
-    assert cached(list(range(200)), 0.0) == [f"r{n}" for n in range(200)]
+    cached = sf.slow_label.with_options(cache=str(path), chunk_size=10, workers=8)
+    assert cached(list(range(200)), 0.02) == [f"r{n}" for n in range(200)]
     serverless.shutdown()
     # truncated in the middle of a run: the store either still reads or stops being used
     calls = tmp_path / "calls"
     args, env = caller(str(path), tmp_path / "out", calls, "--chunk-size", "10", count=400)
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 60
+    while not calls.exists():  # the call is running: its misses have started
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
     _, stderr = proc.communicate(timeout=120)
