@@ -23,6 +23,8 @@ decorated) raises plain TypeError, as Python itself would.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "ConfigurationError",
     "DeadlineExceeded",
@@ -51,7 +53,21 @@ class ConfigurationError(ServerlessError, ValueError):
 
 
 class SerializationError(ServerlessError, TypeError):
-    """A chunk, an argument or a result cannot be encoded in the wire format."""
+    """A chunk, an argument or a result cannot be encoded in the wire format. `index`: where
+    the message names an item of the input (or its result) by its place, that place."""
+
+    def __init__(self, message: str = "", *, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+    def renumbered(self, index: int) -> SerializationError:
+        """The same error naming its item by `index` instead (a cached call numbers the
+        items it sends among its misses: this is their place in the input)."""
+        text = str(self)
+        if self.index is not None:
+            pattern = rf"\b(item|result) {self.index}\b"
+            text = re.sub(pattern, rf"\g<1> {index}", text, count=1)
+        return SerializationError(text, index=index)
 
 
 class RemoteTraceback(Exception):

@@ -289,7 +289,7 @@ class ParallelFunction(_Step[P, R]):
     def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[list[Any]]:
         """Start the call and return a concurrent.futures.Future of its result list."""
         call = self._prepare(args, kwargs, blocking=False)
-        if call.count == 0:
+        if call.target is None:  # nothing to send (an empty input, or every result stored)
             future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
             future.set_result(call.run())
             return future
@@ -298,7 +298,7 @@ class ParallelFunction(_Step[P, R]):
     async def aio(self, *args: Any, **kwargs: Any) -> list[Any]:
         """The async form: `await fn.aio(items)` from any event loop."""
         call = self._prepare(args, kwargs, blocking=False)
-        if call.count == 0:
+        if call.target is None:
             return call.run()
         return await dispatcher().arun(call.collect())
 
@@ -309,11 +309,11 @@ class ParallelFunction(_Step[P, R]):
         and at most a few times `workers` chunks are held. Closing the iterator (or leaving
         the loop early) cancels the chunks in flight.
         """
-        return self._prepare(args, kwargs, blocking=True).stream()
+        return self._prepare(args, kwargs, blocking=True, whole=False).stream()
 
     def astream(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         """`async for result in fn.astream(items)`: stream() for event loops."""
-        return self._prepare(args, kwargs, blocking=False).astream()
+        return self._prepare(args, kwargs, blocking=False, whole=False).astream()
 
     def _prepare(
         self,
@@ -322,8 +322,10 @@ class ParallelFunction(_Step[P, R]):
         *,
         blocking: bool,
         then: Sequence[ParallelFunction[Any, Any]] = (),
+        whole: bool = True,
     ) -> Invocation:
-        """The call, prepared once; `then`: further steps fused into the same requests."""
+        """The call, prepared once; `then`: further steps fused into the same requests;
+        `whole`: its results are all collected (not a stream)."""
         bind, receiver, args = self._split(args)
         args, kwargs = _items_by_keyword(self.__name__, self._func, bind, args, kwargs)
         items = _items_argument(self.__name__, args)
@@ -350,6 +352,16 @@ class ParallelFunction(_Step[P, R]):
             target = self._target(steps, blocking, retries)
             return target, dispatcher().capacities.total(target.urls)
 
+        # a cached call looks its items up first; a whole list's at once, before the call is
+        # planned, so that only its misses are cut evenly (and none needs no worker at all)
+        cache, sent, planned = None, items, count
+        if any(step.options.cache is not None for step in steps) and count != 0:
+            raw_args = [*args[1:], *self._bound_args], {**self._bound_kwargs, **kwargs}
+            cache = _call_cache(steps, binds, raw_args, last)
+            if whole and isinstance(items, Sequence):
+                sent = cache.look_up_all(items)
+                planned = len(sent)
+
         plan = make_plan(
             [
                 (step.entry.name, b, state, step.options)
@@ -358,7 +370,7 @@ class ParallelFunction(_Step[P, R]):
             call_args,
             call_kwargs,
             last,
-            count,
+            planned,
             locate,
             _by_value(steps),
         )
@@ -367,11 +379,7 @@ class ParallelFunction(_Step[P, R]):
         wire = None
         if convert and shape.items is None:
             wire = functools.partial(_wire_chunk, shape)
-        cache = None
-        if any(step.options.cache is not None for step in steps) and count != 0:
-            raw_args = [*args[1:], *self._bound_args], {**self._bound_kwargs, **kwargs}
-            cache = _call_cache(steps, binds, raw_args, last)
-        chunks, sizer, weights = plan.chunks(items, wire, cache)
+        chunks, sizer, weights = plan.chunks(sent, wire, cache)
         return Invocation(steps, plan, chunks, count, sizer, weights, cache)
 
     def _wire_binding(self, bind: Bind, receiver: Any) -> tuple[Bind, dict[str, Any]]:
@@ -446,6 +454,9 @@ class Invocation:
             finally:
                 if self.cache is not None:  # what came back is stored before the call ends
                     await asyncio.get_running_loop().run_in_executor(None, self.cache.close)
+        elif self.found:
+            produced = len(self.found)
+            yield self.found
         self._finish(produced, tally)
 
     async def collect(self) -> list[Any]:
@@ -454,11 +465,18 @@ class Invocation:
             results += batch
         return results
 
+    @property
+    def found(self) -> list[Any]:
+        """Every result, where the store had them all (a list looked up whole)."""
+        cache = self.cache
+        return cache.all_found.found if cache is not None and cache.all_found else []
+
     def run(self) -> list[Any]:
         """The whole call from a thread that blocks until it is done."""
         if self.target is None:  # nothing to send: no loop, no pool
-            self._finish(0, Tally())
-            return []
+            found = self.found
+            self._finish(len(found), Tally())
+            return found
         engine, shared = dispatcher(), self.target.shared
         return run_shared(shared, lambda: engine.submit(self.collect()))
 

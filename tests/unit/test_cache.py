@@ -306,7 +306,7 @@ def test_a_store_that_fails_during_the_call_costs_work_never_a_result(
     failing.data = dict(store.data)
     with caplog.at_level(logging.WARNING, "serverless.cache"):
         results, stats = double.with_options(cache=failing, chunk_size=10).with_stats(
-            list(range(80))
+            iter(range(80))  # a generator: looked up chunk by chunk as it is read
         )
     assert results == [2 * n for n in range(80)]
     assert stats.cache_error is not None and "connection refused" in stats.cache_error
@@ -372,6 +372,21 @@ def test_the_piece_offsets_map_back_to_the_input() -> None:
     assert [p.positions for p in pieces] == [[0, 2], [4], []]
     merged = [cache.merge(p, [f"r{i}" for i in p.items]) for p in pieces]
     assert merged == [["r0", 10, "r2"], [30, "r4"], [10, 30]]
+
+
+def test_a_whole_list_is_looked_up_before_the_call_and_none_missing_needs_no_worker() -> None:
+    store = DictStore()
+    cached = double.with_options(cache=store)
+    cached(list(range(0, 100, 2)))
+    gets = store.gets
+    results, stats = cached.with_stats(list(range(100)))
+    assert results == [2 * n for n in range(100)] and store.gets == gets + 1
+    # the 50 misses were cut evenly among the workers, not left in the chunks they fell in
+    assert stats.items_sent == 50 and sorted(c.size for c in stats.chunks) == [12, 12, 13, 13]
+    again, stats = cached.with_stats(list(range(100)))
+    assert again == results and stats.target == "none" and stats.items_sent == 0
+    assert cached.submit(list(range(100))).result(timeout=10) == results
+    assert sum(runs("double").values()) == 100
 
 
 def test_a_store_that_fails_at_the_first_lookup_raises_before_anything_is_sent() -> None:

@@ -348,11 +348,6 @@ def test_a_paced_cached_call_sends_only_the_misses_item_by_item() -> None:
     assert DOWNSTREAM.served == dict.fromkeys(range(60), 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="within_bytes and the items' type check number items by their place among the "
-    "call's misses (Chunk.offset in miss coordinates), not in the input",
-)
 def test_a_serialization_error_names_the_items_place_in_the_input() -> None:
     """An item too large for any request, after stored items: the error names its place in
     the input (10), not its place among the misses (5)."""
@@ -365,11 +360,6 @@ def test_a_serialization_error_names_the_items_place_in_the_input() -> None:
     assert "item 10 " in str(caught.value), str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="within_bytes and the items' type check number items by their place among the "
-    "call's misses (Chunk.offset in miss coordinates), not in the input",
-)
 def test_an_item_that_does_not_fit_the_type_is_named_by_its_input_place() -> None:
     store = DictStore()
     cached = unbox.with_options(cache=store, chunk_size=20)

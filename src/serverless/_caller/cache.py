@@ -30,14 +30,14 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgspec
 
 from .. import _wire as p
-from .._exceptions import ConfigurationError, RemoteError, StoreError
+from .._exceptions import ConfigurationError, RemoteError, SerializationError, StoreError
 from .._wire.values import Shape, decoder, to_wire
 from .cachekey import item_keys
 from .chunking import AdaptiveChunks, Chunk
@@ -47,7 +47,9 @@ logger = logging.getLogger("serverless.cache")
 
 MISSING: Final = object()  # an item whose result the store did not have
 CLOSE_WITHIN = 60.0  # seconds a call waits, at its end, for its results to be stored
-WRITE_BACKLOG = 64 * 1024 * 1024  # bytes of results a call may queue for its store...
+LOOKUP_WINDOW = 2_000  # keys per get_many of a list looked up whole
+WRITE_BATCH = 20_000  # records per put_many at most, however many answers queued up
+WRITE_BACKLOG = 8 * 1024 * 1024  # bytes of replies whose results a call may queue...
 BACKLOG_POLL = 0.01  # ...before its next answered chunk waits, looking again this often
 
 
@@ -69,7 +71,12 @@ class _Lookup:
     __slots__ = ("base", "found", "keys", "misses", "nbytes", "offset", "start")
 
     def __init__(
-        self, offset: int, found: list[Any], keys: list[bytes], base: int, nbytes: int
+        self,
+        offset: int,
+        found: list[Any],
+        keys: Sequence[bytes] | Mapping[int, bytes],  # at least the misses'
+        base: int,
+        nbytes: int,
     ) -> None:
         self.offset, self.found, self.keys, self.base = offset, found, keys, base
         self.misses = [i for i, result in enumerate(found) if result is MISSING]
@@ -113,6 +120,7 @@ class CallCache:
         self.stored = 0
         self.error: str | None = None  # why the store stopped being used, if it did
         self._looked_up = False  # a lookup has worked: a failure now falls back
+        self.all_found: _Lookup | None = None  # a list looked up whole (look_up_all)
         self._pending: deque[_Lookup] = deque()
         # (records, the bytes of the replies that carried them), or None: the call is over
         self._writes: queue.SimpleQueue[tuple[list[tuple[bytes, Any]], int] | None] = (
@@ -132,7 +140,7 @@ class CallCache:
         base = 0
         index = 0
         for chunk in cut:
-            keys = item_keys(self.prefix, chunk.items)
+            keys = self._keys(chunk)
             found, nbytes = self._found(keys)
             lookup = _Lookup(chunk.offset, found, keys, base, nbytes)
             self._pending.append(lookup)
@@ -146,6 +154,43 @@ class CallCache:
                 yield Chunk(index, base + first, part)
                 index += 1
             base += len(misses)
+
+    def look_up_all(self, items: Sequence[Any]) -> list[Any]:
+        """A list's items looked up before the call is planned (a call that returns every
+        result holds them anyway): its misses, which alone are then cut into chunks, sent and
+        attached; none, and the call needs no worker at all (no pool is even started)."""
+        found: list[Any] = []
+        keys: dict[int, bytes] = {}  # the misses' only: a list of 10M keeps 10M results, not keys
+        nbytes = 0
+        for start in range(0, len(items), LOOKUP_WINDOW):
+            window = Chunk(0, start, list(items[start : start + LOOKUP_WINDOW]))
+            window_keys = self._keys(window)
+            window_found, window_bytes = self._found(window_keys)
+            for i, result in enumerate(window_found):
+                if result is MISSING:
+                    keys[start + i] = window_keys[i]
+            found += window_found
+            nbytes += window_bytes
+        lookup = _Lookup(0, found, keys, 0, nbytes)
+        self.hits += len(found) - len(lookup.misses)
+        self._pending.append(lookup)
+        self.all_found = lookup
+        return [items[i] for i in lookup.misses]
+
+    def _keys(self, chunk: Chunk) -> list[bytes]:
+        try:
+            return item_keys(self.prefix, chunk.items)
+        except SerializationError as exc:  # which item: only then is each tried alone
+            for i, item in enumerate(chunk.items):
+                try:
+                    item_keys(self.prefix, [item])
+                except SerializationError:
+                    index = chunk.offset + i
+                    name = self.shape.function or "the function"
+                    raise SerializationError(
+                        f"item {index} of {name}: {exc}", index=index
+                    ) from None
+            raise
 
     def _found(self, keys: list[bytes]) -> tuple[list[Any], int]:
         """The results stored under `keys` (MISSING where none), and their bytes."""
@@ -170,7 +215,13 @@ class CallCache:
 
     def attach(self, pieces: Iterator[Chunk]) -> Iterator[Piece]:
         """Each piece with its part of the output (see the module's docstring)."""
-        for piece in pieces:
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration:
+                return
+            except SerializationError as exc:
+                raise self._in_input(exc) from None
             lookup = self._pending[0]
             first = piece.offset - lookup.base
             stop = first + len(piece.items)
@@ -227,19 +278,24 @@ class CallCache:
         return out
 
     async def room(self, limit: int | None) -> None:
-        """Wait while the results queued for the store weigh more than `limit` (a stream's
-        buffer; else WRITE_BACKLOG): a store slower than the workers slows the call down to
-        its pace instead of holding their results without bound."""
-        bound = WRITE_BACKLOG if limit is None else limit
+        """Wait while the results queued for the store weigh more than WRITE_BACKLOG (or a
+        stream's smaller buffer): a store slower than the workers slows the call down to its
+        pace instead of holding their results without bound."""
+        bound = WRITE_BACKLOG if limit is None else min(limit, WRITE_BACKLOG)
         while self._queued > bound and self.error is None:
             await asyncio.sleep(BACKLOG_POLL)
 
-    def placed(self, chunk: Chunk, error: RemoteError) -> RemoteError:
-        """`error` (its index counted in miss coordinates) with its item's index in the input."""
+    def placed(
+        self, chunk: Chunk, error: RemoteError | SerializationError
+    ) -> RemoteError | SerializationError:
+        """`error` (its index counted in miss coordinates) with its item's index in the input:
+        a RemoteError, or a SerializationError that names an item or its result."""
         assert isinstance(chunk, Piece)
         at = None if error.index is None else error.index - chunk.offset
         if at is None or not 0 <= at < len(chunk.positions):
             return error
+        if isinstance(error, SerializationError):
+            return error.renumbered(chunk.positions[at])
         placed = RemoteError(
             error.function,
             error.type_name,
@@ -251,6 +307,15 @@ class CallCache:
             status=error.status,
         )
         return placed
+
+    def _in_input(self, error: SerializationError) -> SerializationError:
+        """An error the chunk pipeline raised about a miss (numbered among the misses, while
+        cut), naming the item by its place in the input."""
+        for lookup in self._pending:
+            at = -1 if error.index is None else error.index - lookup.base
+            if 0 <= at < len(lookup.misses):
+                return error.renumbered(lookup.offset + lookup.misses[at])
+        return error
 
     # -- writing: on the call's writer thread ---------------------------------------------
 
@@ -270,7 +335,7 @@ class CallCache:
             batch = self._writes.get()
             done = batch is None
             records, nbytes = ([], 0) if batch is None else batch
-            while not done:  # whatever else is waiting goes in the same transaction
+            while not done and len(records) < WRITE_BATCH:  # what else waits, in the same one
                 try:
                     more = self._writes.get_nowait()
                 except queue.Empty:

@@ -236,7 +236,8 @@ def _by_item(
             raise SerializationError(
                 f"item {offset + i} of {function} encodes to {size} bytes, over the "
                 f"{max_item} bytes a request has room for: one item must fit in one request "
-                f"(serverless.init(max_body=) raises the limit, where the workers accept it)"
+                f"(serverless.init(max_body=) raises the limit, where the workers accept it)",
+                index=offset + i,
             )
         if i > start and run + size > weights.limit:
             weights.measured(i - start, run)

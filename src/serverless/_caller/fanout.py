@@ -29,6 +29,7 @@ from typing import Any
 from .._exceptions import (
     DeadlineExceeded,
     RemoteError,
+    SerializationError,
     StillThrottled,
     TooManyFailures,
     WorkerError,
@@ -447,7 +448,8 @@ class Fanout:
             self.held += nbytes - owner.expected  # now as answered, no longer as expected
             self.waiting += nbytes
             self.tally.buffered = max(self.tally.buffered, self.waiting)
-            self.durations.add(_now() - owner.started)
+            if owner.chunk.items:  # a piece found whole in the store took no worker's time
+                self.durations.add(_now() - owner.started)
             del self.running[owner.index]
             for other in owner.tasks:
                 if other is not task:
@@ -554,7 +556,7 @@ class Fanout:
         else:
             try:
                 results = await self._attempts(owner, chunk, avoid, lane)
-            except RemoteError as exc:  # counted among the misses: renumbered in the input
+            except (RemoteError, SerializationError) as exc:  # numbered among the misses
                 raise cache.placed(chunk, exc) from exc.__cause__
         sent = owner.answered  # the reply's bytes: what its results queue for the store
         owner.answered += chunk.found_bytes if isinstance(chunk, Piece) else 0

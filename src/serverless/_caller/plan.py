@@ -189,7 +189,7 @@ class CallPlan:
             sizer = AdaptiveChunks(weights=weights)
             runs = KnownRuns(sizer) if cache is not None else None
             cut = chunk_adaptive(items, runs or sizer)
-        if cache is not None:
+        if cache is not None and cache.all_found is None:  # else only the misses come here
             cut = cache.lookups(cut, runs)
         if wire is not None:
             cut = map(wire, cut)

@@ -158,7 +158,8 @@ def read_reply(
         if error.index is not None:  # a result that would not arrive as returned
             raise SerializationError(
                 f"result {offset + error.index} of {shape.function or call.fn} on worker "
-                f"{worker}, {error.message}"
+                f"{worker}, {error.message}",
+                index=offset + error.index,
             )
         raise SerializationError(
             f"{call.fn} returned a bad result on worker {worker}: {error.type}: {error.message}"
@@ -167,7 +168,8 @@ def read_reply(
         first = call.fn.split(STAGE_SEPARATOR)[0]
         if error.index is not None:
             raise SerializationError(
-                f"item {offset + error.index} of {first}'s input {error.message}"
+                f"item {offset + error.index} of {first}'s input {error.message}",
+                index=offset + error.index,
             )
         raise SerializationError(f"{first}: {error.message}")
     detail = error.message if error is not None else "neither results nor an error"

@@ -272,11 +272,12 @@ def result_mismatch(
         decoder(Any, fmt).decode(raw)
     except (msgspec.DecodeError, ValueError, RecursionError):
         return None
-    where = f"result {offset + int(found[1])}{found[2]}"
+    index = offset + int(found[1])
     detail = _RESULTS_PATH.sub("", str(exc))
     return SerializationError(
-        f"{where} of {shape.function} does not match its return annotation "
-        f"`list[{_type_name(shape.result)}]`: {detail}"
+        f"result {index}{found[2]} of {shape.function} does not match its return annotation "
+        f"`list[{_type_name(shape.result)}]`: {detail}",
+        index=index,
     )
 
 
@@ -687,7 +688,8 @@ def wire_results(shape: Shape, results: list[Any], fmt: str) -> list[Any] | Mism
 def _items_error(shape: Shape, index: int, item: Any, refused: _Refused) -> SerializationError:
     fix = "" if refused.reason else _ITEMS_FIX.format(f"{shape.items_name}: list[{_hint(item)}]")
     return SerializationError(
-        f"item {index} of {shape.function}'s input, {_describe_refused(refused, item)}.{fix}"
+        f"item {index} of {shape.function}'s input, {_describe_refused(refused, item)}.{fix}",
+        index=index,
     )
 
 
