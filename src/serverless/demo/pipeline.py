@@ -134,14 +134,15 @@ def run(
     rate: geolocate's rate= (items/s, "200/s", "auto"), for a geocoder with a quota (its
     lookups/s, for the report); a paced step runs alone, so then the two are not fused.
     cache: geolocate's cache= (a path, "sqlite:///...", "redis://..."): every lookup is stored
-    (not the cleaned ones: the steps run apart), and each worker's share is sent in
-    STORED_SHARE requests, so that an interrupted run loses at most the lookups in flight."""
+    (not the cleaned ones: the steps run apart), each worker's share is sent in STORED_SHARE
+    requests, so that an interrupted run loses at most the lookups in flight, and no chunk is
+    hedged (sent twice)."""
     lookup = geolocate.with_options(workers=workers, url=url)
     if rate is not None:  # a paced step's hedge would spend the quota twice on the same lookups
         lookup = lookup.with_options(rate=rate, hedge=False)
-    if cache is not None:
+    if cache is not None:  # each code looked up once: a rerun, not a hedge, finishes the rest
         share = -(-count // (workers * STORED_SHARE))
-        lookup = lookup.with_options(cache=cache, chunk_size=max(1, share))
+        lookup = lookup.with_options(cache=cache, chunk_size=max(1, share), hedge=False)
     pipeline = serverless.Pipeline(
         lookup.partial(geocoder),
         cleanup.with_options(workers=workers, url=url),
