@@ -405,3 +405,22 @@ def echo_blobs(blobs: Iterable[bytes], stall_at: int = -1, stall: float = 0.0) -
     if any(int.from_bytes(b[:8], "big") == stall_at for b in items):
         time.sleep(stall)
     return items
+
+
+@serverless.parallel(workers=4)
+def slow_label(numbers: list[int], wait: float = 0.02) -> list[str]:
+    """Waits `wait` seconds per item and labels it; counts each item it starts."""
+    out = []
+    for n in numbers:
+        _record_item("slow_label", n)
+        time.sleep(wait)
+        out.append(f"r{n}")
+    return out
+
+
+@serverless.parallel(workers=2)
+def echo_length(items):  # type: ignore[no-untyped-def]  # untyped: sets and tuples as Exts
+    """Each record's name, sorted tags and pair's number; counts each item it starts."""
+    for item in items:
+        _record_item("echo_length", item["name"])
+    return [(item["name"], sorted(item["tags"]), item["pair"][1]) for item in items]

@@ -5,6 +5,7 @@ def geolocate(zipcodes):
     return [get_address(zipcode) for zipcode in zipcodes]
 """
 
+from ._caller.store import ResultStore, StoreStats, open_store
 from ._config import Options
 from ._exceptions import (
     ConfigurationError,
@@ -44,12 +45,14 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "RequestRejected",
+    "ResultStore",
     "SequentialFunction",
     "SerializationError",
     "ServerlessError",
     "StepStats",
     "StillThrottled",
     "StoreError",
+    "StoreStats",
     "Throttled",
     "TooManyFailures",
     "WorkerError",
@@ -58,6 +61,7 @@ __all__ = [
     "WorkerUnavailable",
     "__version__",
     "init",
+    "open_store",
     "parallel",
     "sequential",
     "shutdown",

@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo_cli.add_parser(commands)
     _add_worker(commands)
+    _add_cache(commands)
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
@@ -85,6 +86,76 @@ def _worker(args: argparse.Namespace) -> int:
         print(f"serverless worker: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _add_cache(commands: Any) -> None:
+    cache = commands.add_parser(
+        "cache",
+        help="inspect or empty a result store (cache=)",
+        description="Inspect or empty the result store that a call's cache= names: a SQLite "
+        "file (a path or sqlite:///path) or a Redis server (redis://[:password@]host:port/db, "
+        "rediss:// for TLS; only the records under our prefix).",
+    )
+    actions = cache.add_subparsers(dest="action", required=True)
+    stats = actions.add_parser("stats", help="records, bytes, ttl, damaged records read")
+    clear = actions.add_parser(
+        "clear", help="remove every record (a damaged SQLite file: remove it)"
+    )
+    for action in (stats, clear):
+        action.add_argument("store", metavar="FILE_OR_URL", help="the store, as cache= names it")
+    stats.set_defaults(handler=_cache_stats)
+    clear.set_defaults(handler=_cache_clear)
+
+
+def _cache_stats(args: argparse.Namespace) -> int:
+    from ._caller.store import open_store
+
+    _existing(args.store)
+    store = open_store(args.store)
+    try:
+        stats = store.stats()
+    finally:
+        store.close()
+    print(f"location: {stats.location}")
+    print(f"records: {stats.records}")
+    print(f"bytes: {stats.nbytes}")
+    print(f"ttl: {'none' if stats.ttl is None else f'{stats.ttl:g} s'}")
+    print(f"corrupted: {stats.corrupted}")
+    return 0
+
+
+def _cache_clear(args: argparse.Namespace) -> int:
+    from ._caller import sqlitestore
+    from ._caller.store import open_store
+
+    path = _existing(args.store)
+    if path is not None:  # a damaged file is removed, as its error message offers
+        removed = sqlitestore.clear_file(path)
+        if removed is None:
+            print(f"removed the damaged store {path}")
+            return 0
+        print(f"removed {removed} records from {path}")
+        return 0
+    store = open_store(args.store)
+    try:
+        removed = store.clear()
+    finally:
+        store.close()
+    print(f"removed {removed} records from {store.location}")
+    return 0
+
+
+def _existing(spec: str) -> str | None:
+    """The file a SQLite spec names, which must exist (inspecting creates no store)."""
+    import os
+
+    from ._caller.store import sqlite_path
+    from ._exceptions import StoreError
+
+    path = sqlite_path(spec)
+    if path is not None and not os.path.lexists(path):
+        raise StoreError(f"no result store at {path}", store=path)
+    return path
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -365,7 +365,7 @@ class ParallelFunction(_Step[P, R]):
         if convert and shape.items is None:
             wire = functools.partial(_wire_chunk, shape)
         cache = None
-        if self.options.cache is not None and count != 0:
+        if any(step.options.cache is not None for step in steps) and count != 0:
             raw_args = [*args[1:], *self._bound_args], {**self._bound_kwargs, **kwargs}
             cache = _call_cache(steps, binds, raw_args, last)
         chunks, sizer, weights = plan.chunks(items, wire, cache)
@@ -599,7 +599,7 @@ def _call_cache(
 ) -> CallCache:
     """The call's use of its result store: keys made of every stage's name, code and
     version, the call's arguments and receivers, and the type its results decode into."""
-    spec = steps[0].options.cache
+    spec = next(step.options.cache for step in steps if step.options.cache is not None)
     store = spec if not isinstance(spec, str | os.PathLike) else shared_store(os.fspath(spec))
     stages = [
         (step.entry.name, code_digest(step._func), str(step.options.version or ""))

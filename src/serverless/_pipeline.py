@@ -6,7 +6,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ._function import StageInfo, _Step, run_fused
+from ._config import Options
+from ._function import ParallelFunction, StageInfo, _Step, run_fused
 from ._stats import PipelineRun, StepStats
 
 
@@ -18,9 +19,13 @@ class Pipeline:
     once per step. @sequential steps are the only barriers. Statistics stay per step: the
     worker measures each stage's output count and compute time, and the report says which
     steps shared requests. `fuse=False` opts out.
+
+    `cache=` (a path, a redis:// URL or a store) stores the results of every parallel step
+    that has no cache of its own; `run(data, cache=...)` does so for one run. A fused group's
+    results are stored under keys made of all its steps (docs/reliability.md).
     """
 
-    def __init__(self, *steps: _Step[Any, Any], fuse: bool = True) -> None:
+    def __init__(self, *steps: _Step[Any, Any], fuse: bool = True, cache: Any = None) -> None:
         for step in steps:
             if not isinstance(step, _Step):
                 raise TypeError(
@@ -29,19 +34,22 @@ class Pipeline:
                 )
         if not steps:
             raise TypeError("a Pipeline needs at least one step")
+        Options(cache=cache)  # a bad spec is refused here, not at the first run
         self.steps = steps
         self.fuse = fuse
+        self.cache = cache
         self.last_run: PipelineRun | None = None
 
-    def run(self, data: Iterable[Any]) -> Any:
+    def run(self, data: Iterable[Any], cache: Any = None) -> Any:
         """Run every step and return the last one's result (statistics in `last_run`)."""
-        return self.execute(data).result
+        return self.execute(data, cache).result
 
-    def execute(self, data: Iterable[Any]) -> PipelineRun:
+    def execute(self, data: Iterable[Any], cache: Any = None) -> PipelineRun:
         """Run every step; the returned PipelineRun holds this run's own statistics."""
         started = time.perf_counter()
         stats: list[StepStats] = []
-        groups = _fusion_groups(self.steps) if self.fuse else [[s] for s in self.steps]
+        steps = _cached(self.steps, cache if cache is not None else self.cache)
+        groups = _fusion_groups(steps) if self.fuse else [[s] for s in steps]
         for group in groups:
             if len(group) > 1:
                 data, group_stats = run_fused([_stage(step).step for step in group], data)
@@ -54,6 +62,19 @@ class Pipeline:
         run = PipelineRun(result=data, steps=stats, duration=time.perf_counter() - started)
         self.last_run = run
         return run
+
+
+def _cached(steps: Sequence[_Step[Any, Any]], cache: Any) -> Sequence[_Step[Any, Any]]:
+    """The steps, each parallel one without a cache of its own storing its results in `cache`."""
+    if cache is None:
+        return steps
+    Options(cache=cache)  # a bad spec: ConfigurationError before any step runs
+    return [
+        step.with_options(cache=cache)
+        if isinstance(step, ParallelFunction) and step.options.cache is None
+        else step
+        for step in steps
+    ]
 
 
 def _stage(step: _Step[Any, Any]) -> StageInfo:

@@ -17,9 +17,10 @@ is settled without a request.
 
 Results are stored as each piece's answer arrives, on a writer thread (one `put_many`, one
 transaction, per answer); an item that failed (errors="return") is never stored, so calling
-again reruns exactly the failures. A store that fails during the call (unreachable, damaged)
-is not used for the rest of it: the call goes on uncached, logs a warning, and its
-statistics say why (`StepStats.cache_error`): a store can cost work, never a wrong result.
+again reruns exactly the failures. A store that fails at the call's first lookup raises
+StoreError: nothing was sent. One that fails later (unreachable, damaged) is not used for the
+rest of the call: it goes on uncached, logs a warning, and its statistics say why
+(`StepStats.cache_error`): a store can cost work, never a wrong result.
 """
 
 from __future__ import annotations
@@ -56,16 +57,20 @@ class Piece(Chunk):
     span: list[Any] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)
+    found_bytes: int = 0  # what its found results weighed, stored: a stream's buffer counts it
 
 
 class _Lookup:
     """One cut chunk, looked up: its results as found, and where its misses are."""
 
-    __slots__ = ("base", "found", "keys", "misses", "offset", "start")
+    __slots__ = ("base", "found", "keys", "misses", "nbytes", "offset", "start")
 
-    def __init__(self, offset: int, found: list[Any], keys: list[bytes], base: int) -> None:
+    def __init__(
+        self, offset: int, found: list[Any], keys: list[bytes], base: int, nbytes: int
+    ) -> None:
         self.offset, self.found, self.keys, self.base = offset, found, keys, base
         self.misses = [i for i, result in enumerate(found) if result is MISSING]
+        self.nbytes = nbytes  # of the found results, as stored
         self.start = 0  # where the next piece's part of the output begins
 
 
@@ -95,6 +100,7 @@ class CallCache:
         self.hits = 0
         self.stored = 0
         self.error: str | None = None  # why the store stopped being used, if it did
+        self._looked_up = False  # a lookup has worked: a failure now falls back
         self._pending: deque[_Lookup] = deque()
         self._writes: queue.SimpleQueue[list[tuple[bytes, Any]] | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -110,8 +116,8 @@ class CallCache:
         index = 0
         for chunk in cut:
             keys = item_keys(self.prefix, chunk.items)
-            found = self._found(keys)
-            lookup = _Lookup(chunk.offset, found, keys, base)
+            found, nbytes = self._found(keys)
+            lookup = _Lookup(chunk.offset, found, keys, base, nbytes)
             self._pending.append(lookup)
             misses = [chunk.items[i] for i in lookup.misses]
             self.hits += len(found) - len(misses)
@@ -124,15 +130,20 @@ class CallCache:
                 index += 1
             base += len(misses)
 
-    def _found(self, keys: list[bytes]) -> list[Any]:
+    def _found(self, keys: list[bytes]) -> tuple[list[Any], int]:
+        """The results stored under `keys` (MISSING where none), and their bytes."""
         if self.error is None:
             try:
                 payloads = self.store.get_many(keys)
             except StoreError as exc:
+                if not self._looked_up:  # nothing sent yet: say so rather than run uncached
+                    raise
                 self._failed(exc)
             else:
-                return [MISSING if raw is None else self._decoded(raw) for raw in payloads]
-        return [MISSING] * len(keys)
+                self._looked_up = True
+                found = [MISSING if raw is None else self._decoded(raw) for raw in payloads]
+                return found, sum(len(raw) for raw in payloads if raw is not None)
+        return [MISSING] * len(keys), 0
 
     def _decoded(self, raw: bytes) -> Any:
         try:
@@ -150,6 +161,7 @@ class CallCache:
             last = stop == len(misses)
             end = len(lookup.found) if last else misses[stop - 1] + 1
             mine = misses[first:stop]
+            share = lookup.nbytes * (end - lookup.start) // max(1, len(lookup.found))
             yield Piece(
                 piece.index,
                 piece.offset,
@@ -158,6 +170,7 @@ class CallCache:
                 span=lookup.found[lookup.start : end],
                 positions=[lookup.offset + i for i in mine],
                 keys=[lookup.keys[i] for i in mine],
+                found_bytes=share,
             )
             lookup.start = end
             if last:

@@ -36,7 +36,7 @@ from .._exceptions import (
 )
 from .._stats import ChunkStats
 from .._wire import StageFigures, Throttle
-from .cache import CallCache
+from .cache import CallCache, Piece
 from .chunking import AdaptiveChunks, Chunk, ChunkBytes
 from .flow import Capacities, Window
 from .plan import CallPlan
@@ -482,6 +482,8 @@ class Fanout:
             self.submitted += 1
             weights = self.weights
             chunk.expected = weights.expected(chunk.chunk) if weights else chunk.chunk.nbytes
+            if isinstance(chunk.chunk, Piece):  # with what it found in the store
+                chunk.expected += chunk.chunk.found_bytes
             self.held += chunk.expected
             if self.plan.hedge:
                 heapq.heappush(self._by_start, (chunk.started, chunk.index, chunk))
@@ -542,11 +544,13 @@ class Fanout:
         (misses) in their places; a piece with no items sends nothing."""
         chunk = owner.chunk
         if not chunk.items:
-            return cache.merge(chunk, [])
-        try:
-            results = await self._attempts(owner, chunk, avoid, lane)
-        except RemoteError as exc:  # counted among the misses: renumbered in the input
-            raise cache.placed(chunk, exc) from exc.__cause__
+            results: list[Any] = []
+        else:
+            try:
+                results = await self._attempts(owner, chunk, avoid, lane)
+            except RemoteError as exc:  # counted among the misses: renumbered in the input
+                raise cache.placed(chunk, exc) from exc.__cause__
+        owner.answered += chunk.found_bytes if isinstance(chunk, Piece) else 0
         return cache.merge(chunk, results)
 
     # -- one chunk: retries ----------------------------------------------------------------
