@@ -37,6 +37,21 @@ def add_parser(commands: Any) -> None:
     )
     demo.add_argument("--seed", type=int, default=None, help="random seed for the zipcodes")
     demo.add_argument(
+        "--cache",
+        default=None,
+        metavar="FILE",
+        help="store every lookup in FILE (a SQLite path; sqlite:///... or redis://... work "
+        "too): a rerun with the same --seed sends only the codes not stored yet, and an "
+        "interrupted run (Ctrl-C, kill -9) run again finishes the rest",
+    )
+    demo.add_argument(
+        "--geocoder",
+        default=None,
+        metavar="URL",
+        help="use the geocoder at URL (python -m serverless.demo.geocoder) instead of starting "
+        "one; --latency, --quota and --geocoder-host then are its own",
+    )
+    demo.add_argument(
         "--url", default=None, help="send chunks to workers at this URL instead of the local pool"
     )
     demo.add_argument(
@@ -82,29 +97,60 @@ def run(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"serverless demo: {exc}", file=sys.stderr)
         return 2
+    if args.web and args.cache is not None:
+        print("serverless demo: --cache runs in the terminal, not with --web", file=sys.stderr)
+        return 2
+    if args.geocoder:
+        return _serve(args, args.geocoder.rstrip("/"))
     service = geocoder.Geocoder(args.latency, host=args.geocoder_host, quota=args.quota)
     with service as geocoder_url:
-        if args.web:
-            from . import web
+        return _serve(args, geocoder_url)
 
-            print(f"Serverless Pipeline Demo on http://{args.host}:{args.port}/ (Ctrl-C stops)")
-            sys.stdout.flush()
-            return web.serve(args, geocoder_url)
-        return _terminal(args, geocoder_url)
+
+def _serve(args: argparse.Namespace, geocoder_url: str) -> int:
+    if args.web:
+        from . import web
+
+        print(f"Serverless Pipeline Demo on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+        sys.stdout.flush()
+        return web.serve(args, geocoder_url)
+    return _terminal(args, geocoder_url)
 
 
 def _terminal(args: argparse.Namespace, geocoder_url: str) -> int:
     from .geocoder import service_stats
-    from .pipeline import report, run, verify_serial, warm_up
+    from .pipeline import GEOCODER_ENV, report, run, verify_serial, warm_up
 
+    lookup_url = geocoder_url
+    if args.cache is not None and args.url is None:
+        # a cache key covers the call's arguments, and the geocoder's port changes each run:
+        # the local pool's workers (started below, with this environment) read it from here
+        os.environ[GEOCODER_ENV] = geocoder_url
+        lookup_url = f"${GEOCODER_ENV}"
     ready = warm_up(geocoder_url, args.workers, args.url)
     progress = _Progress(geocoder_url, args.count, sys.stderr)
     before = service_stats(geocoder_url)
     progress.start()
     try:
         result = run(
-            geocoder_url, args.count, args.workers, args.seed, args.url, args.rate, args.quota
+            lookup_url,
+            args.count,
+            args.workers,
+            args.seed,
+            args.url,
+            args.rate,
+            args.quota,
+            args.cache,
         )
+    except KeyboardInterrupt:
+        if args.cache is None:
+            raise
+        print(
+            f"\nserverless demo: interrupted; the lookups answered so far are stored in "
+            f"{args.cache}: run the same command again to finish the rest",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         progress.stop()
     after = service_stats(geocoder_url)
@@ -118,11 +164,14 @@ def _terminal(args: argparse.Namespace, geocoder_url: str) -> int:
         return 0
     print(report(result))
     target = result["steps"][0]["target"]
+    sent = result["cache"]["sent"] if args.cache is not None else args.count
     print(
         f"(regular duration = the steps' compute time measured on the workers: "
-        f"{args.count} lookups at {result['lookup_mean_s'] * 1000:.1f} ms each, and the rest; "
+        f"{sent} lookups at {result['lookup_mean_s'] * 1000:.1f} ms each, and the rest; "
         f"workers: {target}, ready in {ready:.2f}s before the run)"
     )
+    if args.cache is not None and not args.quota:  # with a quota, its line counts them
+        print(f"(the geocoder counted {result['service']['lookups']} lookups during the run)")
     if args.quota:
         service = result["service"]
         print(

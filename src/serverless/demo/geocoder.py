@@ -10,6 +10,7 @@ Atlantic). It is asynchronous, so a hundred concurrent lookups cost no threads.
     GET /zip/00000 -> 404 {"zipcode": "00000", "error": "unknown zipcode"}
     GET /zip/40057?latency=0.02 -> the same, with this latency (seconds, at most 10)
     GET /stats     -> 200 {"lookups": 1234, "throttled": 0}   (answered so far, refused)
+    GET /codes     -> 200 {"40057": 2, ...}   (lookups answered so far, per code asked)
 
 With --quota 200/s (or 3000/min, as Google's Geocoding API allows by default) it enforces a
 quota as the real APIs do: a token bucket (quota.py), and beyond it 429 with a Retry-After in
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -61,6 +63,7 @@ def make_app(
     addresses: dict[str, str], latency: float, quota: float | None = None
 ) -> web.Application:
     served = throttled = 0
+    per_code: collections.Counter[str] = collections.Counter()
     bucket = TokenBucket(quota, time.monotonic()) if quota else None
 
     async def lookup(request: web.Request) -> web.Response:
@@ -86,6 +89,7 @@ def make_app(
                 headers={"Retry-After": retry_after(refused)},
             )
         served += 1
+        per_code[code] += 1
         address = addresses.get(code)
         if address is None:
             return web.json_response({"zipcode": code, "error": "unknown zipcode"}, status=404)
@@ -94,9 +98,13 @@ def make_app(
     async def stats(request: web.Request) -> web.Response:
         return web.json_response({"lookups": served, "throttled": throttled})
 
+    async def codes(request: web.Request) -> web.Response:
+        return web.json_response(per_code)
+
     app = web.Application()
     app.router.add_get("/zip/{code}", lookup)
     app.router.add_get("/stats", stats)
+    app.router.add_get("/codes", codes)
     return app
 
 
@@ -204,6 +212,14 @@ def service_stats(url: str, timeout: float = 1.0) -> dict[str, int]:
     from urllib.request import urlopen
 
     with urlopen(f"{url}/stats", timeout=timeout) as response:
+        return {k: int(v) for k, v in json.load(response).items()}
+
+
+def lookups_per_code(url: str, timeout: float = 5.0) -> dict[str, int]:
+    """How many lookups the service has answered for each code asked so far."""
+    from urllib.request import urlopen
+
+    with urlopen(f"{url}/codes", timeout=timeout) as response:
         return {k: int(v) for k, v in json.load(response).items()}
 
 

@@ -7,12 +7,19 @@ argument of the call, so the same code runs on the local pool and on remote work
 
 When the geocoder enforces a quota (--quota), `geolocate` raises serverless.Throttled on its
 429, and the step runs with `rate=` (the quota, or "auto": found from the throttles).
+
+With a result store (--cache), `geolocate` runs with `cache=`: each lookup is stored as its
+chunk's answer arrives, and a rerun sends only the codes not stored yet. A cache key covers
+the call's arguments, and the demo's geocoder gets a new port each run: so the workers of the
+local pool find it through $SERVERLESS_DEMO_GEOCODER (the argument names that variable), and
+the key names the service, not its port.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
 import threading
 import time
@@ -26,6 +33,9 @@ import serverless
 Entry = tuple[int, float, "str | None"]
 
 _local = threading.local()
+
+GEOCODER_ENV = "SERVERLESS_DEMO_GEOCODER"  # the geocoder's URL, for "$SERVERLESS_DEMO_GEOCODER"
+STORED_SHARE = 10  # with --cache, each worker's share goes in this many requests (see run)
 
 
 def _connection(netloc: str) -> http.client.HTTPConnection:
@@ -45,8 +55,11 @@ def close_connections() -> None:
 def get_address(zipcode: int, geocoder: str) -> Entry:
     """Ask the geocoding service at `geocoder` for the code's address.
 
-    geocoder: http://host:port, optionally with a query such as ?latency=0.05.
+    geocoder: http://host:port, optionally with a query such as ?latency=0.05; or the name of
+    an environment variable that holds it, as "$SERVERLESS_DEMO_GEOCODER".
     """
+    if geocoder.startswith("$"):
+        geocoder = os.environ[geocoder[1:]]
     parts = urlsplit(geocoder)
     path = f"/zip/{zipcode:05d}" + (f"?{parts.query}" if parts.query else "")
     start = time.perf_counter()
@@ -112,32 +125,45 @@ def run(
     url: str | None = None,
     rate: float | str | None = None,
     quota: float | None = None,
+    cache: str | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline once; the figures of the seed's report, all measured.
 
     geolocate and cleanup go to the same workers, so the Pipeline fuses them: each chunk is
     geolocated and cleaned in one request, and only the resolved addresses come back.
     rate: geolocate's rate= (items/s, "200/s", "auto"), for a geocoder with a quota (its
-    lookups/s, for the report); a paced step runs alone, so then the two are not fused."""
+    lookups/s, for the report); a paced step runs alone, so then the two are not fused.
+    cache: geolocate's cache= (a path, "sqlite:///...", "redis://..."): every lookup is stored
+    (not the cleaned ones: the steps run apart), each worker's share is sent in STORED_SHARE
+    requests, so that an interrupted run loses at most the lookups in flight, and no chunk is
+    hedged (sent twice)."""
     lookup = geolocate.with_options(workers=workers, url=url)
     if rate is not None:  # a paced step's hedge would spend the quota twice on the same lookups
         lookup = lookup.with_options(rate=rate, hedge=False)
+    if cache is not None:  # each code looked up once: a rerun, not a hedge, finishes the rest
+        share = -(-count // (workers * STORED_SHARE))
+        lookup = lookup.with_options(cache=cache, chunk_size=max(1, share), hedge=False)
     pipeline = serverless.Pipeline(
         lookup.partial(geocoder),
         cleanup.with_options(workers=workers, url=url),
         sort,
+        fuse=cache is None,
     )
-    return figures(pipeline.execute(zipcodes(count, seed)), count, workers, quota)
+    return figures(pipeline.execute(zipcodes(count, seed)), count, workers, quota, cache)
 
 
 def figures(
-    run: serverless.PipelineRun, count: int, workers: int, quota: float | None = None
+    run: serverless.PipelineRun,
+    count: int,
+    workers: int,
+    quota: float | None = None,
+    cache: str | None = None,
 ) -> dict[str, Any]:
     """The report's figures. The regular (serial-equivalent) duration is the steps' compute
     time as measured around each function call on the workers, every lookup included: what
     one thread making the same calls one after the other would have spent. With a quota
     (lookups/s), the serial lookups could not go faster than it either: they would take
-    count x max(the mean lookup, 1 / quota)."""
+    count x max(the mean lookup, 1 / quota). With a cache, only the lookups sent count."""
     regular = sum(s.compute_s for s in run.steps)
     offset = 0.0
     timeline: list[dict[str, Any]] = []
@@ -166,11 +192,12 @@ def figures(
         offset += step.duration
     geo = run.steps[0]
     lookups = geo.compute_s
-    out = {
+    sent = geo.items_sent if cache is not None else count
+    out: dict[str, Any] = {
         "count": count,
         "workers": workers,
         "regular_duration": regular,
-        "lookup_mean_s": lookups / count if count else 0.0,
+        "lookup_mean_s": lookups / sent if sent else 0.0,
         "parallel_duration": run.duration,
         "speedup": regular / run.duration if run.duration else 0.0,
         "steps": steps,
@@ -178,6 +205,14 @@ def figures(
         "addresses": [f"{z:05d} => {a}" for z, _, a in run.result],
         "quota": quota,
     }
+    if cache is not None:
+        # lookups taken from the store and sent to the geocoder (StepStats, measured)
+        out["cache"] = {
+            "location": cache,
+            "hits": geo.cache_hits,
+            "sent": geo.items_sent,
+            "error": geo.cache_error,
+        }
     if quota:
         # a paced lookup's compute time includes its pacing: the geocoder's latency is the
         # mean of what the lookups themselves measured (each entry carries its own time)
@@ -250,7 +285,19 @@ def report(figures: dict[str, Any]) -> str:
         )
     if figures.get("quota"):
         lines.append(quota_line(figures))
+    if figures.get("cache"):
+        lines.append(cache_line(figures["cache"]))
     return "\n".join(lines)
+
+
+def cache_line(cache: dict[str, Any]) -> str:
+    line = (
+        f"Cache = {cache['location']}: {cache['hits']} lookups from the store, "
+        f"{cache['sent']} sent to the geocoder"
+    )
+    if cache["error"]:
+        line += f" (the store failed during the run and was left: {cache['error']})"
+    return line
 
 
 def quota_line(f: dict[str, Any]) -> str:
