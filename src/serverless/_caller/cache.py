@@ -50,6 +50,9 @@ CLOSE_WITHIN = 60.0  # seconds a call waits, at its end, for its results to be s
 LOOKUP_WINDOW = 2_000  # keys per get_many of a list looked up whole
 WRITE_BATCH = 20_000  # records per put_many at most, however many answers queued up
 WRITE_BACKLOG = 8 * 1024 * 1024  # bytes of replies whose results a call may queue...
+# ...and records: small results weigh little on the wire, ~150 bytes each queued (its key,
+# its tuple); a 10,000,000-item stream storing as it went peaked at 766 MB with bytes alone
+WRITE_BACKLOG_RECORDS = 50_000
 BACKLOG_POLL = 0.01  # ...before its next answered chunk waits, looking again this often
 
 
@@ -126,7 +129,8 @@ class CallCache:
         self._writes: queue.SimpleQueue[tuple[list[tuple[bytes, Any]], int] | None] = (
             queue.SimpleQueue()
         )
-        self._queued = 0  # bytes of results queued for the store
+        self._queued = 0  # bytes of the replies whose results are queued for the store
+        self._queued_records = 0
         self._lock = threading.Lock()
         self._writer: threading.Thread | None = None
 
@@ -282,7 +286,9 @@ class CallCache:
         stream's smaller buffer): a store slower than the workers slows the call down to its
         pace instead of holding their results without bound."""
         bound = WRITE_BACKLOG if limit is None else min(limit, WRITE_BACKLOG)
-        while self._queued > bound and self.error is None:
+        while (
+            self._queued > bound or self._queued_records > WRITE_BACKLOG_RECORDS
+        ) and self.error is None:
             await asyncio.sleep(BACKLOG_POLL)
 
     def placed(
@@ -326,6 +332,7 @@ class CallCache:
             writer.start()
         with self._lock:
             self._queued += nbytes
+            self._queued_records += len(records)
         self._writes.put((records, nbytes))
 
     def _drain(self) -> None:
@@ -349,6 +356,7 @@ class CallCache:
                 self._put(records)
             with self._lock:
                 self._queued -= nbytes
+                self._queued_records -= len(records)
             if done:
                 return
 

@@ -25,6 +25,9 @@ from .store import CHECK_BYTES, StoreStats, Unsealer, seal
 FORMAT = "serverless-results-1"
 MAGIC = b"SQLite format 3\x00"
 BUSY_MS = 10_000  # several processes write at once; each write holds the lock for ms
+# pages cached per connection, in KiB (negative): random keys touch the key index all over
+# (2,000,000 puts: 15.5 -> 13.6 us each against SQLite's default 2 MiB)
+CACHE_KIB = -65536
 _DAMAGED = "is damaged"  # in the messages that `serverless cache clear` resolves
 BATCH = 500  # keys per SELECT: under SQLite's variable limit (999 before 3.32)
 
@@ -148,6 +151,7 @@ class SQLiteStore:
         try:
             db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
             db.execute("PRAGMA synchronous = NORMAL")  # in WAL: a killed process loses nothing
+            db.execute(f"PRAGMA cache_size = {CACHE_KIB}")
         except BaseException:
             db.close()
             raise
