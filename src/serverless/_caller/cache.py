@@ -31,7 +31,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
@@ -41,7 +41,7 @@ from .._exceptions import ConfigurationError, RemoteError, SerializationError, S
 from .._wire.values import Shape, decoder, to_wire
 from .cachekey import item_keys
 from .chunking import AdaptiveChunks, Chunk
-from .store import ResultStore
+from .store import KEY_BYTES, ResultStore
 
 logger = logging.getLogger("serverless.cache")
 
@@ -60,12 +60,18 @@ BACKLOG_POLL = 0.01  # ...before its next answered chunk waits, looking again th
 class Piece(Chunk):
     """A chunk of a cached call as the fan-out gets it: its items are misses (offsets in miss
     coordinates); `span` is its part of the output, the found results with MISSING where its
-    items' results go; `positions` and `keys` are its items' places in the input and keys."""
+    items' results go (None: it found none, its results are the output as they come);
+    `positions` are its items' places in the input, `keys` their keys end to end. Compact, as
+    a stream holds many pieces in flight: a range, 32 bytes a key, no span where none was
+    found (a storing stream of 2,000,000 small items peaked at 680 MB with lists of each)."""
 
-    span: list[Any] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    keys: list[bytes] = field(default_factory=list)
+    span: list[Any] | None = None
+    positions: Sequence[int] = range(0)
+    keys: bytes = b""
     found_bytes: int = 0  # what its found results weighed, stored: a stream's buffer counts it
+
+    def key(self, item: int) -> bytes:
+        return self.keys[item * KEY_BYTES : (item + 1) * KEY_BYTES]
 
 
 class _Lookup:
@@ -234,14 +240,22 @@ class CallCache:
             end = len(lookup.found) if last else misses[stop - 1] + 1
             mine = misses[first:stop]
             share = lookup.nbytes * (end - lookup.start) // max(1, len(lookup.found))
+            # its part of the output holds found results unless it is its misses alone
+            alone = end - lookup.start == len(mine)
+            positions: Sequence[int]
+            if not mine or mine[-1] - mine[0] == len(mine) - 1:  # contiguous: a range
+                start = lookup.offset + (mine[0] if mine else 0)
+                positions = range(start, start + len(mine))
+            else:
+                positions = [lookup.offset + i for i in mine]
             yield Piece(
                 piece.index,
                 piece.offset,
                 piece.items,
                 piece.nbytes,
-                span=lookup.found[lookup.start : end],
-                positions=[lookup.offset + i for i in mine],
-                keys=[lookup.keys[i] for i in mine],
+                span=None if alone else lookup.found[lookup.start : end],
+                positions=positions,
+                keys=b"".join(lookup.keys[i] for i in mine),
                 found_bytes=share,
             )
             lookup.start = end
@@ -264,19 +278,28 @@ class CallCache:
                 "a step that maps each item to one result, or drop cache= (in a "
                 "Pipeline(cache=...), set cache= on the steps that map instead)"
             )
-        out = list(chunk.span)
-        fresh = iter(results)
         saved: list[tuple[bytes, Any]] = []
-        item = 0
-        for i, result in enumerate(out):
-            if result is MISSING:
-                result = next(fresh)
+        if chunk.span is None:  # nothing found around its items: their results as they are
+            out = results
+            for item, result in enumerate(results):
                 if isinstance(result, RemoteError):
-                    result = self.placed(chunk, result)
+                    out = out if out is not results else list(results)
+                    out[item] = self.placed(chunk, result)
                 else:
-                    saved.append((chunk.keys[item], result))
-                out[i] = result
-                item += 1
+                    saved.append((chunk.key(item), result))
+        else:
+            out = list(chunk.span)
+            fresh = iter(results)
+            item = 0
+            for i, result in enumerate(out):
+                if result is MISSING:
+                    result = next(fresh)
+                    if isinstance(result, RemoteError):
+                        result = self.placed(chunk, result)
+                    else:
+                        saved.append((chunk.key(item), result))
+                    out[i] = result
+                    item += 1
         if saved and self.error is None:
             self._write(saved, nbytes)
         return out
