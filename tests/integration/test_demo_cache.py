@@ -59,6 +59,8 @@ def test_a_rerun_asks_the_geocoder_for_no_code_already_resolved(tmp_path: Path) 
     match = CACHE_LINE.search(second)
     assert match and match.groups() == (store, "300", "0"), second
     assert "(the geocoder counted 0 lookups during the run)" in second
+    # no speedup made up from nothing sent (it printed "Speedup = 0.0X")
+    assert "Speedup = none measured: every lookup came from the store" in second
 
     codes = pipeline.zipcodes(400, 9)
     old = set(codes[:300])
