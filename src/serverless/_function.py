@@ -335,9 +335,8 @@ class ParallelFunction(_Step[P, R]):
         last = then[-1].entry.shape(then[-1]._bind) if then else shape
         # untyped values as the wire carries them (values.py), or an error naming the one that
         # cannot travel: before any request, and before a pool starts
-        call_args, call_kwargs = wire_args(
-            shape, [*args[1:], *self._bound_args], {**self._bound_kwargs, **kwargs}
-        )
+        raw_args = [*args[1:], *self._bound_args], {**self._bound_kwargs, **kwargs}
+        call_args, call_kwargs = wire_args(shape, *raw_args)
         count: int | None = None
         convert = True
         if isinstance(items, Sequence):  # a list whose items all travel as they are is not
@@ -355,8 +354,7 @@ class ParallelFunction(_Step[P, R]):
         # a cached call looks its items up first; a whole list's at once, before the call is
         # planned, so that only its misses are cut evenly (and none needs no worker at all)
         cache, sent, planned = None, items, count
-        if any(step.options.cache is not None for step in steps) and count != 0:
-            raw_args = [*args[1:], *self._bound_args], {**self._bound_kwargs, **kwargs}
+        if self.options.cache is not None and count != 0:  # a cached step is never fused
             cache = _call_cache(steps, binds, raw_args, last)
             if whole and isinstance(items, Sequence):
                 sent = cache.look_up_all(items)
@@ -516,8 +514,6 @@ class Invocation:
         computes = tally.stage_compute_s if fused else [tally.compute_s]
         if fused and not tally.done:
             counts, computes = [counts[0]] + [0] * len(self.steps), [0.0] * len(self.steps)
-        if fused and hits:  # the workers counted the misses; each item found is one per stage
-            counts = [counts[0]] + [n + hits for n in counts[1:]]
         total = sum(computes)
         kind: TargetKind = self.target.kind if self.target is not None else "none"
         chunks = tally.in_order()
@@ -622,7 +618,7 @@ def _call_cache(
 ) -> CallCache:
     """The call's use of its result store: keys made of every stage's name, code and
     version, the call's arguments and receivers, and the type its results decode into."""
-    spec = next(step.options.cache for step in steps if step.options.cache is not None)
+    spec = steps[0].options.cache
     store = spec if not isinstance(spec, str | os.PathLike) else shared_store(os.fspath(spec))
     stages = [
         (step.entry.name, code_digest(step._func), str(step.options.version or ""))

@@ -675,7 +675,8 @@ def test_cache_never_stores_results_paired_with_the_wrong_items(step: Any) -> No
 
 def test_a_fused_cached_group_counts_the_items_found_in_each_stage() -> None:
     """Before, a fused group's per-stage counts were the workers' only: 8 of 10 items found
-    reported 2 elements out of each stage, and 10 of 10 reported 0."""
+    reported 2 elements out of each stage, and 10 of 10 reported 0. Cached steps now run
+    unfused, each its own call, and each still counts every item, found or sent."""
     from tests.unit.test_cache import double, inc
 
     store = DictStore()

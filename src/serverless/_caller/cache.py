@@ -278,28 +278,21 @@ class CallCache:
                 "a step that maps each item to one result, or drop cache= (in a "
                 "Pipeline(cache=...), set cache= on the steps that map instead)"
             )
-        saved: list[tuple[bytes, Any]] = []
-        if chunk.span is None:  # nothing found around its items: their results as they are
-            out = results
-            for item, result in enumerate(results):
-                if isinstance(result, RemoteError):
-                    out = out if out is not results else list(results)
-                    out[item] = self.placed(chunk, result)
-                else:
-                    saved.append((chunk.key(item), result))
+        span = chunk.span
+        places: Sequence[int]
+        # where each of its items' results goes: in order, or in the span's MISSING places
+        if span is None:  # nothing found around its items
+            out, places = list(results), range(len(results))
         else:
-            out = list(chunk.span)
-            fresh = iter(results)
-            item = 0
-            for i, result in enumerate(out):
-                if result is MISSING:
-                    result = next(fresh)
-                    if isinstance(result, RemoteError):
-                        result = self.placed(chunk, result)
-                    else:
-                        saved.append((chunk.key(item), result))
-                    out[i] = result
-                    item += 1
+            out = list(span)
+            places = [i for i, found in enumerate(span) if found is MISSING]
+        saved: list[tuple[bytes, Any]] = []
+        for item, (place, result) in enumerate(zip(places, results, strict=True)):
+            if isinstance(result, RemoteError):
+                out[place] = self.placed(chunk, result)
+            else:
+                out[place] = result
+                saved.append((chunk.key(item), result))
         if saved and self.error is None:
             self._write(saved, nbytes)
         return out
@@ -391,9 +384,7 @@ class CallCache:
             else:
                 payloads = [(key, encode(to_wire(result))) for key, result in records]
             self.store.put_many(payloads)
-        except StoreError as exc:
-            self._failed(exc)
-        except Exception as exc:  # never fail the call over its cache
+        except Exception as exc:  # a StoreError, or anything else: never fail the call
             self._failed(exc)
         else:
             self.stored += len(records)
