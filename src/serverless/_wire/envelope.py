@@ -128,6 +128,9 @@ class Call(msgspec.Struct, forbid_unknown_fields=False):
     # the local pool only: the SHA-256 (hex) of the pickle of the call's functions of
     # `__main__`, in the pool's private directory (§5.3); any other worker refuses it
     code: str = ""
+    # the W3C traceparent of the caller's span for this request ("": none): signed with the
+    # body, so a worker continues only a trace its caller started (§5.5)
+    trace: str = ""
 
 
 class WireCall(msgspec.Struct, forbid_unknown_fields=False):
@@ -151,6 +154,7 @@ class WireCall(msgspec.Struct, forbid_unknown_fields=False):
     group: str = ""
     slot: float | None = None
     code: str = ""
+    trace: str = ""
 
 
 class ErrorInfo(msgspec.Struct, forbid_unknown_fields=False):
