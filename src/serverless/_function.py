@@ -582,7 +582,7 @@ def _watch(
     no caller metrics). `found`: results the store held before the call was planned."""
     report = reporter(options.progress)
     log = dispatch_log.isEnabledFor(logging.DEBUG)
-    spans = call_spans(plan.function, _span_attributes(plan, options, count))
+    spans = call_spans(plan.function, lambda: _span_attributes(plan, options, count))
     metered = meter()
     metrics = metered.call(plan.function) if metered is not None else None
     if report is None and not log and spans is None and metrics is None:

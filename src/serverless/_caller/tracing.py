@@ -11,15 +11,18 @@ to the chunk's first request.
 
 from __future__ import annotations
 
+import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .._stats import Outcome
 from .watch import Request
 
 TRACER = "serverless"
-_FAILED: frozenset[Outcome] = frozenset({"failed", "retried", "busy", "lost"})
+# a lost request (its hedge won, or the call ended: a stream closed early) failed at nothing
+_FAILED: frozenset[Outcome] = frozenset({"failed", "retried", "busy"})
+logger = logging.getLogger("serverless.dispatch")
 
 
 class CallSpans:
@@ -88,12 +91,22 @@ class CallSpans:
         self.span.end()
 
 
-def call_spans(function: str, attributes: Mapping[str, Any]) -> CallSpans | None:
-    """The call's spans, where the application traces (None: it does not, or has no SDK)."""
+def call_spans(function: str, attributes: Callable[[], Mapping[str, Any]]) -> CallSpans | None:
+    """The call's spans, where the application traces (None: it does not, or has no SDK, or
+    its SDK failed: logged, never raised into the call). `attributes` are built only here."""
     if "opentelemetry.trace" not in sys.modules:
         return None
-    spans = CallSpans(function, attributes)
-    if not spans.valid:
-        spans.span.end()
+    try:
+        spans = CallSpans(function, attributes())
+        if not spans.valid:
+            spans.span.end()
+            return None
+    except Exception as exc:
+        logger.warning(
+            "%s: the call's span could not be started; the call goes on untraced: %r",
+            function,
+            exc,
+            exc_info=True,
+        )
         return None
     return spans
