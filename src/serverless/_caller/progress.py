@@ -44,11 +44,11 @@ class Bar:
         if bar is None:
             from tqdm import tqdm
 
-            label = (
-                event.step
-                if event.steps == 1
-                else f"{event.step_number}/{event.steps} {event.step}"
-            )
+            label = event.step
+            if event.steps > 1:  # fused steps share a line, named "a+b": "1-2/3 a+b"
+                last = event.step_number + event.step.count("+")
+                span = f"{event.step_number}-{last}" if last > event.step_number else str(last)
+                label = f"{span}/{event.steps} {event.step}"
             bar = self._bar = tqdm(
                 total=event.total,
                 desc=label,
