@@ -316,3 +316,15 @@ def test_nothing_watches_a_call_by_default(monkeypatch: pytest.MonkeyPatch) -> N
         assert len(made) == 1
     finally:
         logging.getLogger("serverless.dispatch").setLevel(logging.NOTSET)
+
+
+def test_a_fused_group_reports_the_items_it_took_in() -> None:
+    from tests.sample_functions import odd_only
+
+    events: list[Progress] = []
+    pipeline = serverless.Pipeline(square, odd_only)
+    assert pipeline.run(list(range(100)), progress=events.append) == [
+        n * n for n in range(100) if n % 2
+    ]
+    last = events[-1]
+    assert last.finished and last.step == "square+odd_only" and last.done == last.total == 100
