@@ -172,8 +172,7 @@ def run(
         sort,
         fuse=cache is None,
     )
-    codes = zipcodes(count, seed)
-    done = pipeline.execute(codes, progress=progress) if progress else pipeline.execute(codes)
+    done = pipeline.execute(zipcodes(count, seed), progress=progress)
     return figures(done, count, workers, quota, cache, serial)
 
 
