@@ -28,6 +28,7 @@ from tests.faults import Attacker
 
 CHROMIUM = "/usr/bin/chromium"
 DEMO = [sys.executable, "-m", "serverless._cli", "demo"]
+DONE = "document.getElementById('status').textContent.startsWith('Done')"  # the page's run
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +224,38 @@ def test_demo_figures_hold_together() -> None:
     assert figures["lookup_mean_s"] >= 0.01
 
 
+def test_demo_trace_writes_the_runs_timeline(tmp_path: Path) -> None:
+    """`--trace FILE`: the run as Chrome trace JSON, one track per worker process that
+    answered and one slice per chunk, as the figures' timeline has them."""
+    trace = tmp_path / "run.json"
+    args = ["--count", "100", "--workers", "10", "--latency", "0.01", "--seed", "2"]
+    done = subprocess.run(
+        [*DEMO, *args, "--trace", str(trace), "--json"],
+        env=test_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e["args"]["name"] for e in events if e["ph"] == "M"}
+    assert {'step 1 "geolocate"', 'step 3 "sort"'} <= names
+    workers = {c["worker"] for c in figures["timeline"]}
+    assert workers <= names and len(workers) == 2  # a track per worker process
+    chunks = sorted(e["name"] for e in events if e["ph"] == "X" and e["tid"] and e["pid"] == 1)
+    assert chunks == sorted(f"chunk {c['index']}" for c in figures["timeline"])
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in events if e["ph"] == "X")
+    web = subprocess.run(
+        [*DEMO, "--web", "--trace", str(trace)],
+        env=test_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert web.returncode == 2 and "--trace runs in the terminal" in web.stderr
+
+
 QUOTA_LINE = re.compile(
     r"Quota = 100/s: geolocate ran at ([\d.]+) lookups/s \(\d+% of it; pacing ended at "
     r"([\d.]+/s|unpaced)\), (\d+) lookups throttled \(429\); 200 serial lookups at that "
@@ -356,7 +389,7 @@ def test_web_page_in_a_real_browser(web_demo: str, tmp_path: Path) -> None:
             ):
                 page.fill(f"input[name={name}]", value)
             page.click("#run")
-            page.wait_for_selector("#timeline svg", timeout=60_000)
+            page.wait_for_function(DONE, timeout=60_000)
             report = page.inner_text("#report")
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
             bars = page.locator("rect.chunk").count()
@@ -369,9 +402,10 @@ def test_web_page_in_a_real_browser(web_demo: str, tmp_path: Path) -> None:
     assert all(url.startswith(web_demo) for url in requests)  # nothing from the internet
     lines = report.splitlines()
     assert lines[:2] == ["*Serverless Pipeline Demo*", "Number of zipcodes = 400"]
-    assert re.fullmatch(r"Speedup = \d+\.\dX", lines[4])
-    assert "Workers: self (" in report  # the app called back into itself
-    assert fused_bars == bars == 20  # one bar per chunk: geolocate and cleanup, fused
+    assert re.fullmatch(r"Speedup = \d+\.\dX \(against \d+ serial lookups .*\)", lines[4])
+    assert "(workers: self, 2 processes)" in report  # the app called back into itself
+    # one bar per chunk, geolocate and cleanup fused; each worker's share in 5 chunks
+    assert fused_bars == bars == 100
     expected = sum(1 for z in pipeline.zipcodes(400, 4) if zipcodes.filter_by(zip_code=f"{z:05d}"))
     assert resolved == expected and heading == f"({expected} of 400)"
 
@@ -399,7 +433,7 @@ def test_web_page_shows_throttled_chunks() -> None:
             for name, value in (("count", "200"), ("workers", "10"), ("latency", "0.01")):
                 page.fill(f"input[name={name}]", value)
             page.click("#run")
-            page.wait_for_selector("#timeline svg", timeout=60_000)
+            page.wait_for_function(DONE, timeout=60_000)
             report = page.inner_text("#report")
             legend = page.inner_text(".legend")
             throttled = page.locator("rect.chunk.throttled")

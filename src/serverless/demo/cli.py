@@ -70,6 +70,14 @@ def add_parser(commands: Any) -> None:
         "none with --cache, whose rerun asks the geocoder for nothing stored; 0: none, the "
         "speedup is then against the workers' compute time)",
     )
+    demo.add_argument(
+        "--trace",
+        default=None,
+        metavar="FILE",
+        help="write the run's timeline to FILE as Chrome trace JSON (one track per worker "
+        "process, one slice per request of a chunk): open it in https://ui.perfetto.dev or "
+        "chrome://tracing",
+    )
     demo.add_argument("--json", action="store_true", help="print the figures as JSON")
     demo.add_argument("--web", action="store_true", help="serve the demo as a web page")
     demo.add_argument("--host", default="127.0.0.1", help="--web: address to listen on")
@@ -100,9 +108,12 @@ def run(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"serverless demo: {exc}", file=sys.stderr)
         return 2
-    if args.web and args.cache is not None:
-        print("serverless demo: --cache runs in the terminal, not with --web", file=sys.stderr)
-        return 2
+    for option in ("cache", "trace"):
+        if args.web and getattr(args, option) is not None:
+            print(
+                f"serverless demo: --{option} runs in the terminal, not with --web", file=sys.stderr
+            )
+            return 2
     if args.geocoder:
         return _serve(args, args.geocoder.rstrip("/"))
     service = geocoder.Geocoder(args.latency, host=args.geocoder_host, quota=args.quota)
@@ -147,6 +158,7 @@ def _terminal(args: argparse.Namespace, geocoder_url: str) -> int:
             args.quota,
             args.cache,
             serial,
+            trace=args.trace,
         )
     except KeyboardInterrupt:
         if args.cache is None:
@@ -168,6 +180,10 @@ def _terminal(args: argparse.Namespace, geocoder_url: str) -> int:
         return 0
     print(report(result))
     print("\n".join(notes(result)))
+    if args.trace is not None:
+        print(
+            f"(the run's timeline: {args.trace}, for https://ui.perfetto.dev or chrome://tracing)"
+        )
     return 0
 
 

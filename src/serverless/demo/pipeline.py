@@ -142,6 +142,7 @@ def run(
     serial: dict[str, float] | None = None,
     share: int = 1,
     progress: Any = None,
+    trace: str | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline once; the figures of the seed's report, all measured.
 
@@ -156,7 +157,8 @@ def run(
     serial: measure_serial's figures, the regular duration's basis (None: the workers' compute).
     share: each worker's share of the codes goes in this many requests (chunks), so that
     chunks are answered all along the run, not all at its end (the web page's live timeline).
-    progress: Pipeline.execute's progress= (a callable that receives serverless.Progress)."""
+    progress: Pipeline.execute's progress= (a callable that receives serverless.Progress).
+    trace: a path to write the run's timeline to, as Chrome trace JSON."""
     lookup = geolocate.with_options(workers=workers, url=url)
     if cache is not None:
         share = max(share, STORED_SHARE)
@@ -173,6 +175,8 @@ def run(
         fuse=cache is None,
     )
     done = pipeline.execute(zipcodes(count, seed), progress=progress)
+    if trace is not None:
+        done.save_trace(trace)
     return figures(done, count, workers, quota, cache, serial)
 
 
