@@ -176,9 +176,10 @@ def test_the_headline_speedup_is_against_lookups_made_one_after_the_other() -> N
     assert float(match[1]) == pytest.approx(regular / parallel, rel=0.05)
     note = next(line for line in lines if line.startswith("(regular duration"))
     assert re.fullmatch(
-        rf"\(regular duration = 100 lookups at {match[2]} ms each, the mean of 10 made one "
-        r"after the other before the run, and the rest; inside the parallel run the workers "
-        r"measured [\d.]+ ms per lookup: [\d.]+X by their compute time\)",
+        rf"\(regular duration = 100 lookups at {match[2]} ms each, as 10 made one after the "
+        r"other before the run took, and the rest; the workers \(local, 2 processes, ready in "
+        r"[\d.]+s\) measured [\d.]+ ms per lookup during the run: [\d.]+X by their compute "
+        r"time\)",
         note,
     ), note
 
@@ -403,7 +404,7 @@ def test_web_page_in_a_real_browser(web_demo: str, tmp_path: Path) -> None:
     lines = report.splitlines()
     assert lines[:2] == ["*Serverless Pipeline Demo*", "Number of zipcodes = 400"]
     assert re.fullmatch(r"Speedup = \d+\.\dX \(against \d+ serial lookups .*\)", lines[4])
-    assert "(workers: self, 2 processes)" in report  # the app called back into itself
+    assert "the workers (self, 2 processes)" in report  # the app called back into itself
     # one bar per chunk, geolocate and cleanup fused; each worker's share in 5 chunks
     assert fused_bars == bars == 100
     expected = sum(1 for z in pipeline.zipcodes(400, 4) if zipcodes.filter_by(zip_code=f"{z:05d}"))

@@ -176,7 +176,7 @@ def test_the_page_shows_the_run_growing_then_its_figures(
     assert lines[:2] == ["*Serverless Pipeline Demo*", "Number of zipcodes = 300"]
     match = SPEEDUP.fullmatch(lines[4])
     assert match and big == f"{match[1]}X faster", (lines[4], big)
-    assert "(workers: self, 2 processes)" in report  # the app called back into itself
+    assert "the workers (self, 2 processes)" in report  # the app called back into itself
     assert bars == 50 and 0 < resolved < 300
 
     # nothing wider than the viewport, during the run and after it

@@ -370,33 +370,33 @@ def _speedup_line(figures: dict[str, Any]) -> str:
 
 
 def notes(figures: dict[str, Any]) -> list[str]:
-    """The lines under the report: how the regular duration was found, where the chunks ran,
-    and what the geocoder itself counted (where the figures have it)."""
+    """The lines under the report: how the regular duration was found and where the chunks
+    ran, and what the geocoder itself counted (where the figures have it)."""
     sent = figures["cache"]["sent"] if figures.get("cache") else figures["count"]
+    step = figures["steps"][0]
+    workers = (
+        f"{step['target']}, {step['processes']} process{'es' if step['processes'] != 1 else ''}"
+    )
+    if "workers_ready_s" in figures:
+        workers += f", ready in {figures['workers_ready_s']:.2f}s"
     measured = f"{figures['lookup_mean_s'] * 1000:.1f} ms"
     serial = figures.get("serial")
     if serial:
         mean = f"{serial['serial_mean_s'] * 1000:.1f} ms"
         per = f"{figures['serial_lookup_s'] * 1000:.1f} ms"
-        basis = f"the mean of {serial['sample']} made one after the other before the run"
+        basis = f"as {serial['sample']} made one after the other before the run took"
         if per != mean:  # paced at the quota
             basis = f"the quota's pace ({serial['sample']} one after the other took {mean} each)"
         lines = [
-            f"(regular duration = {sent} lookups at {per} each, {basis}, and the rest; "
-            f"inside the parallel run the workers measured {measured} per lookup: "
+            f"(regular duration = {sent} lookups at {per} each, {basis}, and the rest; the "
+            f"workers ({workers}) measured {measured} per lookup during the run: "
             f"{figures['speedup_compute']:.1f}X by their compute time)"
         ]
     else:
         lines = [
-            f"(regular duration = the steps' compute time measured on the workers: {sent} "
-            f"lookups at {measured} each, and the rest)"
+            f"(regular duration = the steps' compute time measured on the workers ({workers}): "
+            f"{sent} lookups at {measured} each, and the rest)"
         ]
-    step = figures["steps"][0]
-    plural = "es" if step["processes"] != 1 else ""
-    workers = f"(workers: {step['target']}, {step['processes']} process{plural}"
-    if "workers_ready_s" in figures:
-        workers += f", ready in {figures['workers_ready_s']:.2f}s before the run"
-    lines.append(workers + ")")
     service = figures.get("service")
     if service is not None and figures.get("quota"):
         lines.append(
