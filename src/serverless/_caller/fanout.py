@@ -491,9 +491,10 @@ class Fanout:
                 if other is not task:
                     other.cancel()  # the hedge lost: its answer will be ignored
             failed = self._count_failures(results) if self.plan.isolate else 0
-            if self.watch is not None:
-                found = len(results) - len(owner.chunk.items) if self.cache is not None else 0
-                self.watch.settled(len(results), failed, found)
+            if self.watch is not None:  # items in: a fused call's last stage may filter
+                sent = len(owner.chunk.items)
+                found = len(results) - sent if self.cache is not None else 0
+                self.watch.settled(sent + found, failed, found)
             return
         owner.tasks.remove(task)
         if owner.tasks and isinstance(exc, WorkerError):

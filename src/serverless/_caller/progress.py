@@ -11,6 +11,8 @@ one below the other as the steps run.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -42,24 +44,27 @@ class Bar:
         if bar is None:
             from tqdm import tqdm
 
-            label = (
-                event.step
-                if event.steps == 1
-                else f"{event.step_number}/{event.steps} {event.step}"
-            )
+            label = event.step
+            if event.steps > 1:  # fused steps share a line, named "a+b": "1-2/3 a+b"
+                last = event.step_number + event.step.count("+")
+                span = f"{event.step_number}-{last}" if last > event.step_number else str(last)
+                label = f"{span}/{event.steps} {event.step}"
             bar = self._bar = tqdm(
                 total=event.total,
                 desc=label,
                 unit="item",
                 file=sys.stderr,
-                dynamic_ncols=True,
+                **_shape(),
                 mininterval=0.1,
                 leave=True,
             )
         if event.total != bar.total:
             bar.total = event.total
         bar.set_postfix_str(_figures(event), refresh=False)
-        bar.update(event.done - bar.n)
+        if event.done != bar.n:
+            bar.update(event.done - bar.n)  # tqdm redraws at most every 0.1 s
+        else:
+            bar.refresh()  # the figures beside it changed, or only the time
         if event.finished:
             bar.close()
             self._bar = None
@@ -79,6 +84,20 @@ def _figures(event: Progress) -> str:
     if not event.finished:
         parts.append(f"in flight {event.in_flight}/{event.window}")
     return ", ".join(parts)
+
+
+def _shape() -> dict[str, Any]:
+    """How big the bar is drawn: following the terminal where it tells its size; else $COLUMNS
+    and $LINES or 100 x 24 (a terminal that says 0 x 0, as a bare pseudo-terminal does,
+    would get a bar of no width, and tqdm hides a bar below the screen's last line)."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+        if size.columns > 0 and size.lines > 0:
+            return {"dynamic_ncols": True}
+    except (AttributeError, ValueError, OSError):
+        pass
+    columns, lines = shutil.get_terminal_size((100, 24))
+    return {"ncols": columns or 100, "nrows": lines or 24}
 
 
 def _terminal() -> bool:
