@@ -261,22 +261,6 @@ def test_a_failing_sdk_never_raises_into_the_call(
         assert [r.levelname for r in ours] == ["WARNING"], [r.getMessage() for r in ours]
 
 
-def test_a_progress_callable_that_raises_is_dropped_and_the_call_returns_every_result(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    seen: list[serverless.Progress] = []
-
-    def report(event: serverless.Progress) -> None:
-        seen.append(event)
-        raise RuntimeError("a broken progress callback")
-
-    with caplog.at_level(logging.WARNING, logger="serverless"):
-        assert plus_one.with_options(progress=report)(list(range(40))) == list(range(1, 41))
-    assert len(seen) == 1  # dropped after its first failure
-    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "broken progress" in warnings[0].getMessage()
-
-
 def test_without_a_tracer_provider_a_call_has_no_spans_and_sends_no_traceparent(
     recording: Recording,
 ) -> None:
