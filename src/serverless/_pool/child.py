@@ -41,7 +41,7 @@ def child() -> None:
     _die_with_parent(config["parent"])
     from .._worker.telemetry import configure_sdk
 
-    configure_sdk()  # spans over OTLP where the environment asks (flushed at a clean exit)
+    configure_sdk()  # spans over OTLP where the environment asks (flushed as it stops)
     for name in config["modules"]:
         if name != "__main__":
             try:
@@ -88,7 +88,7 @@ def child() -> None:
         _http.reach_privately(urlsplit(url).hostname or "", port)
     uvicorn_config = uvicorn.Config(
         app,
-        lifespan="off",
+        lifespan="on",  # its shutdown flushes the last spans
         access_log=False,
         log_level="warning",
         loop="asyncio",

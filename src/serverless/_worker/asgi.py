@@ -21,6 +21,7 @@ from .endpoint import Endpoint
 from .metrics import scrape
 from .origin import resolve_origin
 from .schedule import Scheduler
+from .telemetry import flush_sdk_async
 from .threads import RequestThreads
 
 Scope = MutableMapping[str, Any]
@@ -221,5 +222,6 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         if message["type"] == "lifespan.startup":
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
+            await flush_sdk_async()  # the last spans, before uvicorn ends the process
             await send({"type": "lifespan.shutdown.complete"})
             return

@@ -71,7 +71,10 @@ QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.
 
 def installed() -> bool:
     """Whether prometheus_client can be imported (without importing it)."""
-    return importlib.util.find_spec("prometheus_client") is not None
+    try:
+        return importlib.util.find_spec("prometheus_client") is not None
+    except (ImportError, ValueError):  # an import hook that refuses it; a module left half-set
+        return False
 
 
 class Recorder:

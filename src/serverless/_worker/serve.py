@@ -38,7 +38,7 @@ from .._wire import DEFAULT_ROUTE
 from . import metrics as _metrics
 from .asgi import ASGIEndpoint, Receive, Scope, Send
 from .route import WorkerRoute, init
-from .telemetry import configure_sdk
+from .telemetry import configure_sdk, flush_sdk_async
 from .wsgi import StartResponse, WSGIEndpoint
 
 logger = logging.getLogger("serverless.serve")
@@ -171,6 +171,8 @@ class _AsgiHealth:
             while True:
                 message = await receive()
                 kind = message["type"].rpartition(".")[2]
+                if kind == "shutdown":
+                    await flush_sdk_async()  # the last spans, before uvicorn ends the process
                 await send({"type": f"lifespan.{kind}.complete"})
                 if kind == "shutdown":
                     return
@@ -252,7 +254,7 @@ def serve(
             host=host,
             port=port,
             workers=processes,
-            lifespan="off",
+            lifespan="on",  # its shutdown flushes the last spans
             access_log=False,
             log_level=log_level,
             timeout_graceful_shutdown=graceful_timeout,

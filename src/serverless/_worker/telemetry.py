@@ -17,6 +17,8 @@ never raises into a chunk: a failure is logged once at WARNING and the chunk run
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 import re
@@ -36,7 +38,10 @@ MAX_ITEM_EVENTS = 100  # item-error events per span; the count is an attribute r
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 
+FLUSH_MS = 10_000  # how long a worker that stops waits for its last spans to leave
+
 _warned = False
+_flush: Callable[[], object] | None = None  # configure_sdk's provider's, once set up
 
 
 def valid_traceparent(value: str) -> bool:
@@ -206,16 +211,17 @@ def _asked_for() -> bool:
     )
 
 
-def configure_sdk() -> Callable[[], None] | None:
+def configure_sdk() -> bool:
     """In a worker process the library started (the local pool's, `serverless worker`'s):
     where the environment asks for it (OTEL_TRACES_EXPORTER=otlp, or an
     OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT) and the SDK is installed, export this process's
     spans over OTLP/HTTP in batches, every setting read from the environment by the SDK
     itself, the service named by OTEL_SERVICE_NAME or "serverless-worker". Leaves alone a
-    tracer provider set up already (`opentelemetry-instrument`). Returns the flush, which also
-    runs at a clean exit; None where nothing was set up."""
+    tracer provider set up already (`opentelemetry-instrument`). Whether it set one up: its
+    spans are then flushed when the server stops (`flush_sdk`) and at a clean exit."""
+    global _flush
     if not _asked_for():
-        return None
+        return False
     try:
         from opentelemetry import trace
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -229,10 +235,10 @@ def configure_sdk() -> Callable[[], None] | None:
             "pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-http",
             exc.name or "the SDK",
         )
-        return None
+        return False
     try:
         if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-            return None  # configured already: that provider exports
+            return False  # configured already: that provider exports
         resource = Resource.create()  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
         if str(resource.attributes.get(SERVICE, "")).startswith("unknown_service"):
             resource = resource.merge(Resource({SERVICE: SERVICE_NAME}))
@@ -241,5 +247,24 @@ def configure_sdk() -> Callable[[], None] | None:
         trace.set_tracer_provider(provider)
     except Exception:
         logger.warning("cannot set up OpenTelemetry from the environment", exc_info=True)
-        return None
-    return provider.shutdown
+        return False
+    _flush = functools.partial(provider.force_flush, FLUSH_MS)
+    return True
+
+
+def flush_sdk() -> None:
+    """Export the spans still batched by configure_sdk's provider, if it set one up."""
+    if _flush is None:
+        return
+    try:
+        _flush()
+    except Exception:
+        logger.warning("cannot flush the last spans", exc_info=True)
+
+
+async def flush_sdk_async() -> None:
+    """flush_sdk, off the event loop: the ASGI lifespan's shutdown, once the server has
+    stopped serving. It cannot wait for the exit: uvicorn then raises again the signal that
+    stopped it, and a process killed by its own SIGTERM runs no atexit handler."""
+    if _flush is not None:
+        await asyncio.get_running_loop().run_in_executor(None, flush_sdk)
