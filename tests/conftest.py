@@ -11,11 +11,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 import serverless
 from serverless import _config
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
@@ -148,3 +152,29 @@ def reset_settings() -> Iterator[None]:
 def _stop_local_pool() -> Iterator[None]:
     yield
     serverless.shutdown()
+
+
+@pytest.fixture(scope="session")
+def _span_exporter() -> InMemorySpanExporter:
+    """The OpenTelemetry SDK as this process's tracer provider (set once: OpenTelemetry
+    allows no other), exporting every span to memory as it ends."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+@pytest.fixture
+def spans(_span_exporter: InMemorySpanExporter) -> Iterator[InMemorySpanExporter]:
+    """The spans this test's process ended (`spans.get_finished_spans()`), none before."""
+    _span_exporter.clear()
+    yield _span_exporter
+    _span_exporter.clear()

@@ -44,6 +44,20 @@ def _add_worker(commands: Any) -> None:
     worker.add_argument("--port", type=int, default=8000, help="port to bind")
     worker.add_argument("--route", default="/serverless", help="path of the worker route")
     worker.add_argument("--health", default="/healthz", help="path of the health route")
+    worker.add_argument(
+        "--metrics",
+        default="/metrics",
+        metavar="PATH",
+        help="path of the Prometheus metrics, where prometheus_client is installed "
+        "(unauthenticated, as the health route)",
+    )
+    worker.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_const",
+        const=None,
+        help="serve no metrics",
+    )
     worker.add_argument("--processes", type=int, default=1, help="server processes")
     worker.add_argument(
         "--threads", type=int, default=64, help="threads per process for sync functions"
@@ -81,6 +95,7 @@ def _worker(args: argparse.Namespace) -> int:
             graceful_timeout=args.graceful_timeout,
             keep_alive=args.keep_alive,
             log_level=args.log_level,
+            metrics=args.metrics,
         )
     except ConfigurationError as exc:
         print(f"serverless worker: {exc}", file=sys.stderr)

@@ -75,8 +75,13 @@ async def asgi_post(
         + [(b"host", b"testserver"), (b"content-length", str(len(body)).encode())],
     }
     sent: list[dict[str, Any]] = []
+    received = False
 
     async def receive() -> dict[str, Any]:
+        nonlocal received
+        if received:  # the client waits for the answer: nothing more comes (no disconnect)
+            await asyncio.Event().wait()
+        received = True
         return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message: dict[str, Any]) -> None:

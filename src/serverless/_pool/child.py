@@ -4,7 +4,9 @@ where there is none, on a loopback port); see pool.py for the caller's side.
 
 It never imports the caller's main script, so a script's top-level work never runs here: the
 functions of `__main__` come by value, checked before unpickling (byvalue.py). A worker dies
-with its parent (PR_SET_PDEATHSIG plus a watchdog).
+with its parent (PR_SET_PDEATHSIG plus a watchdog). Its chunks' spans go where the
+environment's OTEL_* settings say (_worker/telemetry.py); it serves no metrics: nothing but
+its caller can reach its socket, and the caller's own figures cover its calls.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def child() -> None:
     config: dict[str, Any] = json.loads(sys.stdin.buffer.read())
     sys.path[:] = config["sys_path"]
     _die_with_parent(config["parent"])
+    from .._worker.telemetry import configure_sdk
+
+    configure_sdk()  # spans over OTLP where the environment asks (flushed as it stops)
     for name in config["modules"]:
         if name != "__main__":
             try:
@@ -83,7 +88,7 @@ def child() -> None:
         _http.reach_privately(urlsplit(url).hostname or "", port)
     uvicorn_config = uvicorn.Config(
         app,
-        lifespan="off",
+        lifespan="on",  # its shutdown flushes the last spans
         access_log=False,
         log_level="warning",
         loop="asyncio",

@@ -322,6 +322,7 @@ def typed_call(
         group=wire.group,
         slot=wire.slot,
         code=wire.code,
+        trace=wire.trace,
     )
 
 

@@ -1,4 +1,5 @@
-"""ASGI adapter: the worker route as an ASGI app, or as middleware around the user's app.
+"""ASGI adapter: the worker route as an ASGI app, or as middleware around the user's app;
+it also answers the metrics path where the endpoint has one (_worker/metrics.py).
 
 It moves bytes: headers and body in (the body hashed as it arrives, within the process's
 budget), the endpoint's answer out. When an admitted chunk starts, and on which thread, is
@@ -17,8 +18,10 @@ from .._wire import Response
 from .admission import Hold, body_due
 from .context import Origin, current_origin
 from .endpoint import Endpoint
+from .metrics import scrape
 from .origin import resolve_origin
 from .schedule import Scheduler
+from .telemetry import flush_sdk_async
 from .threads import RequestThreads
 
 Scope = MutableMapping[str, Any]
@@ -52,6 +55,9 @@ class ASGIEndpoint:
             finally:
                 self.request_threads.leave()
                 current_origin.reset(token)
+        elif scope["type"] == "http" and scope["path"] == self.endpoint.metrics_path:
+            loop = asyncio.get_running_loop()  # reading other processes' files: off the loop
+            await _send(await loop.run_in_executor(None, scrape, scope["method"]), send)
         elif self.app is not None:
             token = current_origin.set(self._origin(scope) if scope["type"] == "http" else None)
             try:
@@ -69,7 +75,7 @@ class ASGIEndpoint:
         try:
             length = int(headers["content-length"]) if "content-length" in headers else None
         except ValueError:
-            return endpoint.reject(400, "bad Content-Length", close=True)
+            return endpoint.reject(400, "bad Content-Length", close=True, reason="bad_headers")
         head = endpoint.check_head(scope["method"], headers, length)
         if isinstance(head, Response):
             return head
@@ -156,23 +162,33 @@ async def _read_body(
                     uncancel()
                 hold.release()
                 if state[0] == "slow":
-                    return endpoint.reject(408, "request body timed out", fmt, close=True)
-                return endpoint.reject(503, "too many uploads in progress", fmt, close=True)
+                    return endpoint.reject(
+                        408, "request body timed out", fmt, close=True, reason="slow_body"
+                    )
+                return endpoint.reject(
+                    503, "too many uploads in progress", fmt, close=True, reason="overloaded"
+                )
             finally:
                 timer.cancel()
             if message["type"] == "http.disconnect":
                 hold.release()
-                return endpoint.reject(400, "client disconnected", fmt, close=True)
+                return endpoint.reject(
+                    400, "client disconnected", fmt, close=True, reason="bad_body"
+                )
             chunk = message.get("body", b"")
             if chunk:
                 last = loop.time()
             size += len(chunk)
             if size > length:
                 hold.release()
-                return endpoint.reject(400, "body longer than Content-Length", fmt, close=True)
+                return endpoint.reject(
+                    400, "body longer than Content-Length", fmt, close=True, reason="bad_body"
+                )
             if chunk and not hold.take(len(chunk)):
                 hold.release()
-                return endpoint.reject(503, "too many uploads in progress", fmt, close=True)
+                return endpoint.reject(
+                    503, "too many uploads in progress", fmt, close=True, reason="overloaded"
+                )
             hasher.update(chunk)
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -182,7 +198,9 @@ async def _read_body(
         raise
     if state:  # interrupted after the last receive: the cancellation is still pending
         hold.release()
-        return endpoint.reject(503, "too many uploads in progress", fmt, close=True)
+        return endpoint.reject(
+            503, "too many uploads in progress", fmt, close=True, reason="overloaded"
+        )
     return chunks, hasher.hexdigest(), hold
 
 
@@ -204,5 +222,6 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         if message["type"] == "lifespan.startup":
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
+            await flush_sdk_async()  # the last spans, before uvicorn ends the process
             await send({"type": "lifespan.shutdown.complete"})
             return

@@ -30,8 +30,10 @@ from .._wire.bounds import MAX_CONTAINERS, too_many_containers
 from .._wire.values import Mismatch
 from .admission import MAX_FUNCTION, REQUEST_ID, Budget, known_signature, process_budget
 from .execute import Job, Runner, worker_id
+from .metrics import Reason, recorder
 from .origin import OriginPolicy
 from .replay import ReplayGuard
+from .telemetry import Tracing
 
 __all__ = ["Endpoint", "Head", "Job", "worker_id"]
 
@@ -90,6 +92,7 @@ class Endpoint:
         budget: Budget | None = None,
         timer: Callable[[], float] = time.perf_counter,
         by_value: _registry.CodeShelf | None = None,  # a local pool worker's (byvalue.py)
+        metrics: str | None = None,  # the path of /metrics (_worker/metrics.py); None: none
     ) -> None:
         self.route = route
         self.keyring = keyring
@@ -114,6 +117,11 @@ class Endpoint:
         self._running: dict[int, float] = {}  # chunks running now, by token: their deadline
         self._timer = timer  # queue and compute times, pacing (the wall clock is `clock`)
         self.runner = Runner(self._sign, timer)
+        # Prometheus figures where asked for and installed; the adapters serve them at
+        # metrics_path (None: no such path, a 404 as any other)
+        self.metrics = recorder(metrics is not None)
+        self.metrics_path = metrics if self.metrics.enabled else None
+        self.tracing = Tracing()  # a span per chunk run, where the process has OpenTelemetry
 
     # -- responses -------------------------------------------------------------------------
 
@@ -125,10 +133,14 @@ class Endpoint:
         *,
         close: bool = False,
         head: Head | None = None,
+        reason: Reason | None = None,
     ) -> Response:
         """A refusal. It names no worker: an anonymous client learns nothing about the host.
         close: the body was not read, so the connection cannot carry another request.
-        head: the request, once authenticated: the refusal is then signed for its caller."""
+        head: the request, once authenticated: the refusal is then signed for its caller.
+        reason: why a request to the route was refused (counted; None: not such a refusal)."""
+        if reason is not None:
+            self.metrics.refused(reason)
         error = p.ErrorInfo(kind="rejected", type=f"HTTP{status}", message=message)
         signer = (head.kid, head.request_id) if head is not None and head.kid else None
         response = self._reply(status, p.Reply(v=p.VERSION, error=error), fmt, signer)
@@ -155,8 +167,17 @@ class Endpoint:
         return Response(status, headers, body)
 
     def _sign(self, status: int, reply: p.Reply, job: Job) -> Response:
-        """A job's answer, signed for its request (the runner's way out)."""
-        return self._reply(status, reply, job.fmt, (job.kid, job.call.id))
+        """A job's answer, signed for its request (the runner's way out), and counted."""
+        response = self._reply(status, reply, job.fmt, (job.kid, job.call.id))
+        self._answered(job, status, reply)
+        return response
+
+    def _answered(self, job: Job, status: int, reply: p.Reply) -> None:
+        """An admitted chunk's answer, in the metrics and on its span."""
+        if self.metrics.enabled:
+            self.metrics.answered(job.entry.name, len(job.call.items), status, reply)
+        if job.span is not None:
+            self.tracing.answered(job.span, status, reply)
 
     # -- authentication and decoding -------------------------------------------------------
 
@@ -200,38 +221,43 @@ class Endpoint:
         fmt = fmt or p.MSGPACK
         if length is not None and length > self.max_body:
             message = f"body of {length} bytes exceeds {self.max_body}"
-            return self.reject(413, message, fmt, close=True)
+            return self.reject(413, message, fmt, close=True, reason="too_large")
         if method != "POST":
-            return self.reject(405, "only POST is allowed", fmt, close=True)
+            return self.reject(405, "only POST is allowed", fmt, close=True, reason="bad_method")
         if length is None:
-            return self.reject(411, "a Content-Length header is required", fmt, close=True)
+            message = "a Content-Length header is required"
+            return self.reject(411, message, fmt, close=True, reason="bad_headers")
         if headers.get(p.H_VERSION) != str(p.VERSION):
             message = (
                 f"this worker speaks wire protocol v{p.VERSION}; the request's "
                 f"{p.H_VERSION} header is {headers.get(p.H_VERSION)!r}"
             )
-            return self.reject(400, message, fmt, close=True)
+            return self.reject(400, message, fmt, close=True, reason="bad_version")
         timestamp = headers.get(p.H_TIMESTAMP, "")
         try:
             skew = abs(self._clock() - float(timestamp))
         except ValueError:
-            return self.reject(401, "missing or malformed timestamp", fmt, close=True)
+            message = "missing or malformed timestamp"
+            return self.reject(401, message, fmt, close=True, reason="bad_headers")
         if not skew <= self.tolerance:  # also false for NaN
-            return self.reject(401, "timestamp outside the tolerance window", fmt, close=True)
+            message = "timestamp outside the tolerance window"
+            return self.reject(401, message, fmt, close=True, reason="stale_timestamp")
         signature = headers.get(p.H_SIGNATURE, "")
         known = known_signature(signature, self.keyring.key_ids)
         if known is None:
-            return self.reject(401, "malformed signature header", fmt, close=True)
+            message = "malformed signature header"
+            return self.reject(401, message, fmt, close=True, reason="bad_headers")
         if not known:
-            return self.reject(401, "no signature with a known key id", fmt, close=True)
+            message = "no signature with a known key id"
+            return self.reject(401, message, fmt, close=True, reason="unknown_key")
         request_id = headers.get(p.H_REQUEST_ID, "")
         if REQUEST_ID.fullmatch(request_id) is None:
             message = "the request id must be 32 lower-case hex digits"
-            return self.reject(400, message, fmt, close=True)
+            return self.reject(400, message, fmt, close=True, reason="bad_headers")
         function = _text(headers.get(p.H_FUNCTION, ""))
         if function is None or len(function) > MAX_FUNCTION:
             message = f"{p.H_FUNCTION} must be UTF-8, at most {MAX_FUNCTION} characters"
-            return self.reject(400, message, fmt, close=True)
+            return self.reject(400, message, fmt, close=True, reason="bad_headers")
         content_type = headers.get("content-type")
         return Head(method, function, timestamp, request_id, signature, content_type, fmt, length)
 
@@ -242,27 +268,41 @@ class Endpoint:
         )
         verdict = self.keyring.verify(message, head.signature)
         if not isinstance(verdict, str):  # None cannot happen after check_head; refuse it too
-            return self.reject(401, "bad signature", head.fmt)
+            return self.reject(401, "bad signature", head.fmt, reason="bad_signature")
         head.kid = verdict  # from now on, every answer is signed with this key
         if not head.request_id.startswith(self.id_prefix):
-            return self.reject(
-                403, "the request was signed for another worker", head.fmt, head=head
-            )
+            why = "the request was signed for another worker"
+            return self.reject(403, why, head.fmt, head=head, reason="wrong_worker")
         if self.not_before is not None and float(head.timestamp) < self.not_before:
             # a request signed for this slot before this process started was meant for the
             # one it replaced, whose replay cache died with it: signed anew, it goes through
             why = "the request was signed before this worker started: sign it anew"
-            return self.reject(503, why, head.fmt, head=head)
+            return self.reject(503, why, head.fmt, head=head, reason="wrong_worker")
         fresh = self._replays.add(head.request_id, self._clock())
         if fresh is None:
             why = self._replays.refusal or "the replay store failed (see the worker's log)"
-            return self.reject(503, f"replay protection unavailable: {why}", head.fmt, head=head)
+            why = f"replay protection unavailable: {why}"
+            return self.reject(503, why, head.fmt, head=head, reason="replay_unavailable")
         if not fresh:
-            return self.reject(409, "request id already used", head.fmt, head=head)
+            why = "request id already used"
+            return self.reject(409, why, head.fmt, head=head, reason="replayed")
         return None
 
     def admit(self, head: Head, body: bytes) -> Job | Response:
-        """Decode an authenticated body into a Job."""
+        """Decode an authenticated body into a Job, or a signed refusal (counted)."""
+        job = self._admit(head, body)
+        if isinstance(job, Response) and self.metrics.enabled:
+            status = job.status
+            self.metrics.refused(
+                "unknown_function"
+                if status == 404
+                else "bad_input"
+                if status == 422
+                else "malformed"
+            )
+        return job
+
+    def _admit(self, head: Head, body: bytes) -> Job | Response:
         fmt, function, request_id = head.fmt, head.function, head.request_id
         names = function.split(p.STAGE_SEPARATOR)
         # a pool worker finds its caller's functions of __main__ in the call's signed pickle
@@ -397,9 +437,11 @@ class Endpoint:
         return None
 
     def refusal(self, job: Job, status: int, kind: str, message: str) -> Response:
+        """An admitted chunk that did not start (kind "busy" or "expired"), signed."""
         error = p.ErrorInfo(kind=kind, type=f"HTTP{status}", message=message)
         reply = p.Reply(v=p.VERSION, worker=worker_id(), error=error, capacity=job.capacity)
         response = self._reply(status, reply, job.fmt, (job.kid, job.call.id))
+        self._answered(job, status, reply)
         if status == 503:
             response.headers["retry-after"] = "1"
         return response
@@ -426,17 +468,33 @@ class Endpoint:
 
     def run(self, job: Job) -> Response:
         """Run a chunk in this thread (async functions get their own event loop), unless its
-        caller no longer wants it."""
+        caller no longer wants it; its span, if traced, current meanwhile."""
         refused = self.late(job, waited=False)
         if refused is not None:
             return refused
-        with self._tracked(job):
-            return self.runner.run(job)
+        opened = self.tracing.begin(job)
+        metrics = self.metrics
+        if metrics.enabled:
+            metrics.busy(1)
+        try:
+            with self._tracked(job):
+                return self.runner.run(job)
+        finally:
+            if metrics.enabled:
+                metrics.busy(-1)
+            if opened is not None:
+                self.tracing.end(opened)
 
     async def run_async(self, job: Job) -> Response:
-        """Run a chunk on this event loop, unless its caller no longer wants it."""
+        """Run a chunk on this event loop, unless its caller no longer wants it; its span, if
+        traced, current meanwhile (in this task)."""
         refused = self.late(job, waited=False)
         if refused is not None:
             return refused
-        with self._tracked(job):
-            return await self.runner.run_async(job)
+        opened = self.tracing.begin(job)
+        try:
+            with self._tracked(job):
+                return await self.runner.run_async(job)
+        finally:
+            if opened is not None:
+                self.tracing.end(opened)

@@ -61,6 +61,7 @@ class Job:
     # stream), where the adapter can tell: an item-by-item chunk stops before its next item,
     # and a chunk not yet started never starts. Read from the thread that runs the chunk.
     gone: Callable[[], bool] = field(default=lambda: False)  # False: nothing tells
+    span: Any = None  # its OpenTelemetry span while it runs, where traced (telemetry.py)
 
     @property
     def itemwise(self) -> bool:

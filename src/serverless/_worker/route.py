@@ -8,6 +8,7 @@ from typing import Any
 from .._config import configure, secrets_from_env
 from .._exceptions import ConfigurationError
 from .._wire import DEFAULT_ROUTE, MAX_BODY, TOLERANCE, Keyring
+from . import metrics as _metrics
 from .asgi import ASGIApp, ASGIEndpoint
 from .endpoint import Endpoint
 from .origin import OriginPolicy
@@ -51,6 +52,7 @@ def init(
     local_threads: int | None = None,
     self_url: str | None = None,
     trusted_hosts: Sequence[str] | None = None,
+    metrics: bool | str = True,
 ) -> WorkerRoute:
     """Configure this process as caller and return the worker route to mount.
 
@@ -64,6 +66,9 @@ def init(
     threads: threads of the ASGI adapter for sync functions (WSGI uses the server's).
     self_url, trusted_hosts: where call-back-to-self may go ($SERVERLESS_SELF_URL,
         $SERVERLESS_TRUSTED_HOSTS); never taken from a request's headers (docs/security.md).
+    metrics: serve the worker's Prometheus metrics at /metrics (a path: there instead; False:
+        nowhere) where prometheus_client is installed. Unauthenticated, as a health route is:
+        it tells who can reach it the functions' names and counts (docs/deploy.md).
     """
     if not isinstance(route, str) or not route.startswith("/"):
         raise ConfigurationError(f"route must be a path starting with '/', not {route!r}")
@@ -82,5 +87,25 @@ def init(
         changes["local_threads"] = local_threads
     configure(**changes)
     origins = OriginPolicy.configured(self_url, trusted_hosts)
-    endpoint = Endpoint(route, keyring, max_body=max_body, tolerance=tolerance, origins=origins)
+    endpoint = Endpoint(
+        route,
+        keyring,
+        max_body=max_body,
+        tolerance=tolerance,
+        origins=origins,
+        metrics=metrics_path(metrics, route),
+    )
     return WorkerRoute(endpoint, threads)
+
+
+def metrics_path(metrics: bool | str, route: str) -> str | None:
+    """Where init(metrics=) serves the metrics: a path other than the route, or None."""
+    if metrics is False:
+        return None
+    path = _metrics.DEFAULT_PATH if metrics is True else metrics
+    if not isinstance(path, str) or not path.startswith("/") or path == route:
+        raise ConfigurationError(
+            f"metrics must be True, False or a path starting with '/' other than the route, "
+            f"not {metrics!r}"
+        )
+    return path

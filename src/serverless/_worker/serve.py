@@ -16,10 +16,15 @@ SERVERLESS_HEADER_TIMEOUT  seconds a request's headers may take (default 10)
 SERVERLESS_BODY_TIMEOUT, SERVERLESS_BODY_MIN_RATE, SERVERLESS_BODY_DEADLINE  how an
                     unauthenticated body must come (default 10 s idle, 64 KiB/s, 60 s in all)
 SERVERLESS_STATE_DIR  the directory of the per-host replay store
+SERVERLESS_METRICS  the path of the Prometheus metrics (default /metrics), or "off"; served
+                    where prometheus_client is installed (_worker/metrics.py)
+OTEL_*              where OTEL_TRACES_EXPORTER=otlp or an OTEL_EXPORTER_OTLP_ENDPOINT asks for
+                    traces and the SDK is installed, each chunk's span goes there (telemetry.py)
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -30,8 +35,10 @@ from typing import Any
 from .._config import secrets_from_env
 from .._exceptions import ConfigurationError
 from .._wire import DEFAULT_ROUTE
+from . import metrics as _metrics
 from .asgi import ASGIEndpoint, Receive, Scope, Send
 from .route import WorkerRoute, init
+from .telemetry import configure_sdk, flush_sdk_async
 from .wsgi import StartResponse, WSGIEndpoint
 
 logger = logging.getLogger("serverless.serve")
@@ -76,12 +83,23 @@ def _env_int(name: str, default: int) -> int:
     return value
 
 
+def _env_metrics() -> str | None:
+    """$SERVERLESS_METRICS: the metrics' path, None for "off"."""
+    raw = os.environ.get("SERVERLESS_METRICS", "").strip()
+    if raw.lower() in ("off", "false", "0", "no"):
+        return None
+    return raw or _metrics.DEFAULT_PATH
+
+
 def _route(
     modules: Sequence[str] | None,
     route: str | None,
     secret: str | Sequence[str] | None,
     threads: int | None,
+    serving: bool = True,  # False: only check the settings (the parent of --processes N)
 ) -> tuple[WorkerRoute, str]:
+    if serving:
+        configure_sdk()  # before the modules: a function's own tracer finds the provider
     mods = list(modules) if modules is not None else _env_modules()
     if not mods:
         raise ConfigurationError("name the modules to serve (or set SERVERLESS_MODULES)")
@@ -92,14 +110,22 @@ def _route(
     if missing:
         logger.warning("no @serverless.parallel function registered by %s", ", ".join(missing))
     threads = threads or _env_int("SERVERLESS_THREADS", DEFAULT_THREADS)
+    metrics = _env_metrics()
     worker = init(
-        route or os.environ.get("SERVERLESS_ROUTE") or DEFAULT_ROUTE, secret, threads=threads
+        route or os.environ.get("SERVERLESS_ROUTE") or DEFAULT_ROUTE,
+        secret,
+        threads=threads,
+        metrics=(metrics or False) if serving else False,
     )
     if worker.endpoint.replay_refusal:  # a dedicated worker refuses to start (fail closed)
         raise ConfigurationError(worker.endpoint.replay_refusal)
     health = os.environ.get("SERVERLESS_HEALTH") or DEFAULT_HEALTH
     if not health.startswith("/") or health == worker.route:
         raise ConfigurationError("the health route must be a path other than the worker route")
+    if metrics is not None and (not metrics.startswith("/") or metrics in (health, WARMUP)):
+        raise ConfigurationError(
+            "the metrics path must be a path other than the worker and health routes"
+        )
     return worker, health
 
 
@@ -145,6 +171,8 @@ class _AsgiHealth:
             while True:
                 message = await receive()
                 kind = message["type"].rpartition(".")[2]
+                if kind == "shutdown":
+                    await flush_sdk_async()  # the last spans, before uvicorn ends the process
                 await send({"type": f"lifespan.{kind}.complete"})
                 if kind == "shutdown":
                     return
@@ -191,10 +219,14 @@ def serve(
     graceful_timeout: int = 300,
     keep_alive: int = 75,
     log_level: str = "info",
+    metrics: str | None = _metrics.DEFAULT_PATH,
 ) -> None:
     """Run uvicorn on worker_asgi until SIGTERM/SIGINT, then finish in-flight chunks.
 
     modules: those to import; if empty, $SERVERLESS_MODULES (comma-separated).
+    metrics: the path of the Prometheus metrics (None: none). With several processes, they
+    share a private directory of figures (prometheus_client's multiprocess mode), removed at
+    the end, so that any process's answer sums them all.
     """
     import uvicorn
 
@@ -209,21 +241,24 @@ def serve(
     os.environ["SERVERLESS_ROUTE"] = route
     os.environ["SERVERLESS_HEALTH"] = health
     os.environ["SERVERLESS_THREADS"] = str(threads)
-    _route(modules, route, None, threads)
+    os.environ["SERVERLESS_METRICS"] = metrics or "off"
+    _route(modules, route, None, threads, serving=False)
     from .uvserver import raise_open_files_limit, uvicorn_settings  # uvicorn: only to serve
 
     raise_open_files_limit()
-    uvicorn.run(
-        "serverless._worker.serve:worker_asgi",
-        factory=True,
-        host=host,
-        port=port,
-        workers=processes,
-        lifespan="off",
-        access_log=False,
-        log_level=log_level,
-        timeout_graceful_shutdown=graceful_timeout,
-        backlog=4096,
-        server_header=False,
-        **uvicorn_settings(keep_alive),
-    )
+    shared = metrics is not None and processes > 1 and _metrics.installed()
+    with _metrics.multiprocess_dir() if shared else contextlib.nullcontext():
+        uvicorn.run(
+            "serverless._worker.serve:worker_asgi",
+            factory=True,
+            host=host,
+            port=port,
+            workers=processes,
+            lifespan="on",  # its shutdown flushes the last spans
+            access_log=False,
+            log_level=log_level,
+            timeout_graceful_shutdown=graceful_timeout,
+            backlog=4096,
+            server_header=False,
+            **uvicorn_settings(keep_alive),
+        )

@@ -1,4 +1,5 @@
-"""WSGI adapter: the worker route as a WSGI app, or as middleware around the user's app."""
+"""WSGI adapter: the worker route as a WSGI app, or as middleware around the user's app;
+it also answers the metrics path where the endpoint has one (_worker/metrics.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .._wire import Response
 from .admission import BODY_IDLE, body_due
 from .context import Origin, current_origin
 from .endpoint import Endpoint, Job
+from .metrics import scrape
 from .origin import resolve_origin
 from .threads import RequestThreads, wsgi_threads
 
@@ -45,7 +47,10 @@ class WSGIEndpoint:
         token = current_origin.set(self._origin(environ))
         self.request_threads.enter()
         try:
-            if environ.get("PATH_INFO", "") != self.endpoint.route:
+            path = environ.get("PATH_INFO", "")
+            if path == self.endpoint.metrics_path:
+                return _send(scrape(environ.get("REQUEST_METHOD", "")), start_response)
+            if path != self.endpoint.route:
                 if self.app is None:
                     return _send(self.endpoint.reject(404, "not found"), start_response)
                 return self.app(environ, start_response)
@@ -60,7 +65,7 @@ class WSGIEndpoint:
         try:
             length = int(raw) if raw else None
         except ValueError:
-            return endpoint.reject(400, "bad Content-Length", close=True)
+            return endpoint.reject(400, "bad Content-Length", close=True, reason="bad_headers")
         headers = {
             key[5:].replace("_", "-").lower(): value
             for key, value in environ.items()
@@ -101,7 +106,9 @@ class WSGIEndpoint:
             while remaining > 0:
                 size = min(remaining, READ_SIZE)
                 if not hold.take(size):
-                    return endpoint.reject(503, "too many uploads in progress", fmt, close=True)
+                    return endpoint.reject(
+                        503, "too many uploads in progress", fmt, close=True, reason="overloaded"
+                    )
                 chunk = stream.read(size)
                 if not chunk or read.cut is not None:
                     return self._short(read, fmt)
@@ -110,7 +117,9 @@ class WSGIEndpoint:
                 read.received += len(chunk)
                 read.last = time.monotonic()
         except OSError:  # the idle timeout, or the connection lost
-            return endpoint.reject(408, "request body timed out", fmt, close=True)
+            return endpoint.reject(
+                408, "request body timed out", fmt, close=True, reason="slow_body"
+            )
         finally:
             read.stop("done")  # from now on, neither the watchdog nor an eviction cuts it
             _watchdog.remove(read)
@@ -122,10 +131,16 @@ class WSGIEndpoint:
 
     def _short(self, read: _Read, fmt: str) -> Response:
         if read.cut == "evicted":
-            return self.endpoint.reject(503, "too many uploads in progress", fmt, close=True)
+            return self.endpoint.reject(
+                503, "too many uploads in progress", fmt, close=True, reason="overloaded"
+            )
         if read.cut == "slow":
-            return self.endpoint.reject(408, "request body timed out", fmt, close=True)
-        return self.endpoint.reject(400, "body shorter than Content-Length", fmt, close=True)
+            return self.endpoint.reject(
+                408, "request body timed out", fmt, close=True, reason="slow_body"
+            )
+        return self.endpoint.reject(
+            400, "body shorter than Content-Length", fmt, close=True, reason="bad_body"
+        )
 
     def _run(self, job: Job, environ: dict[str, Any]) -> Response:
         sock = _client_socket(environ)
