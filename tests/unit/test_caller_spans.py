@@ -31,6 +31,7 @@ from serverless._caller.transport import Target
 from serverless._wire import Keyring, Response
 from serverless._worker.endpoint import Endpoint
 from tests.conftest import SECRET
+from tests.telemetry_functions import traced
 from tests.unit.conftest import ROUTE, URLS
 
 RUNS: dict[int, int] = {}
@@ -62,14 +63,10 @@ def first_run_of_zero_stalls(numbers: list[int], stall: float) -> list[int]:
 
 
 @pytest.fixture
-def exporter(monkeypatch: pytest.MonkeyPatch) -> InMemorySpanExporter:
-    """This test's TracerProvider (the SDK's, exporting to memory), the global one for the
-    test only."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
-    return exporter
+def exporter(spans: InMemorySpanExporter) -> InMemorySpanExporter:
+    """The SDK as this process's tracer provider, exporting to memory (tests/conftest.py):
+    the spans this test ended."""
+    return spans
 
 
 class Recording(InProcess[Endpoint]):
@@ -158,6 +155,29 @@ def test_a_call_span_under_the_users_and_a_client_span_per_request_in_the_envelo
     assert sorted(attrs(c)["serverless.chunk"] for c in clients) == [0, 1, 2]
     # each request carried its own client span's traceparent, signed with the body
     assert sorted(recording.traces) == sorted(traceparent(c) for c in clients)
+    # and the worker (here in this process) continued it: a server span under each
+    servers = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert sorted(s.parent.span_id for s in servers if s.parent) == sorted(
+        c.context.span_id for c in clients if c.context
+    )
+    assert {s.context.trace_id for s in servers if s.context} == {user_context.trace_id}
+
+
+def test_the_functions_own_span_nests_in_the_workers_under_the_callers(
+    exporter: InMemorySpanExporter,
+) -> None:
+    assert traced.with_options(chunk_size=5)(list(range(10))) == list(range(1, 11))
+    call, clients = spans_of(exporter)
+    by_id = {s.context.span_id: s for s in exporter.get_finished_spans() if s.context}
+    inner = [s for s in by_id.values() if s.name == "inner sync"]
+    assert len(inner) == 2 and len(clients) == 2
+    for span in inner:
+        assert span.parent is not None
+        server = by_id[span.parent.span_id]
+        assert server.kind == SpanKind.SERVER and server.parent is not None
+        client = by_id[server.parent.span_id]
+        assert client.kind == SpanKind.CLIENT and client.parent is not None
+        assert client.parent.span_id == call.context.span_id
 
 
 def test_a_retry_is_a_sibling_client_span_linked_to_the_first(
@@ -185,8 +205,14 @@ def test_a_hedge_is_a_sibling_client_span_linked_to_the_straggler(
     RUNS.clear()
     out, stats = first_run_of_zero_stalls.with_stats(list(range(12)), 2.0)
     assert out == [10 * n for n in range(12)] and stats.hedges >= 1
-    call, clients = spans_of(exporter)
-    zero = [c for c in clients if attrs(c)["serverless.chunk"] == 0]
+    # the straggler's request ends as its cancellation lands, maybe after the call returned
+    deadline = time.monotonic() + 5
+    while True:
+        call, clients = spans_of(exporter)
+        zero = [c for c in clients if attrs(c)["serverless.chunk"] == 0]
+        if len(zero) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     assert len(zero) == 2
     straggler, hedge = zero
     assert attrs(hedge)["serverless.hedge"] is True
@@ -253,7 +279,8 @@ def test_a_failing_sdk_never_raises_into_the_call(
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
     with caplog.at_level(logging.WARNING):
         assert plus_one(list(range(40))) == list(range(1, 41))
-    ours = [r for r in caplog.records if r.name.startswith("serverless")]
+    # the caller's lines (the worker, in this process here, may log its own once)
+    ours = [r for r in caplog.records if r.name == "serverless.dispatch"]
     if broken == "exporter":
         assert not ours
         assert any(r.name.startswith("opentelemetry") for r in caplog.records)
@@ -262,8 +289,9 @@ def test_a_failing_sdk_never_raises_into_the_call(
 
 
 def test_without_a_tracer_provider_a_call_has_no_spans_and_sends_no_traceparent(
-    recording: Recording,
+    recording: Recording, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert trace.get_tracer_provider().__class__.__name__ == "ProxyTracerProvider"
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)  # the API alone: no SDK behind it
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
     assert plus_one(list(range(6))) == list(range(1, 7))
     assert recording.traces == ["", "", ""]
