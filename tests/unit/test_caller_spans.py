@@ -129,6 +129,9 @@ def traceparent(span: ReadableSpan) -> str:
 def test_a_call_span_under_the_users_and_a_client_span_per_request_in_the_envelope(
     exporter: InMemorySpanExporter, recording: Recording
 ) -> None:
+    plus_one([0])  # the endpoint decides at its first chunk whether it traces
+    exporter.clear()
+    recording.traces.clear()
     tracer = trace.get_tracer("test")
     with tracer.start_as_current_span("user") as user:
         assert plus_one(list(range(6))) == list(range(1, 7))
@@ -149,7 +152,7 @@ def test_a_call_span_under_the_users_and_a_client_span_per_request_in_the_envelo
         assert client.parent is not None and client.parent.span_id == call.context.span_id
         a = attrs(client)
         assert a["serverless.items"] == 2 and a["serverless.request"] == 1
-        assert a["serverless.outcome"] == "ok" and a["serverless.hedge"] is False
+        assert a["serverless.outcome"] == "ok" and "serverless.hedge" not in a
         assert str(a["url.full"]) in URLS and a["serverless.worker"]
         assert not client.links
     assert sorted(attrs(c)["serverless.chunk"] for c in clients) == [0, 1, 2]
@@ -166,6 +169,8 @@ def test_a_call_span_under_the_users_and_a_client_span_per_request_in_the_envelo
 def test_the_functions_own_span_nests_in_the_workers_under_the_callers(
     exporter: InMemorySpanExporter,
 ) -> None:
+    traced([0])  # the endpoint decides at its first chunk whether it traces
+    exporter.clear()
     assert traced.with_options(chunk_size=5)(list(range(10))) == list(range(1, 11))
     call, clients = spans_of(exporter)
     by_id = {s.context.span_id: s for s in exporter.get_finished_spans() if s.context}
