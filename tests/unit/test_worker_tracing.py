@@ -234,3 +234,19 @@ def test_a_failing_tracer_costs_the_chunk_nothing(
 )
 def test_traceparent_is_checked_strictly(value: str, valid: bool) -> None:
     assert telemetry.valid_traceparent(value) is valid
+
+
+def test_a_span_the_app_started_for_the_request_is_linked_not_the_parent(
+    route: serverless.WorkerRoute, spans: InMemorySpanExporter
+) -> None:
+    """A framework's instrumentation traced the HTTP request: the chunk's span still
+    continues the caller's trace, and links the framework's span."""
+    from opentelemetry import trace
+
+    parent, _, span_id = traceparent()
+    with trace.get_tracer("a framework").start_as_current_span("POST /serverless") as outer:
+        status, _ = wsgi_post(route.wsgi(), *request(sf.square.entry.name, [2], trace=parent))
+    assert status == 200
+    (span,) = server_spans(spans)
+    assert span.parent is not None and f"{span.parent.span_id:016x}" == span_id
+    assert [link.context.span_id for link in span.links] == [outer.get_span_context().span_id]

@@ -110,7 +110,8 @@ class Tracing:
             links = None
             if call.trace and valid_traceparent(call.trace):
                 parent = tools.propagator.extract({"traceparent": call.trace})
-                if current.is_valid:  # the app's instrumentation traced the request too
+                # the app's instrumentation traced the request too: its span, linked
+                if current.is_valid and f"{current.span_id:016x}" != call.trace[36:52]:
                     links = [trace.Link(current)]
             name = job.entry.name
             attributes: dict[str, Any] = {
