@@ -154,9 +154,13 @@ class Tracing:
         if tools is None or not span.is_recording():
             return
         try:
-            span.set_attribute("serverless.status", status)
-            span.set_attribute("serverless.queue_s", reply.queue_s)
-            span.set_attribute("serverless.compute_s", reply.compute_s)
+            span.set_attributes(
+                {
+                    "serverless.status": status,
+                    "serverless.queue_s": reply.queue_s,
+                    "serverless.compute_s": reply.compute_s,
+                }
+            )
             if reply.item_errors:
                 span.set_attribute("serverless.item_errors", len(reply.item_errors))
                 for failed in reply.item_errors[:MAX_ITEM_EVENTS]:
