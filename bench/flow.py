@@ -39,7 +39,7 @@ def engine(chunks: int, widths: list[int]) -> list[dict[str, Any]]:
     rng = random.Random(7)
 
     async def attempt(
-        url: str, chunk: Chunk, timeout: float, pace: float | None, slot: float | None
+        url: str, chunk: Chunk, timeout: float, pace: float | None, slot: float | None, trace: str
     ) -> Any:
         await asyncio.sleep(rng.uniform(0.001, 0.010))
         return Answer(chunk.items, "w")

@@ -27,7 +27,7 @@ from ._exceptions import (
 from ._function import ParallelFunction, SequentialFunction, parallel, sequential
 from ._pipeline import Pipeline
 from ._pool.pool import shutdown
-from ._stats import ChunkStats, PipelineRun, StepStats
+from ._stats import ChunkStats, PipelineRun, Progress, StepStats, Try
 from ._worker.route import WorkerRoute, init
 from ._worker.serve import worker_asgi, worker_wsgi
 
@@ -41,6 +41,7 @@ __all__ = [
     "ParallelFunction",
     "Pipeline",
     "PipelineRun",
+    "Progress",
     "ProtocolError",
     "RemoteError",
     "RemoteTraceback",
@@ -55,6 +56,7 @@ __all__ = [
     "StoreStats",
     "Throttled",
     "TooManyFailures",
+    "Try",
     "WorkerError",
     "WorkerRoute",
     "WorkerTimeout",

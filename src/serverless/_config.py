@@ -70,6 +70,11 @@ class Options:
     max_failures: with errors="return", the most items that may fail (a count, or a fraction
         of the input such as 0.05); one more and the call stops sending work, cancels what
         is in flight and raises TooManyFailures with every failure so far.
+    progress: True draws a live bar on stderr where it is a terminal (items done and failed,
+        retries, throttles, chunks in flight, items/s, ETA); "always" draws it anywhere (a
+        log file gets a line at each refresh); a callable receives serverless.Progress
+        events instead, on the library's thread (keep it quick). None/False: nothing, at no
+        cost.
     """
 
     workers: int = DEFAULT_WORKERS
@@ -87,6 +92,7 @@ class Options:
     cache: Any = None  # str | os.PathLike[str] | serverless.ResultStore | None
     version: str | int | None = None
     max_failures: int | float | None = None
+    progress: Any = None  # bool | Literal["always"] | Callable[[Progress], None] | None
 
     def __post_init__(self) -> None:
         # a string such as "3000/min" is kept as items per second
@@ -119,6 +125,14 @@ class Options:
         if self.version is not None and not isinstance(self.version, str | int):
             raise ConfigurationError(f"version must be a str or an int, not {self.version!r}")
         _check_failures(self.max_failures, self.errors)
+        progress = self.progress
+        if not (progress is None or isinstance(progress, bool) or progress == "always") and (
+            isinstance(progress, str) or not callable(progress)
+        ):
+            raise ConfigurationError(
+                'progress must be True, False, "always" or a callable that takes a '
+                f"serverless.Progress, not {self.progress!r}"
+            )
 
     @property
     def items_per_s(self) -> Rate | None:
@@ -169,6 +183,7 @@ class OptionChanges(TypedDict, total=False):
     cache: Any
     version: str | int | None
     max_failures: int | float | None
+    progress: Any
 
 
 OPTION_NAMES = frozenset(f.name for f in fields(Options))

@@ -41,9 +41,12 @@ from ._caller.chunking import AdaptiveChunks, Chunk, ChunkBytes
 from ._caller.dispatch import dispatcher
 from ._caller.fanout import Tally, close_batches, next_batch
 from ._caller.plan import CallPlan, make_plan
+from ._caller.progress import reporter
 from ._caller.sharing import run_shared
 from ._caller.store import shared_store
+from ._caller.tracing import call_spans
 from ._caller.transport import Target
+from ._caller.watch import Watch
 from ._config import DEFAULT_BUFFER, DEFAULT_PATIENCE, ErrorMode, OptionChanges, Options
 from ._exceptions import ConfigurationError, SerializationError
 from ._pool import byvalue as _byvalue
@@ -56,6 +59,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from 3.11 on
 
 logger = logging.getLogger("serverless")
+dispatch_log = logging.getLogger("serverless.dispatch")  # the calls' events (watch.py)
 P = ParamSpec("P")
 Q = ParamSpec("Q")
 R = TypeVar("R")
@@ -378,7 +382,9 @@ class ParallelFunction(_Step[P, R]):
         if convert and shape.items is None:
             wire = functools.partial(_wire_chunk, shape)
         chunks, sizer, weights = plan.chunks(sent, wire, cache)
-        return Invocation(steps, plan, chunks, count, sizer, weights, cache)
+        name = "+".join(step.__name__ for step in steps)
+        watch = _watch(plan, self.options, name, count, (count or 0) - (planned or 0))
+        return Invocation(steps, plan, chunks, count, sizer, weights, cache, watch)
 
     def _wire_binding(self, bind: Bind, receiver: Any) -> tuple[Bind, dict[str, Any]]:
         """The binding the workers get, and the receiver's state: an instance travels as
@@ -418,11 +424,12 @@ class Invocation:
         sizer: AdaptiveChunks | None = None,
         weights: ChunkBytes | None = None,
         cache: CallCache | None = None,
+        watch: Watch | None = None,
     ) -> None:
         self.steps, self.plan, self.chunks, self.count = steps, plan, chunks, count
         self.target, self.sizer, self.weights = plan.target, sizer, weights
-        self.cache = cache
-        self.started = time.perf_counter()
+        self.cache, self.watch = cache, watch
+        self.started, self.wall = time.perf_counter(), time.time()
         self.stats: list[StepStats] = []  # one per step, once the call is done
 
     async def batches(self, bounded: bool = False) -> AsyncIterator[list[Any]]:
@@ -442,6 +449,7 @@ class Invocation:
                 hold=self.plan.buffer if bounded else None,
                 cache=self.cache,
                 count=self.count,
+                watch=self.watch,
             )
             try:
                 async with contextlib.aclosing(fanout):  # cancels what is in flight if closed
@@ -452,9 +460,12 @@ class Invocation:
             finally:
                 if self.cache is not None:  # what came back is stored before the call ends
                     await asyncio.get_running_loop().run_in_executor(None, self.cache.close)
-        elif self.found:
+        else:
             produced = len(self.found)
-            yield self.found
+            if self.watch is not None:  # nothing sent: the engine never saw the call
+                self.watch.finished(None)
+            if self.found:
+                yield self.found
         self._finish(produced, tally)
 
     async def collect(self) -> list[Any]:
@@ -473,6 +484,8 @@ class Invocation:
         """The whole call from a thread that blocks until it is done."""
         if self.target is None:  # nothing to send: no loop, no pool
             found = self.found
+            if self.watch is not None:
+                self.watch.finished(None)
             self._finish(len(found), Tally())
             return found
         engine, shared = dispatcher(), self.target.shared
@@ -541,6 +554,7 @@ class Invocation:
                 count_out=counts[n + 1],
                 compute_s=computes[n],
                 retries=tally.retries,
+                busy=tally.busy,
                 hedges=tally.hedges,
                 target=kind,
                 chunks=chunks,
@@ -553,9 +567,93 @@ class Invocation:
                 cache_hits=hits,
                 items_sent=tally.count,
                 cache_error=self.cache.error if self.cache is not None else None,
+                started=self.wall,
             )
             step._last.stats = stats
             self.stats.append(stats)
+        _summarize(self.plan, self.stats[0], duration)
+
+
+def _watch(
+    plan: CallPlan, options: Options, name: str, count: int | None, found: int
+) -> Watch | None:
+    """The call's observers (None: nobody watches: no progress=, no DEBUG log, no tracer).
+    `found`: results the store held before the call was planned."""
+    report = reporter(options.progress)
+    log = dispatch_log.isEnabledFor(logging.DEBUG)
+    spans = call_spans(plan.function, _span_attributes(plan, options, count))
+    if report is None and not log and spans is None:
+        return None
+    call = plan.group[:12]
+    return Watch(
+        plan.function,
+        call,
+        report=report,
+        step=(name, 1, 1),
+        total=count,
+        cached=found,
+        log=log,
+        spans=spans,
+    )
+
+
+def _span_attributes(plan: CallPlan, options: Options, count: int | None) -> dict[str, Any]:
+    """The call span's attributes: the step and the options that shape its requests."""
+    attributes: dict[str, Any] = {
+        "serverless.function": plan.function,
+        "serverless.call": plan.group[:12],
+        "serverless.workers": options.workers,
+        "serverless.timeout": options.timeout,
+        "serverless.retries": options.retries,
+        "serverless.errors": options.errors,
+        "serverless.hedge": plan.hedge,
+        "serverless.cache": options.cache is not None,
+    }
+    if plan.target is not None:
+        attributes["serverless.target"] = plan.target.kind
+    optional = {
+        "serverless.items": count,
+        "serverless.chunk_size": options.chunk_size,
+        "serverless.deadline": options.deadline,
+        "serverless.rate": options.rate,
+    }
+    attributes.update({k: v for k, v in optional.items() if v is not None})
+    return attributes
+
+
+def _summarize(plan: CallPlan, stats: StepStats, duration: float) -> None:
+    """One line per call: at INFO where something went wrong along the way (retries, busy
+    refusals, hedges, throttles, failed items), else at DEBUG; never one per chunk at INFO."""
+    eventful = stats.retries or stats.busy or stats.hedges or stats.throttles or stats.failed
+    level = logging.INFO if eventful else logging.DEBUG
+    if not dispatch_log.isEnabledFor(level):
+        return
+    function = plan.function
+    dispatch_log.log(
+        level,
+        "%s: %d items in %.3fs on %d chunks: %d retries, %d busy refusals, %d hedges, "
+        "%d throttles, %d failed",
+        function,
+        stats.count,
+        duration,
+        stats.workers,
+        stats.retries,
+        stats.busy,
+        stats.hedges,
+        stats.throttles,
+        len(stats.failed),
+        extra={
+            "call": plan.group[:12],
+            "function": function,
+            "items": stats.count,
+            "seconds": duration,
+            "retries": stats.retries,
+            "busy": stats.busy,
+            "hedges": stats.hedges,
+            "throttles": stats.throttles,
+            "failed": len(stats.failed),
+        },
+    )
 
 
 def run_fused(
@@ -593,7 +691,7 @@ class SequentialFunction(_Step[P, R]):
         if self._bind != BIND_NONE:
             owner = self._receiver if self._bind == BIND_CLASS else type(self._receiver)
             fn = fn.__get__(self._receiver, owner)
-        started = time.perf_counter()
+        started, wall = time.perf_counter(), time.time()
         result = fn(*args, **kwargs)
         duration = time.perf_counter() - started
         stats = StepStats(
@@ -605,6 +703,7 @@ class SequentialFunction(_Step[P, R]):
             count_out=len(result) if isinstance(result, Sequence) else 0,
             compute_s=duration,
             target="caller",
+            started=wall,
         )
         self._last.stats = stats
         return result, stats

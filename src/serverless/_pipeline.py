@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from ._caller.progress import reporter
 from ._config import Options
 from ._function import ParallelFunction, StageInfo, _Step, run_fused
-from ._stats import PipelineRun, StepStats
+from ._stats import PipelineRun, Progress, StepStats
 
 
 class Pipeline:
@@ -42,22 +44,34 @@ class Pipeline:
         self.cache = cache
         self.last_run: PipelineRun | None = None
 
-    def run(self, data: Iterable[Any], cache: Any = None) -> Any:
-        """Run every step and return the last one's result (statistics in `last_run`)."""
-        return self.execute(data, cache).result
+    def run(self, data: Iterable[Any], cache: Any = None, progress: Any = None) -> Any:
+        """Run every step and return the last one's result (statistics in `last_run`).
+        `progress`: as the option of @parallel (True: a bar per step on a terminal; a
+        callable: Progress events, each naming its step and its place)."""
+        return self.execute(data, cache, progress).result
 
-    def execute(self, data: Iterable[Any], cache: Any = None) -> PipelineRun:
+    def execute(self, data: Iterable[Any], cache: Any = None, progress: Any = None) -> PipelineRun:
         """Run every step; the returned PipelineRun holds this run's own statistics."""
         started = time.perf_counter()
         stats: list[StepStats] = []
+        Options(progress=progress)  # a bad value is refused before any step runs
+        report = reporter(progress)
         steps = _cached(self.steps, cache if cache is not None else self.cache)
         groups = _fusion_groups(steps) if self.fuse else [[s] for s in steps]
+        number = 0
         for group in groups:
+            place = (number + 1, len(steps), "+".join(step.__name__ for step in group))
+            number += len(group)
+            if report is not None:
+                group = _reporting(group, report, place)
             if len(group) > 1:
                 data, group_stats = run_fused([_stage(step).step for step in group], data)
                 for later in group_stats[1:]:
                     later.fused_with = len(stats) + 1  # the number of the group's first step
                 stats += group_stats
+            elif report is not None and not isinstance(group[0], ParallelFunction):
+                data, step_stats = _sequential(group[0], data, report, place)
+                stats.append(step_stats)
             else:
                 data, step_stats = group[0].with_stats(data)
                 stats.append(step_stats)
@@ -77,6 +91,52 @@ def _cached(steps: Sequence[_Step[Any, Any]], cache: Any) -> Sequence[_Step[Any,
         else step
         for step in steps
     ]
+
+
+Place = tuple[int, int, str]  # a group's first step's number, the steps in all, its name
+
+
+def _reporting(
+    group: list[_Step[Any, Any]], report: Callable[[Progress], None], place: Place
+) -> list[_Step[Any, Any]]:
+    """The group with its progress going to `report`, each event naming its place in the run:
+    fused steps share one line (they share their requests)."""
+    number, steps, name = place
+
+    def placed(event: Progress) -> None:
+        report(dataclasses.replace(event, step=name, step_number=number, steps=steps))
+
+    return [
+        step.with_options(progress=placed) if isinstance(step, ParallelFunction) else step
+        for step in group
+    ]
+
+
+def _sequential(
+    step: _Step[Any, Any], data: Any, report: Callable[[Progress], None], place: Place
+) -> tuple[Any, StepStats]:
+    """A sequential step, with a first and a last progress event around it."""
+    number, steps, name = place
+    total = len(data) if isinstance(data, Sequence) else None
+    first = Progress(
+        name, number, steps, total, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0.0, 0.0, None, False
+    )
+    report(first)
+    data, stats = step.with_stats(data)
+    done = stats.count if total is not None else stats.count_out
+    report(
+        dataclasses.replace(
+            first,
+            done=done,
+            chunks_done=1,
+            in_flight=0,
+            elapsed=stats.duration,
+            items_per_s=stats.items_per_s,
+            eta=0.0,
+            finished=True,
+        )
+    )
+    return data, stats
 
 
 def _stage(step: _Step[Any, Any]) -> StageInfo:

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import test_env
 
 
@@ -27,7 +29,11 @@ def test_demo_report_has_the_seeds_format() -> None:
     assert lines[:2] == ["*Serverless Pipeline Demo*", "Number of zipcodes = 300"]
     assert re.fullmatch(r"Regular duration = \d+\.\d\ds", lines[2])
     assert re.fullmatch(r"Parallel duration = \d+\.\d\ds", lines[3])
-    assert re.fullmatch(r"Speedup = \d+\.\dX", lines[4])
+    # the headline speedup is against lookups really made one after the other
+    assert re.fullmatch(
+        r"Speedup = \d+\.\dX \(against \d+ serial lookups measured at \d+\.\d ms each\)",
+        lines[4],
+    )
     assert lines[5] == "Details per pipeline step:"
     assert re.fullmatch(
         r'  1 - Step "geolocate" took \d+\.\d\ds for 20 workers and 300 elements', lines[6]
@@ -61,6 +67,15 @@ def test_demo_json_is_measured_and_repeatable() -> None:
     assert (geolocate["count"], geolocate["count_out"], geolocate["workers"]) == (200, 200, 10)
     assert geolocate["compute_s"] >= 2.0
     assert first["speedup"] == first["regular_duration"] / first["parallel_duration"]
+    # against a serial sample: 200 lookups at its mean (and the other steps' compute)
+    serial = first["serial"]
+    assert first["speedup_basis"] == "serial" and 3 <= serial["sample"] <= 20
+    assert serial["serial_mean_s"] >= 0.01
+    rest = first["compute_duration"] - geolocate["compute_s"]
+    assert first["regular_duration"] == pytest.approx(200 * serial["serial_mean_s"] + rest)
+    assert first["speedup_compute"] == pytest.approx(
+        first["compute_duration"] / first["parallel_duration"]
+    )
 
 
 def test_demo_rejects_bad_options() -> None:

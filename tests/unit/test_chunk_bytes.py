@@ -123,7 +123,7 @@ def stalled_stream(hold: int | None, count: int = 100) -> tuple[list[int], int, 
     release = asyncio.Event()
 
     async def attempt(
-        url: str, chunk: Chunk, timeout: float, pace: float | None, slot: float | None
+        url: str, chunk: Chunk, timeout: float, pace: float | None, slot: float | None, trace: str
     ) -> Answer:
         sent.append(chunk.index)
         if chunk.index == 0:

@@ -37,7 +37,7 @@ def run(
     sent: list[int] = []  # item offsets of every attempt that answered
 
     async def attempt(
-        url: str, chunk: Chunk, timeout: float, pace: float | None, slot: float | None
+        url: str, chunk: Chunk, timeout: float, pace: float | None, slot: float | None, trace: str
     ) -> Any:
         _, offset, items = chunk
         await asyncio.sleep(rng.random() * 0.002)

@@ -97,7 +97,13 @@ class Threads:
         self.most = 0
 
     async def __call__(
-        self, url: str, chunk: Chunk, timeout: float, pace: float | None, slot: float | None
+        self,
+        url: str,
+        chunk: Chunk,
+        timeout: float,
+        pace: float | None,
+        slot: float | None,
+        trace: str,
     ) -> Any:
         now = time.perf_counter()
         self.sent.append((url, now))
@@ -187,7 +193,7 @@ def test_a_chunk_far_past_its_peers_is_hedged_however_long_the_input() -> None:
     frozen_until = time.perf_counter() + 6.0
 
     async def attempt(
-        url: str, chunk: Chunk, timeout: float, pace: float | None, slot: float | None
+        url: str, chunk: Chunk, timeout: float, pace: float | None, slot: float | None, trace: str
     ) -> Any:
         await asyncio.sleep(0.01)
         if url == A:
@@ -204,7 +210,7 @@ def test_a_chunk_far_past_its_peers_is_hedged_however_long_the_input() -> None:
 def test_one_slow_item_among_many_takes_the_call_no_longer_than_itself() -> None:
     # the head-of-line chunk runs 1 s; the 399 others (10 ms each, 9 at a time) need 0.45 s
     async def attempt(
-        url: str, chunk: Chunk, timeout: float, pace: float | None, slot: float | None
+        url: str, chunk: Chunk, timeout: float, pace: float | None, slot: float | None, trace: str
     ) -> Any:
         await asyncio.sleep(1.0 if chunk.index == 0 else 0.01)
         return Answer(chunk.items, "w")

@@ -34,10 +34,12 @@ from .flow import Capacities
 from .plan import CallPlan
 from .sharing import INLINE
 from .transport import Target
+from .watch import Watch
 
 logger = logging.getLogger("serverless.dispatch")
 T = TypeVar("T")
-Pacing = tuple["float | None", "float | None"]  # a paced request's Call.pace and Call.slot
+# a request's Call.pace and Call.slot (paced), and Call.trace (its traceparent, or "")
+Pacing = tuple["float | None", "float | None", str]
 
 
 class Dispatcher:
@@ -123,15 +125,21 @@ class Dispatcher:
         hold: int | None = None,
         cache: CallCache | None = None,
         count: int | None = None,
+        watch: Watch | None = None,
     ) -> AsyncGenerator[list[Any], None]:
         """One call's results in order, in batches (see fanout.py); iterate on the loop."""
         target = plan.target
         assert target is not None  # an empty input, which has none, is never sent
 
         async def attempt(
-            url: str, chunk: Chunk, timeout: float, pace: float | None, slot: float | None
+            url: str,
+            chunk: Chunk,
+            timeout: float,
+            pace: float | None,
+            slot: float | None,
+            trace: str,
         ) -> Answer:
-            reply, size = await self._post(plan, target, url, chunk, timeout, (pace, slot))
+            reply, size = await self._post(plan, target, url, chunk, timeout, (pace, slot, trace))
             assert reply.results is not None
             self.capacities.observe(url, reply.worker, reply.capacity)
             return Answer(
@@ -157,6 +165,7 @@ class Dispatcher:
             hold=hold,
             cache=cache,
             count=count,
+            watch=watch,
         )
         return fanout.results()
 
@@ -167,7 +176,7 @@ class Dispatcher:
         url: str,
         chunk: Chunk,
         timeout: float,
-        pacing: Pacing = (None, None),
+        pacing: Pacing = (None, None, ""),
     ) -> tuple[p.Reply, int]:
         """One attempt of one chunk, and its reply's size; a server-context call's waits for
         a lane first: HTTP to self, or the caller's own thread. A chunk sent to self that was
@@ -193,7 +202,7 @@ class Dispatcher:
         url: str,
         chunk: Chunk,
         timeout: float,
-        pacing: Pacing = (None, None),
+        pacing: Pacing = (None, None, ""),
     ) -> tuple[p.Reply, int]:
         """Sign, post through the target's transport (or lane), read; and the reply's size."""
         transport = target.transport or self._client()

@@ -35,12 +35,13 @@ from .._exceptions import (
     WorkerError,
     WorkerUnavailable,
 )
-from .._stats import ChunkStats
+from .._stats import ChunkStats, Outcome, Try
 from .._wire import StageFigures, Throttle
 from .cache import CallCache, Piece
 from .chunking import AdaptiveChunks, Chunk, ChunkBytes
 from .flow import Capacities, Window
 from .plan import CallPlan
+from .watch import Watch
 
 logger = logging.getLogger("serverless.dispatch")
 
@@ -63,7 +64,8 @@ class Tally:
     chunks: list[ChunkStats] = field(default_factory=list)
     count: int = 0
     compute_s: float = 0.0
-    retries: int = 0
+    retries: int = 0  # requests sent again after a failure
+    busy: int = 0  # signed "busy" refusals waited out (not retries)
     hedges: int = 0
     throttles: int = 0  # items the downstream refused (the function raised Throttled)
     rate: float | None = None  # items/s the call was paced at when it ended (None: unpaced)
@@ -80,6 +82,7 @@ class Tally:
         self.count += stats.size
         self.compute_s += stats.compute_s
         self.retries += stats.attempts - 1
+        self.busy += stats.busy
         for stage, figures in enumerate(stats.stages):
             if stage == len(self.stage_counts):
                 self.stage_counts.append(0)
@@ -109,8 +112,9 @@ class Answer:
 
 
 # One request of one chunk: (URL, the chunk or the part of it sent, timeout, the Call's pace
-# and slot) -> its Answer, or an exception (a WorkerError: no usable answer).
-Attempt = Callable[[str, Chunk, float, "float | None", "float | None"], Awaitable[Answer]]
+# and slot, its W3C traceparent or "") -> its Answer, or an exception (a WorkerError: no
+# usable answer).
+Attempt = Callable[[str, Chunk, float, "float | None", "float | None", str], Awaitable[Answer]]
 
 
 class _Record:
@@ -118,7 +122,7 @@ class _Record:
     of its lanes are answered; its ChunkStats derive from it when the chunk is done."""
 
     __slots__ = (
-        "attempts", "began", "compute_s", "end", "index", "nbytes", "queue_s", "size",
+        "attempts", "began", "busy", "compute_s", "end", "index", "nbytes", "queue_s", "size",
         "spans", "stages", "start", "throttles", "url", "worker",
     )  # fmt: skip
 
@@ -127,7 +131,8 @@ class _Record:
         self.began = self.start = self.end = began  # its first request; the last one's
         self.url = self.worker = ""
         self.queue_s = self.compute_s = 0.0  # compute: every request's, added up
-        self.attempts = 1  # 1 + retries (a part or a resend after a throttle is none)
+        self.attempts = 1  # 1 + retries (a busy refusal, a part or a throttle is none)
+        self.busy = 0  # signed "busy" refusals waited out
         self.throttles = 0  # requests the function stopped with Throttled
         self.spans = False  # sent in parts or again after throttles: timed from `began`
         self.stages: list[StageFigures] = []  # per stage, added up over its parts
@@ -144,8 +149,9 @@ class _Record:
             self.stages[stage].count += figures.count
             self.stages[stage].compute_s += figures.compute_s
 
-    def stats(self, origin: float) -> ChunkStats:
-        """As ChunkStats, its times in seconds since `origin` (the call's start)."""
+    def stats(self, origin: float, tries: list[Try]) -> ChunkStats:
+        """As ChunkStats, its times in seconds since `origin` (the call's start); `tries`:
+        the chunk's requests, kept where there was more than one."""
         start = self.began if self.spans else self.start
         return ChunkStats(
             index=self.index,
@@ -159,6 +165,8 @@ class _Record:
             attempts=self.attempts,
             stages=self.stages,
             throttles=self.throttles,
+            busy=self.busy,
+            tries=tries,
         )
 
 
@@ -166,7 +174,8 @@ class _Chunk:
     """A chunk and the tasks working on it (its first run, and a hedge)."""
 
     __slots__ = (
-        "answered", "chunk", "counted_by", "expected", "settled", "started", "tasks", "urls",
+        "answered", "chunk", "counted_by", "expected", "settled", "started", "tasks", "tries",
+        "urls",
     )  # fmt: skip
 
     def __init__(self, chunk: Chunk) -> None:
@@ -177,6 +186,7 @@ class _Chunk:
         self.counted_by: int | None = None  # the task (lane) whose statistics count
         self.started = _now()
         self.settled = False  # its results are in (or the call is over)
+        self.tries: list[Try] = []  # its requests, every lane's, as they end
 
     @property
     def index(self) -> int:
@@ -232,6 +242,7 @@ class Fanout:
         hold: int | None = None,  # bytes of results the call may hold (None: no bound)
         cache: CallCache | None = None,  # the call's result store: chunks carry only misses
         count: int | None = None,  # items in the input (None: a stream)
+        watch: Watch | None = None,  # the call's observers (None: nobody watches)
     ) -> None:
         self.plan = plan
         self.function = plan.function
@@ -245,6 +256,7 @@ class Fanout:
         self.hold = hold
         self.cache = cache
         self.count = count
+        self.watch = watch
         # errors="return": every failed item so far, kept only for a max_failures= report
         # (a stream that yielded them must not hold them all), and their places in the input
         self.failures: list[RemoteError] = []
@@ -284,6 +296,9 @@ class Fanout:
         ahead = self.plan.workers + max(8, self.plan.workers // 4)
         if not self.lazy_input:
             ahead = sys.maxsize
+        error: BaseException | None = None
+        if self.watch is not None:
+            self.watch.begin(self)
         try:
             while True:
                 while (
@@ -311,11 +326,28 @@ class Fanout:
                 if self.exhausted and not self.running:
                     return
                 await self._wait()
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             self.tally.rate, self.tally.window = self.pacer.rate, self._room()
             self.tally.throttles = self.pacer.throttles
             self.tally.failed = sorted(self.failed_at)
             await self._cancel_all()
+            if self.watch is not None:
+                self.watch.finished(error)
+
+    def live(self) -> tuple[int, int, int, int, int, int]:
+        """Chunks in flight, the window, retries, busy refusals, hedges, throttles so far."""
+        tally = self.tally
+        return (
+            len(self.running),
+            self._room(),
+            tally.retries,
+            tally.busy,
+            tally.hedges,
+            self.pacer.throttles,
+        )
 
     def _may_hold(self, next_out: int) -> bool:
         """Whether the results held and expected leave room for one more chunk's (at most
@@ -454,26 +486,30 @@ class Fanout:
             for other in owner.tasks:
                 if other is not task:
                     other.cancel()  # the hedge lost: its answer will be ignored
-            if self.plan.isolate:
-                self._count_failures(results)
+            failed = self._count_failures(results) if self.plan.isolate else 0
+            if self.watch is not None:  # items in: a fused call's last stage may filter
+                sent = len(owner.chunk.items)
+                found = len(results) - sent if self.cache is not None else 0
+                self.watch.settled(sent + found, failed, found)
             return
         owner.tasks.remove(task)
         if owner.tasks and isinstance(exc, WorkerError):
             return  # its sibling may still succeed
         raise exc
 
-    def _count_failures(self, results: list[Any]) -> None:
+    def _count_failures(self, results: list[Any]) -> int:
         """errors="return": the failures so far, and the end of the call once they are more
-        than max_failures allows (what is in flight is cancelled as the driver unwinds)."""
+        than max_failures allows (what is in flight is cancelled as the driver unwinds).
+        Returns how many of `results` failed."""
         failures = [result for result in results if isinstance(result, RemoteError)]
         self.failed_at += [e.index for e in failures if e.index is not None]
         self.succeeded += len(results) - len(failures)
         if self.plan.max_failures is None:
-            return
+            return len(failures)
         self.failures += failures
         failed, answered = len(self.failures), self.succeeded + len(self.failures)
         if not failures or not self.plan.too_many_failures(failed, answered, self.count):
-            return
+            return len(failures)
         ordered = sorted(self.failures, key=lambda e: -1 if e.index is None else e.index)
         first = ordered[0]
         raise TooManyFailures(
@@ -577,13 +613,16 @@ class Fanout:
         # lasts long would hold a stale pace); a throttled one from its first refused item
         whole, before = chunk, []  # before: results of the parts done, in order
         record = _Record(chunk, _now())
+        watch, requests = self.watch, 0
         while True:
             url = await self._slot(failed)
             window = self.windows[url]
             number = window.send()
             self.load[url] += 1
             owner.urls.append(url)
-            epoch = None
+            epoch = sent_at = request = None
+            outcome: Outcome | None = None  # how a request that failed ended
+            by = ""  # the worker that refused it, where one did
             try:
                 # the rate's turns last: a grant is not spent waiting for a URL with room
                 slot, size = None, functools.partial(plan.part, pacer, len(whole.items))
@@ -597,10 +636,16 @@ class Fanout:
                 if self.deadline_at is not None:
                     timeout = min(timeout, max(0.001, self.deadline_at - _now()))
                 epoch = pacer.sent()
-                started = _now()
+                requests += 1
+                trace = ""
+                if watch is not None:
+                    request = watch.sending(owner.index, requests, len(chunk.items), url, lane > 0)
+                    trace = request.trace
+                sent_at = started = _now()
                 self.tally.sent += 1
-                answer = await self.attempt(url, chunk, timeout, plan.pace(pacer), slot)
+                answer = await self.attempt(url, chunk, timeout, plan.pace(pacer), slot, trace)
             except WorkerError as exc:
+                outcome, by = "failed", getattr(exc, "worker", "")
                 overloaded = isinstance(exc, WorkerUnavailable) and exc.status in (429, 503)
                 busy = isinstance(exc, WorkerUnavailable) and bool(exc.capacity)
                 if overloaded:
@@ -619,7 +664,8 @@ class Fanout:
                     # Other callers may hold the worker's threads (6 parents on one app: 2 to
                     # 4 failed when these counted as retries), so a chunk refused again backs
                     # off, with jitter, up to the worker's Retry-After
-                    record.attempts += 1
+                    outcome = "busy"
+                    record.busy += 1
                     failed.add(url)
                     refused += 1
                     if self._busy_since is None:  # the driver times the call's patience
@@ -641,7 +687,8 @@ class Fanout:
                     retried += 1
                 else:
                     raise
-                logger.info("retrying chunk %d of %s: %s", chunk.index, self.function, exc)
+                logger.debug("retrying chunk %d of %s: %s", chunk.index, self.function, exc)
+                outcome = "retried"
                 record.attempts += 1
                 failed.add(url)
                 if exc.status is None:  # no HTTP answer at all: send elsewhere from now on
@@ -649,13 +696,19 @@ class Fanout:
                 delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (record.attempts - 2))
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: no herd
                 continue
+            except BaseException as exc:  # the function's error, or cancelled (a lost hedge)
+                outcome = "lost" if isinstance(exc, asyncio.CancelledError) else "failed"
+                raise
             finally:
                 self.load[url] -= 1
                 owner.urls.remove(url)
                 if epoch is not None:
                     pacer.answered(epoch)
                 self._release()
-            record.answered(url, answer, started, _now())
+                if outcome is not None and sent_at is not None:
+                    self._tried(owner, request, url, sent_at, outcome, by, lane, len(chunk.items))
+            ended = _now()
+            record.answered(url, answer, started, ended)
             before += answer.results
             throttle = answer.throttle
             if slot is not None:  # how long its items take: how many fit a request
@@ -673,7 +726,18 @@ class Fanout:
                         _resolve(self._wake)
                 record.spans = True
                 whole = whole.tail(throttle.at)
-                logger.info(
+                self._tried(
+                    owner,
+                    request,
+                    url,
+                    started,
+                    "throttled",
+                    answer.worker,
+                    lane,
+                    len(chunk.items),
+                    ended,
+                )
+                logger.debug(
                     "%s of %s throttled at item %d", owner.describe(), self.function, throttle.at
                 )
                 if throttle.retry_after:
@@ -688,18 +752,57 @@ class Fanout:
             if self.weights is not None:
                 self.weights.answered(len(chunk.items), answer.size)
             if chunk is not whole:  # a part: the rest goes next
+                self._tried(
+                    owner,
+                    request,
+                    url,
+                    started,
+                    "part",
+                    answer.worker,
+                    lane,
+                    len(chunk.items),
+                    ended,
+                )
                 record.spans = True
                 whole = whole.tail(len(chunk.items))
                 continue
+            self._tried(
+                owner, request, url, started, "ok", answer.worker, lane, len(chunk.items), ended
+            )
             if self.capacities is not None:
                 ceiling = self._ceiling(url)
                 if ceiling != window.ceiling:
                     window.cap(ceiling)
             if owner.counted_by in (None, lane):  # a hedge that also finished is not counted
                 owner.counted_by = lane
-                self.tally.add(record.stats(self.started))
+                kept = owner.tries if len(owner.tries) > 1 or len(owner.tasks) > 1 else []
+                stats = record.stats(self.started, kept)
+                self.tally.add(stats)
+                if watch is not None:
+                    watch.answered(stats)
             owner.answered = record.nbytes
             return before
+
+    def _tried(
+        self,
+        owner: _Chunk,
+        request: Any,
+        url: str,
+        started: float,
+        outcome: Outcome,
+        worker: str,
+        lane: int,
+        items: int,
+        ended: float | None = None,
+    ) -> None:
+        """One request of a chunk ended: kept for its timeline, and told to the watchers."""
+        ended = _now() if ended is None else ended
+        origin = self.started
+        owner.tries.append(
+            Try(started - origin, ended - origin, url, worker, outcome, items, lane > 0)
+        )
+        if request is not None and self.watch is not None:
+            self.watch.ended(request, outcome, worker)
 
     # -- hedging ------------------------------------------------------------------------
 
@@ -742,7 +845,7 @@ class Fanout:
             if chunk is None or now - chunk.started <= limit:
                 return
             heapq.heappop(self._by_start)
-            logger.info("hedging %s of %s", chunk.describe(), self.function)
+            logger.debug("hedging %s of %s", chunk.describe(), self.function)
             self.slow.update(chunk.urls)
             self.tally.hedges += 1
             self._launch(chunk, hedge=True)

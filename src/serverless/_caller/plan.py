@@ -133,6 +133,7 @@ class CallPlan:
         now: float,
         pace: float | None,
         slot: float | None = None,
+        trace: str = "",
         id_prefix: str = "",
     ) -> p.Call:
         """One chunk's request envelope, with a request id of its own, for an attempt sent at
@@ -159,6 +160,7 @@ class CallPlan:
             group=self.group if pace is not None else "",
             slot=slot if pace else None,
             code=self.code,
+            trace=trace,
         )
 
     def chunks(

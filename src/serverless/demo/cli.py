@@ -6,9 +6,7 @@ import argparse
 import json
 import os
 import sys
-import threading
-import time
-from typing import Any, TextIO
+from typing import Any
 
 
 def add_parser(commands: Any) -> None:
@@ -60,11 +58,23 @@ def add_parser(commands: Any) -> None:
         help="address the geocoder listens on (workers elsewhere must reach it)",
     )
     demo.add_argument(
+        "--serial",
         "--verify-serial",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
-        help="also run N lookups one after the other, to check the regular duration",
+        help="make N lookups one after the other before the run: the regular duration, and "
+        "so the speedup, is against their time (default: up to 20, half a second of them; "
+        "none with --cache, whose rerun asks the geocoder for nothing stored; 0: none, the "
+        "speedup is then against the workers' compute time)",
+    )
+    demo.add_argument(
+        "--trace",
+        default=None,
+        metavar="FILE",
+        help="write the run's timeline to FILE as Chrome trace JSON (one track per worker "
+        "process, one slice per request of a chunk): open it in https://ui.perfetto.dev or "
+        "chrome://tracing",
     )
     demo.add_argument("--json", action="store_true", help="print the figures as JSON")
     demo.add_argument("--web", action="store_true", help="serve the demo as a web page")
@@ -75,10 +85,9 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.count < 0 or args.workers < 1 or args.latency < 0 or args.verify_serial < 0:
+    if args.count < 0 or args.workers < 1 or args.latency < 0 or (args.serial or 0) < 0:
         print(
-            "serverless demo: needs --count >= 0, --workers >= 1, --latency >= 0, "
-            "--verify-serial >= 0",
+            "serverless demo: needs --count >= 0, --workers >= 1, --latency >= 0, --serial >= 0",
             file=sys.stderr,
         )
         return 2
@@ -97,9 +106,12 @@ def run(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"serverless demo: {exc}", file=sys.stderr)
         return 2
-    if args.web and args.cache is not None:
-        print("serverless demo: --cache runs in the terminal, not with --web", file=sys.stderr)
-        return 2
+    for option in ("cache", "trace"):
+        if args.web and getattr(args, option) is not None:
+            print(
+                f"serverless demo: --{option} runs in the terminal, not with --web", file=sys.stderr
+            )
+            return 2
     if args.geocoder:
         return _serve(args, args.geocoder.rstrip("/"))
     service = geocoder.Geocoder(args.latency, host=args.geocoder_host, quota=args.quota)
@@ -119,7 +131,7 @@ def _serve(args: argparse.Namespace, geocoder_url: str) -> int:
 
 def _terminal(args: argparse.Namespace, geocoder_url: str) -> int:
     from .geocoder import service_stats
-    from .pipeline import GEOCODER_ENV, report, run, verify_serial, warm_up
+    from .pipeline import GEOCODER_ENV, measure_serial, notes, report, run, warm_up
 
     lookup_url = geocoder_url
     if args.cache is not None and args.url is None:
@@ -128,9 +140,11 @@ def _terminal(args: argparse.Namespace, geocoder_url: str) -> int:
         os.environ[GEOCODER_ENV] = geocoder_url
         lookup_url = f"${GEOCODER_ENV}"
     ready = warm_up(geocoder_url, args.workers, args.url)
-    progress = _Progress(geocoder_url, args.count, sys.stderr)
+    sample = 0 if args.cache is not None and args.serial is None else args.serial
+    serial = None if sample == 0 or not args.count else measure_serial(geocoder_url, sample)
+    # the library's own bar (progress=True: a line per step, only on a terminal)
+    progress = None if os.environ.get("NO_PROGRESS") else True
     before = service_stats(geocoder_url)
-    progress.start()
     try:
         result = run(
             lookup_url,
@@ -141,6 +155,9 @@ def _terminal(args: argparse.Namespace, geocoder_url: str) -> int:
             args.rate,
             args.quota,
             args.cache,
+            serial,
+            progress=progress,
+            trace=args.trace,
         )
     except KeyboardInterrupt:
         if args.cache is None:
@@ -151,83 +168,17 @@ def _terminal(args: argparse.Namespace, geocoder_url: str) -> int:
             file=sys.stderr,
         )
         return 130
-    finally:
-        progress.stop()
     after = service_stats(geocoder_url)
     result["workers_ready_s"] = ready
     # what the geocoder itself counted during the run: lookups answered, and refused (429)
     result["service"] = {k: after[k] - before[k] for k in after}
-    if args.verify_serial:
-        result["serial_check"] = verify_serial(geocoder_url, args.verify_serial, args.seed)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(report(result))
-    target = result["steps"][0]["target"]
-    sent = result["cache"]["sent"] if args.cache is not None else args.count
-    print(
-        f"(regular duration = the steps' compute time measured on the workers: "
-        f"{sent} lookups at {result['lookup_mean_s'] * 1000:.1f} ms each, and the rest; "
-        f"workers: {target}, ready in {ready:.2f}s before the run)"
-    )
-    if args.cache is not None and not args.quota:  # with a quota, its line counts them
-        print(f"(the geocoder counted {result['service']['lookups']} lookups during the run)")
-    if args.quota:
-        service = result["service"]
+    print("\n".join(notes(result)))
+    if args.trace is not None:
         print(
-            f"(the geocoder counted {service['lookups']} lookups answered and "
-            f"{service['throttled']} refused with a 429 during the run)"
-        )
-    check = result.get("serial_check")
-    if check:
-        ratio = result["lookup_mean_s"] / check["serial_mean_s"]
-        serial = check["serial_mean_s"] * args.count
-        print(
-            f"Serial check: {check['sample']} lookups one after the other took "
-            f"{check['serial_s']:.2f}s, {check['serial_mean_s'] * 1000:.1f} ms each "
-            f"(the run measured {result['lookup_mean_s'] * 1000:.1f} ms each, {ratio:.3f}x): "
-            f"{args.count} serial lookups would take {serial:.2f}s, a speedup of "
-            f"{serial / result['parallel_duration']:.1f}X"
+            f"(the run's timeline: {args.trace}, for https://ui.perfetto.dev or chrome://tracing)"
         )
     return 0
-
-
-class _Progress:
-    """A progress bar on stderr while the run goes, fed by the geocoder's own lookup count."""
-
-    def __init__(self, geocoder_url: str, total: int, out: TextIO) -> None:
-        self.geocoder_url, self.total, self.out = geocoder_url, total, out
-        self.enabled = out.isatty() and total > 0 and not os.environ.get("NO_PROGRESS")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._draw, name="demo-progress", daemon=True)
-
-    def start(self) -> None:
-        if self.enabled:
-            from .geocoder import lookups_served
-
-            self._base = lookups_served(self.geocoder_url)
-            self._started = time.perf_counter()
-            self._thread.start()
-
-    def stop(self) -> None:
-        if self.enabled:
-            self._stop.set()
-            self._thread.join()
-            self.out.write("\r\033[K")
-            self.out.flush()
-
-    def _draw(self) -> None:
-        from .geocoder import lookups_served
-
-        while not self._stop.wait(0.1):
-            try:
-                done = min(self.total, lookups_served(self.geocoder_url) - self._base)
-            except OSError:
-                continue
-            width = 40
-            filled = width * done // self.total
-            self.out.write(
-                f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} lookups  "
-                f"{time.perf_counter() - self._started:.1f}s"
-            )
-            self.out.flush()
