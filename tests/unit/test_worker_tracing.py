@@ -250,3 +250,19 @@ def test_a_span_the_app_started_for_the_request_is_linked_not_the_parent(
     (span,) = server_spans(spans)
     assert span.parent is not None and f"{span.parent.span_id:016x}" == span_id
     assert [link.context.span_id for link in span.links] == [outer.get_span_context().span_id]
+
+
+@pytest.mark.parametrize("function", [sf.square, tf.traced_async], ids=["sync", "async"])
+def test_a_call_through_the_in_process_transport_is_one_trace(
+    spans: InMemorySpanExporter, function: serverless.ParallelFunction[Any, Any]
+) -> None:
+    """The caller's side and the worker's meet: each chunk's server span is the child of the
+    client span of the request that carried it."""
+    assert function.with_options(workers=2, chunk_size=2)([1, 2, 3, 4]) is not None
+    finished = spans.get_finished_spans()
+    clients = {s.context.span_id: s for s in finished if s.kind == SpanKind.CLIENT and s.context}
+    servers = server_spans(spans)
+    assert len(servers) == 2 and len(clients) == 2
+    for server in servers:
+        assert server.parent is not None and server.parent.span_id in clients
+        assert server.context is not None and server.context.trace_id == server.parent.trace_id
