@@ -307,3 +307,22 @@ def test_without_prometheus_client_metrics_is_an_unknown_path(
     assert worker.route.endpoint.metrics is metrics.OFF
     assert worker.get("/metrics")[0] == 404
     assert worker.post(*request(SQUARE, [2]))[0] == 200
+
+
+def test_metrics_that_cannot_be_built_cost_the_chunks_nothing(
+    worker: Worker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another set of the same names in the registry (an app that took them): the chunks
+    run, and it is said once."""
+    worker.scrape()  # the process's metrics are registered
+    clash = metrics.Prometheus()
+    monkeypatch.setattr(worker.route.endpoint, "metrics", clash)
+    monkeypatch.setattr(metrics, "_warned", False)
+    with caplog.at_level("WARNING", logger="serverless.worker"):
+        for n in range(3):
+            status, reply = worker.post(*request(SQUARE, [n]))
+            assert status == 200 and reply is not None and reply.results == [n * n]
+        assert worker.post(*request("tests.sample_functions:absent", [1]))[0] == 404
+    assert clash.enabled is False
+    (record,) = caplog.records  # the first update of the first chunk
+    assert record.getMessage() == "metrics: counting busy threads failed"

@@ -234,3 +234,35 @@ def test_a_failing_tracer_costs_the_chunk_nothing(
 )
 def test_traceparent_is_checked_strictly(value: str, valid: bool) -> None:
     assert telemetry.valid_traceparent(value) is valid
+
+
+def test_a_span_the_app_started_for_the_request_is_linked_not_the_parent(
+    route: serverless.WorkerRoute, spans: InMemorySpanExporter
+) -> None:
+    """A framework's instrumentation traced the HTTP request: the chunk's span still
+    continues the caller's trace, and links the framework's span."""
+    from opentelemetry import trace
+
+    parent, _, span_id = traceparent()
+    with trace.get_tracer("a framework").start_as_current_span("POST /serverless") as outer:
+        status, _ = wsgi_post(route.wsgi(), *request(sf.square.entry.name, [2], trace=parent))
+    assert status == 200
+    (span,) = server_spans(spans)
+    assert span.parent is not None and f"{span.parent.span_id:016x}" == span_id
+    assert [link.context.span_id for link in span.links] == [outer.get_span_context().span_id]
+
+
+@pytest.mark.parametrize("function", [sf.square, tf.traced_async], ids=["sync", "async"])
+def test_a_call_through_the_in_process_transport_is_one_trace(
+    spans: InMemorySpanExporter, function: serverless.ParallelFunction[Any, Any]
+) -> None:
+    """The caller's side and the worker's meet: each chunk's server span is the child of the
+    client span of the request that carried it."""
+    assert function.with_options(workers=2, chunk_size=2)([1, 2, 3, 4]) is not None
+    finished = spans.get_finished_spans()
+    clients = {s.context.span_id: s for s in finished if s.kind == SpanKind.CLIENT and s.context}
+    servers = server_spans(spans)
+    assert len(servers) == 2 and len(clients) == 2
+    for server in servers:
+        assert server.parent is not None and server.parent.span_id in clients
+        assert server.context is not None and server.context.trace_id == server.parent.trace_id

@@ -105,6 +105,7 @@ class Prometheus(Recorder):
         self._lock = threading.Lock()
         self._built = False
         self._children: dict[tuple[str, ...], Any] = {}  # labelled metrics, by their labels
+        self.enabled = True  # False once building them failed (a name the app took already)
 
     def _build(self) -> None:
         with self._lock:
@@ -162,20 +163,48 @@ class Prometheus(Recorder):
             self._built = True
 
     def _child(self, metric: Any, *labels: str) -> Any:
-        key = (metric._name, *labels)
+        key = (str(id(metric)), *labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
 
     def refused(self, reason: Reason) -> None:
-        if not self._built:
-            self._build()
-        self._child(self._refused, reason).inc()
+        if not self.enabled:
+            return
+        try:
+            self._ready()
+            self._child(self._refused, reason).inc()
+        except Exception:
+            _warn_once("counting a refusal")
 
     def answered(self, function: str, items: int, status: int, reply: p.Reply) -> None:
+        if not self.enabled:
+            return
+        try:
+            self._ready()
+            self._answered(function, items, reply)
+        except Exception:
+            _warn_once("counting a chunk")
+
+    def busy(self, delta: int) -> None:
+        if not self.enabled:
+            return
+        try:
+            self._ready()
+            self._busy.inc(delta)
+        except Exception:
+            _warn_once("counting busy threads")
+
+    def _ready(self) -> None:
         if not self._built:
-            self._build()
+            try:
+                self._build()
+            except Exception:
+                self.enabled = False  # said once by the caller; no retry on every chunk
+                raise
+
+    def _answered(self, function: str, items: int, reply: p.Reply) -> None:
         error, throttle = reply.error, reply.throttled
         child = self._child
         if error is not None:
@@ -208,10 +237,16 @@ class Prometheus(Recorder):
         child(self._seconds, function).observe(reply.compute_s)
         child(self._queue, function).observe(reply.queue_s)
 
-    def busy(self, delta: int) -> None:
-        if not self._built:
-            self._build()
-        self._busy.inc(delta)
+
+_warned = False
+
+
+def _warn_once(what: str) -> None:
+    """Metrics never fail a chunk: a failure is said once, and the chunk goes on."""
+    global _warned
+    if not _warned:
+        _warned = True
+        logger.warning("metrics: %s failed", what, exc_info=True)
 
 
 _process: Prometheus | None = None

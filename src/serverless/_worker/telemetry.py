@@ -110,7 +110,8 @@ class Tracing:
             links = None
             if call.trace and valid_traceparent(call.trace):
                 parent = tools.propagator.extract({"traceparent": call.trace})
-                if current.is_valid:  # the app's instrumentation traced the request too
+                # the app's instrumentation traced the request too: its span, linked
+                if current.is_valid and f"{current.span_id:016x}" != call.trace[36:52]:
                     links = [trace.Link(current)]
             name = job.entry.name
             attributes: dict[str, Any] = {
@@ -153,9 +154,13 @@ class Tracing:
         if tools is None or not span.is_recording():
             return
         try:
-            span.set_attribute("serverless.status", status)
-            span.set_attribute("serverless.queue_s", reply.queue_s)
-            span.set_attribute("serverless.compute_s", reply.compute_s)
+            span.set_attributes(
+                {
+                    "serverless.status": status,
+                    "serverless.queue_s": reply.queue_s,
+                    "serverless.compute_s": reply.compute_s,
+                }
+            )
             if reply.item_errors:
                 span.set_attribute("serverless.item_errors", len(reply.item_errors))
                 for failed in reply.item_errors[:MAX_ITEM_EVENTS]:

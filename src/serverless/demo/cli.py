@@ -6,9 +6,7 @@ import argparse
 import json
 import os
 import sys
-import threading
-import time
-from typing import Any, TextIO
+from typing import Any
 
 
 def add_parser(commands: Any) -> None:
@@ -144,9 +142,9 @@ def _terminal(args: argparse.Namespace, geocoder_url: str) -> int:
     ready = warm_up(geocoder_url, args.workers, args.url)
     sample = 0 if args.cache is not None and args.serial is None else args.serial
     serial = None if sample == 0 or not args.count else measure_serial(geocoder_url, sample)
-    progress = _Progress(geocoder_url, args.count, sys.stderr)
+    # the library's own bar (progress=True: a line per step, only on a terminal)
+    progress = None if os.environ.get("NO_PROGRESS") else True
     before = service_stats(geocoder_url)
-    progress.start()
     try:
         result = run(
             lookup_url,
@@ -158,6 +156,7 @@ def _terminal(args: argparse.Namespace, geocoder_url: str) -> int:
             args.quota,
             args.cache,
             serial,
+            progress=progress,
             trace=args.trace,
         )
     except KeyboardInterrupt:
@@ -169,8 +168,6 @@ def _terminal(args: argparse.Namespace, geocoder_url: str) -> int:
             file=sys.stderr,
         )
         return 130
-    finally:
-        progress.stop()
     after = service_stats(geocoder_url)
     result["workers_ready_s"] = ready
     # what the geocoder itself counted during the run: lookups answered, and refused (429)
@@ -185,44 +182,3 @@ def _terminal(args: argparse.Namespace, geocoder_url: str) -> int:
             f"(the run's timeline: {args.trace}, for https://ui.perfetto.dev or chrome://tracing)"
         )
     return 0
-
-
-class _Progress:
-    """A progress bar on stderr while the run goes, fed by the geocoder's own lookup count."""
-
-    def __init__(self, geocoder_url: str, total: int, out: TextIO) -> None:
-        self.geocoder_url, self.total, self.out = geocoder_url, total, out
-        self.enabled = out.isatty() and total > 0 and not os.environ.get("NO_PROGRESS")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._draw, name="demo-progress", daemon=True)
-
-    def start(self) -> None:
-        if self.enabled:
-            from .geocoder import lookups_served
-
-            self._base = lookups_served(self.geocoder_url)
-            self._started = time.perf_counter()
-            self._thread.start()
-
-    def stop(self) -> None:
-        if self.enabled:
-            self._stop.set()
-            self._thread.join()
-            self.out.write("\r\033[K")
-            self.out.flush()
-
-    def _draw(self) -> None:
-        from .geocoder import lookups_served
-
-        while not self._stop.wait(0.1):
-            try:
-                done = min(self.total, lookups_served(self.geocoder_url) - self._base)
-            except OSError:
-                continue
-            width = 40
-            filled = width * done // self.total
-            self.out.write(
-                f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} lookups  "
-                f"{time.perf_counter() - self._started:.1f}s"
-            )
-            self.out.flush()
