@@ -15,9 +15,10 @@ Parts:
              tracers are a switch: each span is the SDK's or the API's no-op one, as set.
              Targets: W1 within 2%, W3 within 5% (the ratio of the medians, on / off).
     off      everything off (no progress=, the log above DEBUG, OpenTelemetry never imported,
-             no caller metrics) on this tree against the tree at --baseline (before the
-             observers: issue 25's groundwork), a caller process each, alternating, W1 and
-             W3 in each: no change beyond the noise between rounds.
+             no caller metrics) on this tree against the tree at each --baseline revision
+             (default: before the observers, issue 25's groundwork), a caller process each
+             (its own local pool), in turns, W1 and W3 in each: the median of the rounds'
+             ratios, no change where their range holds 1.
 
 The workers run untraced in both parts (no OTEL_* in their environment): the figures are the
 caller's cost. Prints a markdown table and writes bench/results/telemetry.json. Needs the
@@ -232,7 +233,7 @@ def child(sizes: Sizes) -> dict[str, Any]:
     for i in range(20):
         w3(i)
     wall = w1()
-    latencies = [w3(i) for i in range(sizes.w3_calls)]
+    latencies = [w3(i) for i in range(sizes.w3_calls * 3)]
     if "opentelemetry" in sys.modules or "prometheus_client" in sys.modules:
         raise AssertionError("a telemetry package was imported with everything off")
     import serverless
@@ -250,16 +251,21 @@ def checkout(revision: str, into: Path) -> Path:
     return into / "src"
 
 
-def off_part(sizes: Sizes, rounds: int, quick: bool, baseline: str) -> dict[str, Any]:
+def off_part(sizes: Sizes, rounds: int, quick: bool, baselines: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as tmp:
-        trees = {"this tree": ROOT / "src", baseline: checkout(baseline, Path(tmp))}
+        trees = {"this tree": ROOT / "src"}
+        for revision in baselines:
+            (Path(tmp) / revision).mkdir()
+            trees[revision] = checkout(revision, Path(tmp) / revision)
         figures: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
         for round_ in range(rounds):
-            order = list(trees) if round_ % 2 == 0 else list(reversed(trees))
-            for name in order:
+            names = list(trees)
+            shift = round_ % len(names)  # which goes first turns round
+            for name in names[shift:] + names[:shift]:
                 env = dict(os.environ)
                 env["PYTHONPATH"] = os.pathsep.join([str(trees[name]), str(ROOT)])
                 env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+                env.pop("OTEL_TRACES_EXPORTER", None)
                 cmd = [sys.executable, "-m", "bench.telemetry", "child"]
                 done = subprocess.run(
                     cmd + (["--quick"] if quick else []),
@@ -275,30 +281,31 @@ def off_part(sizes: Sizes, rounds: int, quick: bool, baseline: str) -> dict[str,
     return figures
 
 
-def off_rows(figures: dict[str, list[dict[str, Any]]], baseline: str) -> list[dict[str, Any]]:
+def off_rows(figures: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """This tree against each baseline, round by round (a pair ran one after the other):
+    the median of the rounds' ratios, and no change where their range holds 1."""
     rows = []
-    for key, name, unit, scale in (
-        ("w1", "W1", "s", 1.0),
-        ("w3_p50", "W3 p50", "ms", 1e3),
-        ("w3_p99", "W3 p99", "ms", 1e3),
-    ):
-        before = [f[key] for f in figures[baseline]]
-        after = [f[key] for f in figures["this tree"]]
-        # the noise: how far apart the baseline's own rounds are
-        spread = (max(before) - min(before)) / statistics.median(before)
-        ratio = statistics.median(after) / statistics.median(before)
-        rows.append(
-            {
-                "part": "off",
-                "workload": name,
-                "off": f"{statistics.median(before) * scale:.3f} {unit} ({baseline})",
-                "on": f"{statistics.median(after) * scale:.3f} {unit} (this tree)",
-                "ratio": ratio,
-                "target": f"within the noise: {spread:.1%}",
-                "ok": abs(ratio - 1) <= max(spread, 0.01) if key != "w3_p99" else None,
-                "runs": f"{len(after)} processes each",
-            }
-        )
+    for baseline in [name for name in figures if name != "this tree"]:
+        for key, name, unit, scale in (
+            ("w1", "W1", "s", 1.0),
+            ("w3_p50", "W3 p50", "ms", 1e3),
+            ("w3_p99", "W3 p99", "ms", 1e3),
+        ):
+            before = [f[key] for f in figures[baseline]]
+            after = [f[key] for f in figures["this tree"]]
+            ratios = [a / b for a, b in zip(after, before, strict=True)]
+            rows.append(
+                {
+                    "part": "all off",
+                    "workload": name,
+                    "off": f"{statistics.median(before) * scale:.3f} {unit} ({baseline})",
+                    "on": f"{statistics.median(after) * scale:.3f} {unit}",
+                    "ratio": statistics.median(ratios),
+                    "target": f"1 within the rounds' {min(ratios):.3f}-{max(ratios):.3f}",
+                    "ok": min(ratios) <= 1 <= max(ratios) if key != "w3_p99" else None,
+                    "runs": f"{len(after)} processes each",
+                }
+            )
     return rows
 
 
@@ -326,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="tracing,off")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of each")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    parser.add_argument("--baseline", default=BASELINE, help="the revision `off` compares")
+    parser.add_argument(
+        "--baseline", default=BASELINE, help="the revisions `off` compares (comma-separated)"
+    )
     parser.add_argument("--json", type=Path, default=RESULTS / "telemetry.json")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
@@ -338,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             raw["tracing"] = tracing_part(sizes, args.rounds)
             rows += tracing_rows(raw["tracing"])
         elif part == "off":
-            raw["off"] = off_part(sizes, args.rounds, args.quick, args.baseline)
-            rows += off_rows(raw["off"], args.baseline)
+            baselines = args.baseline.split(",")
+            raw["off"] = off_part(sizes, args.rounds, args.quick, baselines)
+            rows += off_rows(raw["off"])
         else:
             parser.error(f"unknown part {part!r}")
         sys.stderr.write(f"{part}: {time.perf_counter() - started:.0f} s\n")
