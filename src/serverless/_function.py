@@ -602,27 +602,35 @@ def _watch(
 
 
 def _span_attributes(plan: CallPlan, options: Options, count: int | None) -> dict[str, Any]:
-    """The call span's attributes: the step and the options that shape its requests."""
+    """The call span's attributes: the step, its items, its target and its options, these
+    in one string (each attribute costs the SDK a check and a lock: 11 of them took 20 us a
+    call here, a fifth of what tracing added to a one-item call)."""
     attributes: dict[str, Any] = {
         "serverless.function": plan.function,
-        "serverless.call": plan.group[:12],
-        "serverless.workers": options.workers,
-        "serverless.timeout": options.timeout,
-        "serverless.retries": options.retries,
-        "serverless.errors": options.errors,
-        "serverless.hedge": plan.hedge,
-        "serverless.cache": options.cache is not None,
+        "serverless.call": plan.group[:12],  # the id in the call's log lines
+        "serverless.options": _options_text(options, plan.hedge),
     }
+    if count is not None:
+        attributes["serverless.items"] = count
     if plan.target is not None:
         attributes["serverless.target"] = plan.target.kind
-    optional = {
-        "serverless.items": count,
-        "serverless.chunk_size": options.chunk_size,
-        "serverless.deadline": options.deadline,
-        "serverless.rate": options.rate,
-    }
-    attributes.update({k: v for k, v in optional.items() if v is not None})
     return attributes
+
+
+def _options_text(options: Options, hedge: bool) -> str:
+    """The options that shape a call's requests, as `name=value` pairs (those not set left out)."""
+    shown = {
+        "workers": options.workers,
+        "chunk_size": options.chunk_size,
+        "timeout": options.timeout,
+        "retries": options.retries,
+        "deadline": options.deadline,
+        "errors": options.errors,
+        "hedge": hedge,
+        "rate": options.rate,
+        "cache": options.cache is not None,
+    }
+    return " ".join(f"{k}={v}" for k, v in shown.items() if v is not None)
 
 
 def _summarize(plan: CallPlan, stats: StepStats, duration: float) -> None:
