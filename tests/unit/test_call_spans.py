@@ -76,3 +76,47 @@ def test_a_stream_left_early_ends_its_span_once(
     (call,) = calls(spans)
     assert call.status.is_unset
     assert open_spans.open == {}
+
+
+PASSWORD = "hunter2-not-for-traces"
+
+
+@pytest.fixture
+def worker_with_password() -> Iterator[str]:
+    """The in-process worker, known to the caller by a URL with a user and password."""
+    from serverless import _targets
+    from serverless._caller.inprocess import InProcess
+    from serverless._caller.transport import Target
+    from serverless._wire import Keyring
+    from serverless._worker.endpoint import Endpoint
+    from tests.conftest import SECRET
+
+    keyring = Keyring(SECRET)
+    transport = InProcess(Endpoint("/serverless", keyring))
+    url = f"http://someone:{PASSWORD}@w/serverless?password={PASSWORD}"
+    target = Target((url,), "/serverless", keyring, "in-process", transport=transport)
+    with _targets.override(target):
+        yield url
+    transport.close()
+
+
+def test_no_span_log_field_or_trace_file_shows_a_urls_password(
+    worker_with_password: str,
+    spans: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Any,
+) -> None:
+    import json
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="serverless")
+    results, stats = sf.fail_on.with_options(chunk_size=1, retries=1).with_stats([1, 2, 3], 5)
+    assert results == [1, 2, 3]
+    shown = [repr(dict(s.attributes or {})) for s in spans.get_finished_spans()]
+    assert any("someone" in attributes for attributes in shown)  # the URL is there...
+    assert not any(PASSWORD in attributes for attributes in shown)  # ...not its password
+    assert not any(PASSWORD in repr(vars(r)) for r in caplog.records)
+    path = tmp_path / "run.json"
+    stats.save_trace(path)
+    json.loads(path.read_text())
+    assert PASSWORD not in path.read_text()
