@@ -496,6 +496,7 @@ class Invocation:
             self._finish(len(found), Tally())
             return found
         engine, shared = dispatcher(), self.target.shared
+        engine.check_blocking(self.plan.function)
         return run_shared(shared, lambda: engine.submit(self.collect()))
 
     def _watched(self) -> None:
@@ -503,8 +504,9 @@ class Invocation:
             self.watch, self.watching = self.watching(), None
 
     def stream(self) -> Iterator[Any]:
-        self._watched()
         engine = dispatcher()
+        engine.check_blocking(self.plan.function)
+        self._watched()
         shared = self.target.shared if self.target is not None else None
         batches = self.batches(bounded=True)
         try:

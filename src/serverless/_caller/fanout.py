@@ -491,7 +491,10 @@ class Fanout:
             failed = self._count_failures(results) if self.plan.isolate else 0
             if self.watch is not None:  # items in: a fused call's last stage may filter
                 sent = len(owner.chunk.items)
-                found = len(results) - sent if self.cache is not None else 0
+                # a list looked up whole had its finds counted before the call (the Watch's
+                # `cached`): those merged back in here are not counted twice
+                merged = self.cache is not None and self.cache.all_found is None
+                found = len(results) - sent if merged else 0
                 self.watch.settled(sent + found, failed, found)
             return
         owner.tasks.remove(task)
