@@ -5,6 +5,7 @@ def geolocate(zipcodes):
     return [get_address(zipcode) for zipcode in zipcodes]
 """
 
+from ._caller.metrics import caller_metrics
 from ._caller.store import ResultStore, StoreStats, open_store
 from ._config import Options
 from ._exceptions import (
@@ -62,6 +63,7 @@ __all__ = [
     "WorkerTimeout",
     "WorkerUnavailable",
     "__version__",
+    "caller_metrics",
     "init",
     "open_store",
     "parallel",

@@ -40,6 +40,7 @@ from ._caller.cachekey import call_prefix, code_digest
 from ._caller.chunking import AdaptiveChunks, Chunk, ChunkBytes
 from ._caller.dispatch import dispatcher
 from ._caller.fanout import Tally, close_batches, next_batch
+from ._caller.metrics import meter
 from ._caller.plan import CallPlan, make_plan
 from ._caller.progress import reporter
 from ._caller.sharing import run_shared
@@ -592,12 +593,14 @@ class Invocation:
 def _watch(
     plan: CallPlan, options: Options, name: str, count: int | None, found: int
 ) -> Watch | None:
-    """The call's observers (None: nobody watches: no progress=, no DEBUG log, no tracer).
-    `found`: results the store held before the call was planned."""
+    """The call's observers (None: nobody watches: no progress=, no DEBUG log, no tracer,
+    no caller metrics). `found`: results the store held before the call was planned."""
     report = reporter(options.progress)
     log = dispatch_log.isEnabledFor(logging.DEBUG)
-    spans = call_spans(plan.function, _span_attributes(plan, options, count))
-    if report is None and not log and spans is None:
+    spans = call_spans(plan.function, lambda: _span_attributes(plan, options, count))
+    metered = meter()
+    metrics = metered.call(plan.function) if metered is not None else None
+    if report is None and not log and spans is None and metrics is None:
         return None
     call = plan.group[:12]
     return Watch(
@@ -609,6 +612,7 @@ def _watch(
         cached=found,
         log=log,
         spans=spans,
+        metrics=metrics,
     )
 
 

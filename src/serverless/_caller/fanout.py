@@ -351,6 +351,10 @@ class Fanout:
             self.pacer.throttles,
         )
 
+    def rate(self) -> float | None:
+        """Items per second the pacer allows now (None: unpaced), for the caller's metrics."""
+        return self.pacer.rate
+
     def _may_hold(self, next_out: int) -> bool:
         """Whether the results held and expected leave room for one more chunk's (at most
         `weights.limit`: chunking.py). With nothing outstanding one always goes, so a chunk

@@ -11,30 +11,31 @@ to the chunk's first request.
 
 from __future__ import annotations
 
+import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .._stats import Outcome
 from .watch import Request
 
 TRACER = "serverless"
-_FAILED: frozenset[Outcome] = frozenset({"failed", "retried", "busy", "lost"})
+# a lost request (its hedge won, or the call ended: a stream closed early) failed at nothing
+_FAILED: frozenset[Outcome] = frozenset({"failed", "retried", "busy"})
+logger = logging.getLogger("serverless.dispatch")
 
 
 class CallSpans:
     """One call's spans. Made in the caller's thread (its span's parent is whatever span is
     current there); its requests' spans start and end on the dispatcher's loop."""
 
-    def __init__(self, function: str, attributes: Mapping[str, Any]) -> None:
-        from opentelemetry import trace
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
+    def __init__(
+        self, trace: Any, tracer: Any, function: str, attributes: Mapping[str, Any]
+    ) -> None:
         self._trace = trace
-        self._propagator = TraceContextTextMapPropagator()
         self.function = function
-        self.tracer = trace.get_tracer(TRACER)
-        self.span = self.tracer.start_span(
+        self.tracer = tracer
+        self.span = tracer.start_span(
             f"serverless.call {function}", kind=trace.SpanKind.INTERNAL, attributes=attributes
         )
         self.context = trace.set_span_in_context(self.span)
@@ -48,32 +49,39 @@ class CallSpans:
         trace = self._trace
         first = self._first.get(request.chunk)
         links = [trace.Link(first)] if first is not None else None
+        attributes = {
+            "serverless.chunk": request.chunk,
+            "serverless.request": request.number,
+            "serverless.items": request.items,
+            "url.full": request.url,
+        }
+        if request.hedge:  # only on hedges: each attribute costs the SDK a check
+            attributes["serverless.hedge"] = True
         span = self.tracer.start_span(
             f"serverless.chunk {self.function}",
             context=self.context,
             kind=trace.SpanKind.CLIENT,
             links=links,
-            attributes={
-                "serverless.chunk": request.chunk,
-                "serverless.request": request.number,
-                "serverless.items": request.items,
-                "serverless.hedge": request.hedge,
-                "url.full": request.url,
-            },
+            attributes=attributes,
         )
+        context = span.get_span_context()
         if first is None:
-            self._first[request.chunk] = span.get_span_context()
-        carrier: dict[str, str] = {}
-        self._propagator.inject(carrier, context=trace.set_span_in_context(span))
-        request.span, request.trace = span, carrier.get("traceparent", "")
+            self._first[request.chunk] = context
+        # the W3C traceparent, as the propagator writes it (no tracestate travels), without
+        # a Context and a carrier per request
+        request.span = span
+        request.trace = (
+            f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+        )
 
     def ended(self, request: Request, outcome: Outcome, worker: str, error: Any) -> None:
         span = request.span
         if span is None:
             return
-        span.set_attribute("serverless.outcome", outcome)
-        if worker:
-            span.set_attribute("serverless.worker", worker)
+        if worker:  # one call, one lock
+            span.set_attributes({"serverless.outcome": outcome, "serverless.worker": worker})
+        else:
+            span.set_attribute("serverless.outcome", outcome)
         if outcome in _FAILED:
             span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, outcome))
         if outcome == "ok":
@@ -88,12 +96,38 @@ class CallSpans:
         self.span.end()
 
 
-def call_spans(function: str, attributes: Mapping[str, Any]) -> CallSpans | None:
-    """The call's spans, where the application traces (None: it does not, or has no SDK)."""
-    if "opentelemetry.trace" not in sys.modules:
+_tracers: tuple[Any, Any] = (None, None)  # the global tracer provider, and our tracer from it
+
+
+def _tracer(trace: Any) -> Any:
+    """The library's tracer from the global provider, asked for again only when the provider
+    changes (an SDK's get_tracer builds a new tracer each time: 15 us here)."""
+    global _tracers
+    provider = trace.get_tracer_provider()
+    cached, tracer = _tracers
+    if provider is not cached:
+        tracer = provider.get_tracer(TRACER)
+        _tracers = (provider, tracer)
+    return tracer
+
+
+def call_spans(function: str, attributes: Callable[[], Mapping[str, Any]]) -> CallSpans | None:
+    """The call's spans, where the application traces (None: it does not, or has no SDK, or
+    its SDK failed: logged, never raised into the call). `attributes` are built only here."""
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:
         return None
-    spans = CallSpans(function, attributes)
-    if not spans.valid:
-        spans.span.end()
+    try:
+        spans = CallSpans(trace, _tracer(trace), function, attributes())
+        if not spans.valid:
+            spans.span.end()
+            return None
+    except Exception as exc:
+        logger.warning(
+            "%s: the call's span could not be started; the call goes on untraced: %r",
+            function,
+            exc,
+            exc_info=True,
+        )
         return None
     return spans

@@ -30,6 +30,10 @@ class Live(Protocol):
         """Chunks in flight, the window, retries, busy refusals, hedges, throttles so far."""
         ...
 
+    def rate(self) -> float | None:
+        """Items per second the call's pacer allows now (None: unpaced)."""
+        ...
+
 
 class Request:
     """One request as the observers know it: when it went, and their handles on it."""
@@ -53,6 +57,20 @@ class Spans(Protocol):
     def finished(self, error: BaseException | None) -> None: ...
 
 
+class Metrics(Protocol):
+    """The process's caller metrics' side of a call (metrics.py): counts a scrape reads."""
+
+    def begin(self, live: Live) -> None: ...
+
+    def sending(self, request: Request) -> None: ...
+
+    def ended(self, request: Request, outcome: Outcome) -> None: ...
+
+    def settled(self, results: int, failed: int) -> None: ...
+
+    def finished(self, error: BaseException | None) -> None: ...
+
+
 class Watch:
     """One call's observers, fed by the engine on the dispatcher's loop."""
 
@@ -67,10 +85,11 @@ class Watch:
         cached: int = 0,  # results found before the call was planned (a list looked up)
         log: bool = False,
         spans: Spans | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.function, self.call = function, call
         self.report, self.step, self.total = report, step, total
-        self.log, self.spans = log, spans
+        self.log, self.spans, self.metrics = log, spans, metrics
         self.live: Live | None = None
         self.started = time.perf_counter()
         self.done = self.failed = self.chunks = 0
@@ -83,6 +102,8 @@ class Watch:
     def begin(self, live: Live) -> None:
         """The call starts on the loop: its first progress event, and a tick until its last."""
         self.live = live
+        if self.metrics is not None:
+            self._guard(self.metrics.begin, live)
         if self.report is not None:
             self.progress(False)
             self._timer = asyncio.get_running_loop().call_later(PROGRESS_TICK, self._tick)
@@ -99,6 +120,8 @@ class Watch:
         request = Request(chunk, number, items, url, hedge)
         if self.spans is not None:
             self._guard(self.spans.sending, request)
+        if self.metrics is not None:
+            self._guard(self.metrics.sending, request)
         return request
 
     def ended(self, request: Request, outcome: Outcome, worker: str, error: Any = None) -> None:
@@ -121,6 +144,8 @@ class Watch:
             )
         if self.spans is not None:
             self._guard(self.spans.ended, request, outcome, worker, error)
+        if self.metrics is not None:
+            self._guard(self.metrics.ended, request, outcome)
 
     def answered(self, stats: ChunkStats) -> None:
         """A chunk's statistics, as counted (the timeline's new bar)."""
@@ -133,6 +158,8 @@ class Watch:
         self.failed += failed
         self.cached += found
         self.chunks += 1
+        if self.metrics is not None:
+            self._guard(self.metrics.settled, results, failed)
         if self.report is not None and time.perf_counter() - self._last >= PROGRESS_EVERY:
             self.progress(False)
 
@@ -144,6 +171,8 @@ class Watch:
             self.report = None  # nothing after the last event
         if self.spans is not None:
             self._guard(self.spans.finished, error)
+        if self.metrics is not None:
+            self._guard(self.metrics.finished, error)
 
     # -- progress ----------------------------------------------------------------------------
 
@@ -196,7 +225,10 @@ class Watch:
                 exc,
                 exc_info=True,
             )
-            if self.spans is not None and getattr(hook, "__self__", None) is self.spans:
+            owner = getattr(hook, "__self__", None)
+            if self.spans is not None and owner is self.spans:
                 self.spans = None
+            elif self.metrics is not None and owner is self.metrics:
+                self.metrics = None
             else:
                 self.report = None

@@ -88,14 +88,17 @@ class Tracing:
         self._decided = False
 
     def _decide(self) -> _Tools | None:
+        # decided once the tools exist: a chunk that comes meanwhile decides too (the tools
+        # are the same either way), never runs untraced because another is half-way
+        tools = None
+        if "opentelemetry.trace" in sys.modules:
+            try:
+                tools = _Tools()
+            except Exception:
+                _warn_once("setting up OpenTelemetry")
+        self._tools = tools
         self._decided = True
-        if "opentelemetry.trace" not in sys.modules:
-            return None
-        try:
-            self._tools = _Tools()
-        except Exception:
-            _warn_once("setting up OpenTelemetry")
-        return self._tools
+        return tools
 
     def begin(self, job: Job) -> Opened | None:
         """Start the chunk's span and make it current (None where tracing is off)."""
