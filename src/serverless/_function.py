@@ -384,8 +384,14 @@ class ParallelFunction(_Step[P, R]):
             wire = functools.partial(_wire_chunk, shape)
         chunks, sizer, weights = plan.chunks(sent, wire, cache)
         name = "+".join(step.__name__ for step in steps)
-        watch = _watch(plan, self.options, name, count, (count or 0) - (planned or 0))
-        return Invocation(steps, plan, chunks, count, sizer, weights, cache, watch)
+        watching = functools.partial(
+            _watch, plan, self.options, name, count, (count or 0) - (planned or 0)
+        )
+        if whole:
+            return Invocation(steps, plan, chunks, count, sizer, weights, cache, watching())
+        # a stream is watched from its first read (in the caller's thread or task: its span's
+        # parent): one never read never runs, so would never end its span nor its progress
+        return Invocation(steps, plan, chunks, count, sizer, weights, cache, watching=watching)
 
     def _wire_binding(self, bind: Bind, receiver: Any) -> tuple[Bind, dict[str, Any]]:
         """The binding the workers get, and the receiver's state: an instance travels as
@@ -426,10 +432,11 @@ class Invocation:
         weights: ChunkBytes | None = None,
         cache: CallCache | None = None,
         watch: Watch | None = None,
+        watching: Callable[[], Watch | None] | None = None,  # a stream's, made at its start
     ) -> None:
         self.steps, self.plan, self.chunks, self.count = steps, plan, chunks, count
         self.target, self.sizer, self.weights = plan.target, sizer, weights
-        self.cache, self.watch = cache, watch
+        self.cache, self.watch, self.watching = cache, watch, watching
         self.started, self.wall = time.perf_counter(), time.time()
         self.stats: list[StepStats] = []  # one per step, once the call is done
 
@@ -490,10 +497,17 @@ class Invocation:
             self._finish(len(found), Tally())
             return found
         engine, shared = dispatcher(), self.target.shared
+        engine.check_blocking(self.plan.function)
         return run_shared(shared, lambda: engine.submit(self.collect()))
+
+    def _watched(self) -> None:
+        if self.watching is not None:
+            self.watch, self.watching = self.watching(), None
 
     def stream(self) -> Iterator[Any]:
         engine = dispatcher()
+        engine.check_blocking(self.plan.function)
+        self._watched()
         shared = self.target.shared if self.target is not None else None
         batches = self.batches(bounded=True)
         try:
@@ -506,6 +520,7 @@ class Invocation:
             engine.run(close_batches(batches))
 
     async def astream(self) -> AsyncIterator[Any]:
+        self._watched()
         engine = dispatcher()
         batches = self.batches(bounded=True)
         try:

@@ -65,6 +65,15 @@ class Dispatcher:
                 self._loop, self._thread, self._pid, self._http = loop, thread, os.getpid(), None
             return self._loop
 
+    def check_blocking(self, what: str) -> None:
+        """Refuse a call that would block the loop's own thread (a progress= callable runs
+        there): it would wait forever for work only that thread can do."""
+        if self._thread is threading.current_thread():
+            raise ConfigurationError(
+                f"{what} was called on serverless's dispatcher thread (from a progress= "
+                "callable?), where waiting for it would never end: call it from another thread"
+            )
+
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self._ensure_loop())
 

@@ -41,6 +41,7 @@ from .cache import CallCache, Piece
 from .chunking import AdaptiveChunks, Chunk, ChunkBytes
 from .flow import Capacities, Window
 from .plan import CallPlan
+from .store import redact
 from .watch import Watch
 
 logger = logging.getLogger("serverless.dispatch")
@@ -257,6 +258,7 @@ class Fanout:
         self.cache = cache
         self.count = count
         self.watch = watch
+        self._redacted: dict[str, str] = {}  # each URL as it is shown (_shown)
         # errors="return": every failed item so far, kept only for a max_failures= report
         # (a stream that yielded them must not hold them all), and their places in the input
         self.failures: list[RemoteError] = []
@@ -493,7 +495,10 @@ class Fanout:
             failed = self._count_failures(results) if self.plan.isolate else 0
             if self.watch is not None:  # items in: a fused call's last stage may filter
                 sent = len(owner.chunk.items)
-                found = len(results) - sent if self.cache is not None else 0
+                # a list looked up whole had its finds counted before the call (the Watch's
+                # `cached`): those merged back in here are not counted twice
+                merged = self.cache is not None and self.cache.all_found is None
+                found = len(results) - sent if merged else 0
                 self.watch.settled(sent + found, failed, found)
             return
         owner.tasks.remove(task)
@@ -643,7 +648,10 @@ class Fanout:
                 requests += 1
                 trace = ""
                 if watch is not None:
-                    request = watch.sending(owner.index, requests, len(chunk.items), url, lane > 0)
+                    shown = self._shown(url)
+                    request = watch.sending(
+                        owner.index, requests, len(chunk.items), shown, lane > 0
+                    )
                     trace = request.trace
                 sent_at = started = _now()
                 self.tally.sent += 1
@@ -803,10 +811,19 @@ class Fanout:
         ended = _now() if ended is None else ended
         origin = self.started
         owner.tries.append(
-            Try(started - origin, ended - origin, url, worker, outcome, items, lane > 0)
+            Try(
+                started - origin, ended - origin, self._shown(url), worker, outcome, items, lane > 0
+            )
         )
         if request is not None and self.watch is not None:
             self.watch.ended(request, outcome, worker)
+
+    def _shown(self, url: str) -> str:
+        """The URL as the timeline, the spans and the log show it: without its password."""
+        shown = self._redacted.get(url)
+        if shown is None:
+            shown = self._redacted[url] = redact(url)
+        return shown
 
     # -- hedging ------------------------------------------------------------------------
 
