@@ -35,9 +35,12 @@ class CallSpans:
         self._trace = trace
         self.function = function
         self.tracer = tracer
-        self.span = tracer.start_span(
-            f"serverless.call {function}", kind=trace.SpanKind.INTERNAL, attributes=attributes
-        )
+        # attributes set after the start, not passed to it: the SDK checks a mapping passed
+        # to start_span against the Sequence and Mapping ABCs, 10 us a span here (a sampler
+        # therefore sees none: ours are for reading, not for sampling on)
+        self.span = tracer.start_span(f"serverless.call {function}", kind=trace.SpanKind.INTERNAL)
+        if self.span.is_recording():
+            self.span.set_attributes(attributes)
         self.context = trace.set_span_in_context(self.span)
         self._first: dict[int, Any] = {}  # chunk index: its first request's span context
 
@@ -62,8 +65,9 @@ class CallSpans:
             context=self.context,
             kind=trace.SpanKind.CLIENT,
             links=links,
-            attributes=attributes,
         )
+        if span.is_recording():
+            span.set_attributes(attributes)
         context = span.get_span_context()
         if first is None:
             self._first[request.chunk] = context
@@ -116,6 +120,12 @@ def call_spans(function: str, attributes: Callable[[], Mapping[str, Any]]) -> Ca
     its SDK failed: logged, never raised into the call). `attributes` are built only here."""
     trace = sys.modules.get("opentelemetry.trace")
     if trace is None:
+        return None
+    # the API's own providers: no SDK set up, every span a no-op (the API imported by some
+    # library, no provider set: 30 us a call for nothing otherwise)
+    if isinstance(
+        trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+    ):
         return None
     try:
         spans = CallSpans(trace, _tracer(trace), function, attributes())

@@ -127,12 +127,12 @@ class Tracing:
             if job.then:
                 attributes["serverless.stages"] = [name, *(e.name for e, _ in job.then)]
             span = tools.tracer.start_span(
-                f"serverless.run {name}",
-                context=parent,
-                kind=trace.SpanKind.SERVER,
-                attributes=attributes,
-                links=links,
+                f"serverless.run {name}", context=parent, kind=trace.SpanKind.SERVER, links=links
             )
+            # set after the start: a mapping passed to start_span is checked against the
+            # Sequence and Mapping ABCs (10 us a span here; a sampler sees none of them)
+            if span.is_recording():
+                span.set_attributes(attributes)
             token = tools.context.attach(trace.set_span_in_context(span))
         except Exception:
             _warn_once("starting a span")
