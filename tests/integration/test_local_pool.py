@@ -15,6 +15,7 @@ from typing import Any, cast
 import pytest
 
 import serverless
+from serverless import _config
 from tests import sample_functions as sf
 from tests.conftest import free_port, test_env
 
@@ -121,6 +122,8 @@ def test_url_without_secret_is_a_configuration_error(
     reset_settings: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("SERVERLESS_SECRET", raising=False)
+    # no secret from an earlier test's init() in this process either (test_security.py's)
+    _config.configure(keyring=None)
     fn = serverless.parallel(url="http://127.0.0.1:9/serverless")(sf.square.__wrapped__)  # type: ignore[attr-defined]
     with pytest.raises(serverless.ConfigurationError, match="secret"):
         fn([1])
