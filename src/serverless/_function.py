@@ -17,6 +17,7 @@ import importlib
 import inspect
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -383,9 +384,8 @@ class ParallelFunction(_Step[P, R]):
         if convert and shape.items is None:
             wire = functools.partial(_wire_chunk, shape)
         chunks, sizer, weights = plan.chunks(sent, wire, cache)
-        name = "+".join(step.__name__ for step in steps)
         watching = functools.partial(
-            _watch, plan, self.options, name, count, (count or 0) - (planned or 0)
+            _watch, plan, self.options, steps, count, (count or 0) - (planned or 0)
         )
         if whole:
             return Invocation(steps, plan, chunks, count, sizer, weights, cache, watching())
@@ -591,10 +591,21 @@ class Invocation:
 
 
 def _watch(
-    plan: CallPlan, options: Options, name: str, count: int | None, found: int
+    plan: CallPlan,
+    options: Options,
+    steps: Sequence[ParallelFunction[Any, Any]],
+    count: int | None,
+    found: int,
 ) -> Watch | None:
     """The call's observers (None: nobody watches: no progress=, no DEBUG log, no tracer,
     no caller metrics). `found`: results the store held before the call was planned."""
+    if (  # the common case, decided in a few checks
+        options.progress is None
+        and "opentelemetry.trace" not in sys.modules
+        and not dispatch_log.isEnabledFor(logging.DEBUG)
+        and meter() is None
+    ):
+        return None
     report = reporter(options.progress)
     log = dispatch_log.isEnabledFor(logging.DEBUG)
     spans = call_spans(plan.function, lambda: _span_attributes(plan, options, count))
@@ -603,6 +614,7 @@ def _watch(
     if report is None and not log and spans is None and metrics is None:
         return None
     call = plan.group[:12]
+    name = "+".join(step.__name__ for step in steps)
     return Watch(
         plan.function,
         call,

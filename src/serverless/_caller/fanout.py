@@ -258,7 +258,6 @@ class Fanout:
         self.cache = cache
         self.count = count
         self.watch = watch
-        self._redacted: dict[str, str] = {}  # each URL as it is shown (_shown)
         # errors="return": every failed item so far, kept only for a max_failures= report
         # (a stream that yielded them must not hold them all), and their places in the input
         self.failures: list[RemoteError] = []
@@ -778,9 +777,11 @@ class Fanout:
                 record.spans = True
                 whole = whole.tail(len(chunk.items))
                 continue
-            self._tried(
-                owner, request, url, started, "ok", answer.worker, lane, len(chunk.items), ended
-            )
+            if owner.tries or len(owner.tasks) > 1 or request is not None:
+                # a chunk answered by its only request keeps no list: its ChunkStats say it
+                self._tried(
+                    owner, request, url, started, "ok", answer.worker, lane, len(chunk.items), ended
+                )
             if self.capacities is not None:
                 ceiling = self._ceiling(url)
                 if ceiling != window.ceiling:
@@ -818,12 +819,12 @@ class Fanout:
         if request is not None and self.watch is not None:
             self.watch.ended(request, outcome, worker)
 
-    def _shown(self, url: str) -> str:
+    @staticmethod
+    def _shown(url: str) -> str:
         """The URL as the timeline, the spans and the log show it: without its password."""
-        shown = self._redacted.get(url)
-        if shown is None:
-            shown = self._redacted[url] = redact(url)
-        return shown
+        if "@" not in url and "?" not in url:  # nothing to hide (redact parses: 20 us a call)
+            return url
+        return _redacted(url)
 
     # -- hedging ------------------------------------------------------------------------
 
@@ -880,6 +881,9 @@ class Fanout:
         for chunk in self.running.values():
             chunk.settled = True
         self.running.clear()
+
+
+_redacted = functools.lru_cache(maxsize=256)(redact)  # a process's few worker URLs, each once
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
