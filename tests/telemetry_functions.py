@@ -48,3 +48,16 @@ def held(numbers: list[int]) -> list[int]:
     holding.set()
     released.wait(10)
     return numbers
+
+
+# the caller's spans and metrics, counted per chunk (tests/unit/test_caller_*.py)
+@serverless.parallel(workers=4, chunk_size=2)
+def plus_one(numbers: list[int]) -> list[int]:
+    return [n + 1 for n in numbers]
+
+
+@serverless.parallel(workers=2, chunk_size=1)
+def fails_on_three(numbers: list[int]) -> list[int]:
+    if 3 in numbers:
+        raise ValueError("three")
+    return numbers

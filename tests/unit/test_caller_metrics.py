@@ -25,6 +25,7 @@ from serverless._caller.transport import Target
 from serverless._wire import Keyring, Response
 from serverless._worker.endpoint import Endpoint
 from tests.conftest import SECRET
+from tests.telemetry_functions import fails_on_three, plus_one
 from tests.unit.conftest import ROUTE, URLS
 
 GATE = threading.Event()
@@ -36,18 +37,6 @@ def held(numbers: list[int]) -> list[int]:
     """Waits for GATE: a call that stays in flight while the test scrapes."""
     GATE.wait(10)
     return [n + 1 for n in numbers]
-
-
-@serverless.parallel(workers=4, chunk_size=2)
-def plus_one(numbers: list[int]) -> list[int]:
-    return [n + 1 for n in numbers]
-
-
-@serverless.parallel(workers=2, chunk_size=1)
-def fails_on_three(numbers: list[int]) -> list[int]:
-    if 3 in numbers:
-        raise ValueError("three")
-    return numbers
 
 
 HELD, PLUS, FAILS = held.entry.name, plus_one.entry.name, fails_on_three.entry.name

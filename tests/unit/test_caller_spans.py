@@ -31,23 +31,11 @@ from serverless._caller.transport import Target
 from serverless._wire import Keyring, Response
 from serverless._worker.endpoint import Endpoint
 from tests.conftest import SECRET
-from tests.telemetry_functions import traced
+from tests.telemetry_functions import fails_on_three, plus_one, traced
 from tests.unit.conftest import ROUTE, URLS
 
 RUNS: dict[int, int] = {}
 RUNS_LOCK = threading.Lock()
-
-
-@serverless.parallel(workers=4, chunk_size=2)
-def plus_one(numbers: list[int]) -> list[int]:
-    return [n + 1 for n in numbers]
-
-
-@serverless.parallel(workers=2, chunk_size=1)
-def fails_on_three(numbers: list[int]) -> list[int]:
-    if 3 in numbers:
-        raise ValueError("three")
-    return numbers
 
 
 @serverless.parallel(workers=8, chunk_size=1, idempotent=True)
