@@ -263,8 +263,18 @@ def _metrics() -> Prometheus:
 
 def recorder(enabled: bool) -> Recorder:
     """The process's recorder where metrics are asked for and prometheus_client is
-    installed; OFF otherwise."""
-    return _metrics() if enabled and installed() else OFF
+    installed; OFF otherwise. Its metrics are built now, as the endpoint is made: built at
+    the first chunk, the import of prometheus_client held every thread's first chunk behind
+    its lock (~0.1 s), long enough for a caller calling back into the app to take back those
+    chunks as not started (the server's copies then refused, 409)."""
+    if not (enabled and installed()):
+        return OFF
+    metrics = _metrics()
+    try:
+        metrics._ready()
+    except Exception:
+        _warn_once("building the metrics")
+    return metrics
 
 
 def exposition() -> tuple[bytes, str]:
