@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 import secrets
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -326,3 +329,29 @@ def test_metrics_that_cannot_be_built_cost_the_chunks_nothing(
     assert clash.enabled is False
     (record,) = caplog.records  # the first update of the first chunk
     assert record.getMessage() == "metrics: counting busy threads failed"
+
+
+def test_directories_of_workers_killed_before_cleaning_up_are_swept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `serverless worker --processes N` SIGKILLed leaves its private directory behind: the
+    # next one removes this user's directories whose process is gone, and nothing else
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = 4_194_304 + 4321  # above Linux's largest pid: no such process
+    left = tmp_path / f"serverless-metrics-{gone}-abc123"
+    (left / "sub").mkdir(parents=True)
+    (left / "sub" / "counter_1.db").write_bytes(b"x")
+    alive = tmp_path / f"serverless-metrics-{os.getpid()}-def456"
+    alive.mkdir()
+    target = tmp_path / "someone-elses"
+    target.mkdir()
+    link = tmp_path / f"serverless-metrics-{gone}-link99"
+    link.symlink_to(target)
+    plain = tmp_path / f"serverless-metrics-{gone}-file77"
+    plain.write_text("not a directory")
+    other = tmp_path / "unrelated-1-abc"
+    other.mkdir()
+    metrics.sweep_left_behind()
+    assert not left.exists()
+    assert alive.is_dir() and target.is_dir() and link.is_symlink() and plain.is_file()
+    assert other.is_dir()

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -317,6 +318,29 @@ def sweep_dead(path: str | None) -> None:
             pass
 
 
+MULTIPROC_PREFIX = "serverless-metrics-"
+_LEFT = re.compile(re.escape(MULTIPROC_PREFIX) + r"(\d+)-\w+")
+
+
+def sweep_left_behind() -> None:
+    """Remove the directories of `serverless worker`s SIGKILLed before they could: this
+    user's own (never a link, never another user's), whose process no longer exists."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        match = _LEFT.fullmatch(name)
+        if match is None:
+            continue
+        path = os.path.join(root, name)
+        try:
+            info = os.lstat(path)
+            os.kill(int(match[1]), 0)
+        except ProcessLookupError:  # its process is gone: left behind
+            if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # gone already, or another user's process: alive
+            pass
+
+
 @contextlib.contextmanager
 def multiprocess_dir() -> Iterator[str]:
     """For the processes the library starts behind one port: a fresh private (0700)
@@ -325,7 +349,9 @@ def multiprocess_dir() -> Iterator[str]:
     if os.environ.get(MULTIPROC_ENV):
         yield os.environ[MULTIPROC_ENV]
         return
-    path = tempfile.mkdtemp(prefix="serverless-metrics-")  # mode 0700, a random name
+    sweep_left_behind()
+    # mode 0700, a random name; the pid tells a later sweep whether its owner still runs
+    path = tempfile.mkdtemp(prefix=f"{MULTIPROC_PREFIX}{os.getpid()}-")
     os.environ[MULTIPROC_ENV] = path
     try:
         yield path
