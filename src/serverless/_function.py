@@ -17,7 +17,6 @@ import importlib
 import inspect
 import logging
 import os
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -599,13 +598,6 @@ def _watch(
 ) -> Watch | None:
     """The call's observers (None: nobody watches: no progress=, no DEBUG log, no tracer,
     no caller metrics). `found`: results the store held before the call was planned."""
-    if (  # the common case, decided in a few checks
-        options.progress is None
-        and "opentelemetry.trace" not in sys.modules
-        and not dispatch_log.isEnabledFor(logging.DEBUG)
-        and meter() is None
-    ):
-        return None
     report = reporter(options.progress)
     log = dispatch_log.isEnabledFor(logging.DEBUG)
     spans = call_spans(plan.function, lambda: _span_attributes(plan, options, count))

@@ -622,13 +622,34 @@ class Fanout:
         whole, before = chunk, []  # before: results of the parts done, in order
         record = _Record(chunk, _now())
         watch, requests = self.watch, 0
+
+        def tried(outcome: Outcome, worker: str, ended: float | None = None) -> None:
+            """The loop's current request ended: kept for the chunk's timeline (its `tries`),
+            and told to the watchers."""
+            assert started is not None  # only a request that was sent ends
+            ended = _now() if ended is None else ended
+            origin, items = self.started, len(chunk.items)
+            owner.tries.append(
+                Try(
+                    started - origin,
+                    ended - origin,
+                    self._shown(url),
+                    worker,
+                    outcome,
+                    items,
+                    lane > 0,
+                )
+            )
+            if request is not None and watch is not None:
+                watch.ended(request, outcome, worker)
+
         while True:
             url = await self._slot(failed)
             window = self.windows[url]
             number = window.send()
             self.load[url] += 1
             owner.urls.append(url)
-            epoch = sent_at = request = None
+            epoch = started = request = None
             outcome: Outcome | None = None  # how a request that failed ended
             by = ""  # the worker that refused it, where one did
             try:
@@ -652,7 +673,7 @@ class Fanout:
                         owner.index, requests, len(chunk.items), shown, lane > 0
                     )
                     trace = request.trace
-                sent_at = started = _now()
+                started = _now()
                 self.tally.sent += 1
                 answer = await self.attempt(url, chunk, timeout, plan.pace(pacer), slot, trace)
             except WorkerError as exc:
@@ -716,8 +737,8 @@ class Fanout:
                 if epoch is not None:
                     pacer.answered(epoch)
                 self._release()
-                if outcome is not None and sent_at is not None:
-                    self._tried(owner, request, url, sent_at, outcome, by, lane, len(chunk.items))
+                if outcome is not None and started is not None:  # it was sent
+                    tried(outcome, by)
             ended = _now()
             record.answered(url, answer, started, ended)
             before += answer.results
@@ -737,17 +758,7 @@ class Fanout:
                         _resolve(self._wake)
                 record.spans = True
                 whole = whole.tail(throttle.at)
-                self._tried(
-                    owner,
-                    request,
-                    url,
-                    started,
-                    "throttled",
-                    answer.worker,
-                    lane,
-                    len(chunk.items),
-                    ended,
-                )
+                tried("throttled", answer.worker, ended)
                 logger.debug(
                     "%s of %s throttled at item %d", owner.describe(), self.function, throttle.at
                 )
@@ -763,25 +774,13 @@ class Fanout:
             if self.weights is not None:
                 self.weights.answered(len(chunk.items), answer.size)
             if chunk is not whole:  # a part: the rest goes next
-                self._tried(
-                    owner,
-                    request,
-                    url,
-                    started,
-                    "part",
-                    answer.worker,
-                    lane,
-                    len(chunk.items),
-                    ended,
-                )
+                tried("part", answer.worker, ended)
                 record.spans = True
                 whole = whole.tail(len(chunk.items))
                 continue
             if owner.tries or len(owner.tasks) > 1 or request is not None:
                 # a chunk answered by its only request keeps no list: its ChunkStats say it
-                self._tried(
-                    owner, request, url, started, "ok", answer.worker, lane, len(chunk.items), ended
-                )
+                tried("ok", answer.worker, ended)
             if self.capacities is not None:
                 ceiling = self._ceiling(url)
                 if ceiling != window.ceiling:
@@ -795,29 +794,6 @@ class Fanout:
                     watch.answered(stats)
             owner.answered = record.nbytes
             return before
-
-    def _tried(
-        self,
-        owner: _Chunk,
-        request: Any,
-        url: str,
-        started: float,
-        outcome: Outcome,
-        worker: str,
-        lane: int,
-        items: int,
-        ended: float | None = None,
-    ) -> None:
-        """One request of a chunk ended: kept for its timeline, and told to the watchers."""
-        ended = _now() if ended is None else ended
-        origin = self.started
-        owner.tries.append(
-            Try(
-                started - origin, ended - origin, self._shown(url), worker, outcome, items, lane > 0
-            )
-        )
-        if request is not None and self.watch is not None:
-            self.watch.ended(request, outcome, worker)
 
     @staticmethod
     def _shown(url: str) -> str:

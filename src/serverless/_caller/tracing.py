@@ -78,7 +78,7 @@ class CallSpans:
             f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
         )
 
-    def ended(self, request: Request, outcome: Outcome, worker: str, error: Any) -> None:
+    def ended(self, request: Request, outcome: Outcome, worker: str) -> None:
         span = request.span
         if span is None:
             return

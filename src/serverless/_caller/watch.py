@@ -52,7 +52,7 @@ class Spans(Protocol):
 
     def sending(self, request: Request) -> None: ...
 
-    def ended(self, request: Request, outcome: Outcome, worker: str, error: Any) -> None: ...
+    def ended(self, request: Request, outcome: Outcome, worker: str) -> None: ...
 
     def finished(self, error: BaseException | None) -> None: ...
 
@@ -92,9 +92,8 @@ class Watch:
         self.log, self.spans, self.metrics = log, spans, metrics
         self.live: Live | None = None
         self.started = time.perf_counter()
-        self.done = self.failed = self.chunks = 0
-        self.cached = cached
-        self.done += cached
+        self.done = self.cached = cached  # found before the call: done already
+        self.failed = self.chunks = 0
         self._new: list[ChunkStats] = []
         self._last = 0.0  # when the last progress event went
         self._timer: asyncio.TimerHandle | None = None
@@ -124,15 +123,14 @@ class Watch:
             self._guard(self.metrics.sending, request)
         return request
 
-    def ended(self, request: Request, outcome: Outcome, worker: str, error: Any = None) -> None:
+    def ended(self, request: Request, outcome: Outcome, worker: str) -> None:
         if self.log:
             logger.debug(
-                "chunk %d of %s: request %d %s%s",
+                "chunk %d of %s: request %d %s",
                 request.chunk,
                 self.function,
                 request.number,
                 outcome,
-                f": {error}" if error is not None else "",
                 extra={
                     "call": self.call,
                     "chunk": request.chunk,
@@ -143,7 +141,7 @@ class Watch:
                 },
             )
         if self.spans is not None:
-            self._guard(self.spans.ended, request, outcome, worker, error)
+            self._guard(self.spans.ended, request, outcome, worker)
         if self.metrics is not None:
             self._guard(self.metrics.ended, request, outcome)
 
