@@ -10,8 +10,6 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,41 +19,14 @@ import serverless
 from serverless import Progress, WorkerTimeout, WorkerUnavailable
 from serverless._caller import fanout as _fanout
 from serverless._caller.chunking import Chunk, chunk_iterable
-from serverless._caller.fanout import Answer, Attempt, Fanout, Tally
+from serverless._caller.fanout import Answer
 from serverless._caller.plan import CallPlan
 from serverless._caller.watch import Watch
 from serverless._stats import ChunkStats, StepStats, Try, chrome_trace
 from tests.sample_functions import fail_on, square
+from tests.unit.test_flow import drive
 
 A, B = "http://a/serverless", "http://b/serverless"
-
-
-def drive(
-    attempt: Attempt,
-    chunks: Iterator[Chunk],
-    policy: CallPlan,
-    *,
-    urls: tuple[str, ...] = (A,),
-    watch: Watch | None = None,
-) -> tuple[list[Any], Tally]:
-    tally = Tally()
-
-    async def main() -> list[Any]:
-        engine = Fanout(
-            replace(policy, timeout=30.0),
-            urls,
-            chunks,
-            attempt,
-            tally,
-            lazy_input=False,
-            watch=watch,
-        )
-        out: list[Any] = []
-        async for batch in engine.results():
-            out += batch
-        return out
-
-    return asyncio.run(main()), tally
 
 
 @pytest.fixture
@@ -86,7 +57,7 @@ def test_busy_refusals_are_counted_apart_from_retries_and_each_request_is_kept(
             raise WorkerTimeout("slow", url=url)
         return Answer(chunk.items, "w1")
 
-    out, tally = drive(attempt, chunk_iterable(range(3), 1), CallPlan("f", workers=3, retries=3))
+    out, tally, _ = drive(attempt, chunk_iterable(range(3), 1), CallPlan("f", workers=3, retries=3))
     assert out == [0, 1, 2]
     assert tally.retries == 1, "only the timed-out request was a retry"
     assert tally.busy == 2
@@ -113,7 +84,7 @@ def test_step_stats_say_retries_and_busy_refusals_apart(quick_backoff: None) -> 
             raise WorkerUnavailable("busy", url=url, status=503, capacity=2, worker="w")
         return Answer(chunk.items, "w")
 
-    out, tally = drive(attempt, chunk_iterable(range(5), 1), CallPlan("f", workers=5, retries=0))
+    out, tally, _ = drive(attempt, chunk_iterable(range(5), 1), CallPlan("f", workers=5, retries=0))
     assert out == list(range(5))
     assert (tally.retries, tally.busy) == (0, 5), "retries=0 waits busy refusals out"
 
